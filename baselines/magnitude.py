@@ -1,0 +1,14 @@
+"""Magnitude pruning: keep the largest |W_ij| (per layer by default, as in the Wanda reference code)."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from baselines.masks import select_mask
+from oats.interface import Budget, CompressedWeight, InputStats
+
+
+def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cfg: Any = None) -> CompressedWeight:
+    mask = select_mask(weight.abs(), budget, default_scope="layer")
+    return CompressedWeight(dense=weight * mask)

@@ -1,0 +1,1 @@
+"""Evaluation: token perplexity, (later) zero-shot tasks and reports."""

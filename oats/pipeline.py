@@ -1,0 +1,269 @@
+"""Block-by-block streaming of calibration data through a decoder, as the Wanda/SparseGPT/OATS
+reference code does, with input statistics gathered by forward hooks.
+
+1. ``capture_inputs`` runs the calibration windows through everything before the first block and
+   catches the first block's inputs (hidden states plus the keyword arguments the model passes it:
+   attention mask, position ids/embeddings...). Works for any architecture whose blocks live in a
+   ``ModuleList`` (see ``oats.models.get_blocks``).
+2. ``stream`` moves one block at a time to the compute device, collects each linear layer's input
+   statistics over all windows (``StatsCollector``), hands them to a per-block callback (which may
+   compress the block in place), then runs the windows through the (now compressed) block to get
+   the next block's inputs, and moves the block back to the CPU.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from oats.interface import InputStats
+from oats.models import get_blocks, linear_layers
+
+log = logging.getLogger(__name__)
+
+STATS_KINDS = ("none", "diag", "gram")
+
+
+class _Caught(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0: records its inputs and stops the forward pass."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self.hidden: list[Tensor] = []
+        self.kwargs: dict[str, Any] | None = None
+
+    def __getattr__(self, name: str):  # the model's forward may read block attributes (attention_type...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.block, name)
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        if args:
+            raise RuntimeError("oats expects decoder blocks to receive all arguments but the hidden states by keyword")
+        self.hidden.append(hidden_states)
+        if self.kwargs is None:
+            self.kwargs = kwargs
+        raise _Caught
+
+
+@dataclass
+class BlockInputs:
+    """The inputs of one block for all calibration batches: hidden [B, L, d] per batch, shared kwargs."""
+
+    hidden: list[Tensor]
+    kwargs: dict[str, Any]
+
+
+def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past", "cache_position")}
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, input_ids: Tensor, device: torch.device, batch_size: int) -> BlockInputs:
+    """Run ``input_ids`` [n, L] through the embeddings and catch block 0's inputs (on ``device``).
+
+    Everything but the blocks is moved to ``device`` for this and moved back afterwards.
+    """
+    blocks = get_blocks(model)
+    originals = list(blocks)
+    move_non_blocks(model, device)
+    catcher = _Catcher(blocks[0])
+    blocks[0] = catcher
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[start : start + batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        blocks[0] = originals[0]
+        move_non_blocks(model, torch.device("cpu"))
+    if catcher.kwargs is None:
+        raise RuntimeError("block 0 was never called; is this a decoder-only model?")
+    return BlockInputs(catcher.hidden, _clean_kwargs(catcher.kwargs))
+
+
+def move_non_blocks(model: nn.Module, device: torch.device) -> None:
+    """Move everything but the decoder blocks (embeddings, final norm, LM head...) to ``device``."""
+    blocks = get_blocks(model)
+    saved = list(blocks)
+    for k in range(len(blocks)):
+        blocks[k] = nn.Identity()
+    try:
+        model.to(device)
+    finally:
+        for k, b in enumerate(saved):
+            blocks[k] = b
+
+
+def run_block(block: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class StatsCollector:
+    """Forward hooks accumulating each linear layer's input statistics over calibration batches.
+
+    kind 'diag' keeps sum_t x_t^2 per input feature; 'gram' also keeps sum_t x_t^T x_t.
+    Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator: the aliasing is
+    read off the first batch by tensor identity and reused afterwards.
+    """
+
+    def __init__(self, layers: dict[str, nn.Linear], kind: str, dtype: torch.dtype = torch.float32):
+        if kind not in ("diag", "gram"):
+            raise ValueError(f"statistics kind {kind!r}; allowed: 'diag', 'gram'")
+        self.layers, self.kind, self.dtype = layers, kind, dtype
+        self.owner: dict[str, str] = {}  # layer -> layer whose accumulator it shares
+        self.sq: dict[str, Tensor] = {}
+        self.gram: dict[str, Tensor] = {}
+        self.n: dict[str, int] = {}
+        self._batch_inputs: list[tuple[Tensor, str]] = []
+        self._first_batch = True
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "StatsCollector":
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._batch_inputs.clear()
+
+    def end_batch(self) -> None:
+        self._batch_inputs.clear()  # also drops the references that keep identities meaningful
+        self._first_batch = False
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            x = inputs[0]
+            if self._first_batch:
+                for seen, owner in self._batch_inputs:
+                    if seen is x:
+                        self.owner[name] = owner
+                        return
+                self.owner[name] = name
+                self._batch_inputs.append((x, name))
+            elif self.owner[name] != name:
+                return
+            x2 = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
+            if name not in self.sq:
+                self.sq[name] = torch.zeros(x2.shape[1], dtype=self.dtype, device=x2.device)
+                self.n[name] = 0
+                if self.kind == "gram":
+                    self.gram[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=self.dtype, device=x2.device)
+            self.sq[name] += (x2 * x2).sum(0)
+            self.n[name] += x2.shape[0]
+            if self.kind == "gram":
+                self.gram[name].addmm_(x2.T, x2)
+
+        return hook
+
+    def stats(self, name: str) -> InputStats:
+        o = self.owner[name]
+        return InputStats(sq_norms=self.sq[o], n_tokens=self.n[o], gram=self.gram.get(o))
+
+
+BlockFn = Callable[[int, nn.Module, dict[str, nn.Linear], "StatsCollector | None"], None]
+
+
+@torch.no_grad()
+def stream(
+    model: nn.Module,
+    inputs: BlockInputs,
+    device: torch.device,
+    stats_kind: str,
+    on_block: BlockFn,
+    stats_dtype: torch.dtype = torch.float32,
+    start_block: int = 0,
+    after_block: Callable[[int, nn.Module, BlockInputs], None] | None = None,
+    desc: str = "blocks",
+) -> BlockInputs:
+    """Stream calibration inputs through the blocks from ``start_block`` on.
+
+    For each block: statistics of the still-unchanged block (if ``stats_kind`` != 'none'), then
+    ``on_block(i, block, linears, collector)`` (which may modify the block in place), then the
+    block's outputs on all batches become the next block's inputs. ``after_block(i, block, next_inputs)``
+    sees each finished block (checkpoints, tests). Returns the last block's outputs.
+    """
+    if stats_kind not in STATS_KINDS:
+        raise ValueError(f"stats kind {stats_kind!r}; allowed: {STATS_KINDS}")
+    blocks = get_blocks(model)
+    hidden = inputs.hidden
+    for i in tqdm(range(start_block, len(blocks)), desc=desc, leave=False):
+        block = blocks[i].to(device)
+        layers = linear_layers(block)
+        collector = None
+        if stats_kind != "none":
+            collector = StatsCollector(layers, stats_kind, stats_dtype)
+            with collector:
+                for h in hidden:
+                    run_block(block, h, inputs.kwargs)
+                    collector.end_batch()
+        on_block(i, block, layers, collector)
+        del collector
+        hidden = [run_block(block, h, inputs.kwargs) for h in hidden]
+        blocks[i] = block.to("cpu")
+        if after_block is not None:
+            after_block(i, blocks[i], BlockInputs(hidden, inputs.kwargs))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return BlockInputs(hidden, inputs.kwargs)
+
+
+class _Replay(nn.Module):
+    """Stands in for a block during ``streamed_logits``: block 0 returns the streamed output, others pass through."""
+
+    def __init__(self, block: nn.Module, output: Tensor | None):
+        super().__init__()
+        self.block, self.output = block, output
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.block, name)
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        return self.output if self.output is not None else hidden_states
+
+
+@torch.no_grad()
+def streamed_logits(model: nn.Module, input_ids: Tensor, device: torch.device, batch_size: int = 1) -> Tensor:
+    """Logits [n, L, vocab] computed one block at a time (never more than one block on ``device``).
+
+    The head (final norm, projections, LM head) is the model's own forward with the blocks replaced
+    by a replay of the streamed hidden states, so no architecture knowledge is needed.
+    """
+    inputs = capture_inputs(model, input_ids, device, batch_size)
+    final = stream(model, inputs, device, "none", lambda *a: None, desc="streamed forward")
+    blocks = get_blocks(model)
+    originals = list(blocks)
+    logits = []
+    try:
+        move_non_blocks(model, device)
+        for j, start in enumerate(range(0, input_ids.shape[0], batch_size)):
+            for k in range(len(originals)):
+                blocks[k] = _Replay(originals[k], final.hidden[j] if k == 0 else None)
+            logits.append(model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False).logits.cpu())
+    finally:
+        for k, b in enumerate(originals):
+            blocks[k] = b
+        move_non_blocks(model, torch.device("cpu"))
+    return torch.cat(logits)

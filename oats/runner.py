@@ -1,0 +1,126 @@
+"""Running experiments: one at a time, each recorded (ok or failed) atomically, reruns skip what is done."""
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from oats.config import config_hash
+from oats.results import read_record, write_record, write_summary
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        from oats import __version__
+
+        out["oats"] = __version__
+        out["git"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        ).stdout.strip()
+    except Exception:  # pragma: no cover - git missing
+        pass
+    return out
+
+
+def status_of(cfg: Any, out_root: Path) -> str:
+    """'done' (result with this config's hash), 'failed', 'stale' (another config's result), or 'pending'."""
+    rec = read_record(Path(out_root) / cfg.name)
+    if rec is None:
+        return "pending"
+    if rec.get("config_hash") != config_hash(cfg):
+        return "stale"
+    return "done" if rec.get("status") == "ok" else "failed"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_experiment(cfg: Any, out_root: Path) -> dict[str, Any]:
+    """Load, calibrate, compress, evaluate one experiment; returns its record (not yet written)."""
+    from data import calibration_windows
+    from eval.evaluate import evaluate
+    from oats.compressor import block_sparsities, compress_model
+    from oats.models import load_model, resolve_device
+    from oats.pipeline import capture_inputs
+
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(cfg.seed)
+
+    t = time.perf_counter()
+    model, tokenizer = load_model(cfg.model, cfg.dtype)
+    timings["load"] = time.perf_counter() - t
+    record: dict[str, Any] = {"device": str(device), "seed": cfg.seed}
+    layers: list[dict[str, Any]] = []
+    if cfg.method != "dense":
+        t = time.perf_counter()
+        ids = calibration_windows(tokenizer, cfg.cal_dataset, cfg.cal_nsamples, cfg.cal_seqlen, cfg.cal_sampler, cfg.seed, cfg.data_dir)
+        inputs = capture_inputs(model, ids, device, cfg.cal_batch_size)
+        sparsities = block_sparsities(model, inputs, cfg, device)
+        timings["calibration"] = time.perf_counter() - t
+        t = time.perf_counter()
+        layers = compress_model(model, inputs, cfg, device, sparsities)
+        timings["compression"] = time.perf_counter() - t
+        del inputs
+        record["block_sparsity"] = sparsities
+        total = sum(r["shape"][0] * r["shape"][1] for r in layers)
+        record["achieved_sparsity"] = 1.0 - sum(r["kept_params"] for r in layers) / total
+    else:
+        record["achieved_sparsity"] = 0.0
+    t = time.perf_counter()
+    model.to(device)
+    record["metrics"] = evaluate(model, tokenizer, cfg, device)
+    timings["evaluation"] = time.perf_counter() - t
+    if cfg.save_model:
+        model.save_pretrained(Path(out_root) / cfg.name / "model")
+        tokenizer.save_pretrained(Path(out_root) / cfg.name / "model")
+    timings["total"] = time.perf_counter() - t_all
+    record["timings"] = timings
+    record["peak_memory_mb"] = {"cpu_rss": peak_rss_mb()}
+    if device.type == "cuda":
+        record["peak_memory_mb"]["cuda_allocated"] = torch.cuda.max_memory_allocated() / 2**20
+    record["layers"] = layers
+    return record
+
+
+def run_all(cfgs: Sequence[Any], out_root: Path, force: bool = False) -> dict[str, str]:
+    """Run every experiment not already done; a failure is recorded with its traceback and the run goes on."""
+    out_root = Path(out_root)
+    outcome: dict[str, str] = {}
+    for i, cfg in enumerate(cfgs):
+        h = config_hash(cfg)
+        if not force and status_of(cfg, out_root) == "done":
+            log.info("[%d/%d] %s: done already (config hash %s), skipped", i + 1, len(cfgs), cfg.name, h)
+            outcome[cfg.name] = "skipped"
+            continue
+        log.info("[%d/%d] %s: running (%s, sparsity %s, %s)", i + 1, len(cfgs), cfg.name, cfg.method, cfg.sparsity, cfg.sparsity_type)
+        base = {"name": cfg.name, "config": cfg.to_dict(), "config_hash": h, "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            record = {**base, "status": "ok", **run_experiment(cfg, out_root)}
+            outcome[cfg.name] = "ok"
+        except Exception as e:
+            log.error("%s failed: %s: %s", cfg.name, type(e).__name__, e)
+            record = {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            outcome[cfg.name] = "failed"
+        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        write_record(out_root / cfg.name, record)
+        write_summary(out_root)
+    return outcome

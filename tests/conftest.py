@@ -1,0 +1,61 @@
+"""Shared fixtures: one loaded SmolLM2 for the whole session, tiny random models, the shared data root."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED_DATA = Path(os.environ.get("OATS_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M, float32 on the CPU. Tests must not modify it:
+    use ``fresh_smollm2`` for a copy they may compress."""
+    from oats.models import load_model
+
+    return load_model("smollm2-135m", "float32")
+
+
+@pytest.fixture
+def fresh_smollm2(smollm2):
+    import copy
+
+    model, tok = smollm2
+    return copy.deepcopy(model), tok
+
+
+def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0):
+    """A randomly initialised tiny causal LM of a given architecture family (float32, eval mode)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if arch == "llama":
+        cfg = LlamaConfig(**common)
+    elif arch == "mistral":
+        cfg = MistralConfig(**common, sliding_window=None)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(**common)
+    elif arch == "opt":
+        cfg = OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
+                        max_position_embeddings=256, word_embed_proj_dim=64)
+    else:
+        raise ValueError(arch)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "README.md").is_file():
+        pytest.skip(f"shared evaluation data not found at {SHARED_DATA} (set OATS_SHARED_DATA)")
+    return SHARED_DATA
