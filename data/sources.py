@@ -60,10 +60,10 @@ def _first_existing(root: Path, candidates: list[str], what: str) -> Path:
 
 
 def _pydoc_docs(split: str) -> list[str]:
-    """CPython's pydoc topics, sorted by name; every 5th topic (index % 5 == 0) is the test split."""
+    """CPython's pydoc topics, sorted by name, duplicate texts dropped; every 5th (index % 5 == 0) is the test split."""
     from pydoc_data.topics import topics
 
-    docs = [topics[k] for k in sorted(topics)]
+    docs = list(dict.fromkeys(topics[k] for k in sorted(topics)))
     if split == "test":
         return [d for i, d in enumerate(docs) if i % 5 == 0]
     return [d for i, d in enumerate(docs) if i % 5 != 0]

@@ -54,12 +54,18 @@ def compress_model(
     sparsities: list[float],
     start_block: int = 0,
     after_block: Callable[[int, nn.Module, BlockInputs], None] | None = None,
+    records: list[dict[str, Any]] | None = None,
+    before_block: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Compress every linear layer of every block from ``start_block`` on, in place. Returns per-layer records."""
+    """Compress every linear layer of every block from ``start_block`` on, in place. Returns per-layer records.
+
+    ``records``: a list the per-layer records are appended to as each layer finishes (a checkpoint
+    saved from ``after_block`` reads it); ``before_block(i)`` runs before block i is touched (lazy loading).
+    """
     method = METHODS[cfg.method]
     update = UPDATES.get(cfg.update)
     nm = parse_nm(cfg.sparsity_type)
-    records: list[dict[str, Any]] = []
+    records = [] if records is None else records
     stats_dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
 
     def on_block(i: int, block: nn.Module, layers: dict[str, nn.Linear], collector: StatsCollector | None) -> None:
@@ -93,5 +99,5 @@ def compress_model(
             records.append(rec)
             log.debug("%s: sparsity %.4f, error %s", rec["layer"], rec["sparsity"], rec["scaled_rel_error"])
 
-    stream(model, inputs, device, stats_kind_for(cfg), on_block, stats_dtype, start_block, after_block, desc=f"compress ({cfg.method})")
+    stream(model, inputs, device, stats_kind_for(cfg), on_block, stats_dtype, start_block, after_block, desc=f"compress ({cfg.method})", before_block=before_block)
     return records

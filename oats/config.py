@@ -148,11 +148,12 @@ KEYS: dict[str, Key] = {
     "dtype": Key("float32", (str,), "model weights dtype", _choice(*DTYPES)),
     "device": Key("auto", (str,), "compute device (`auto` = cuda when present)", _choice(*DEVICES)),
     "checkpoint_blocks": Key(False, (bool,), "checkpoint after every compressed block so a killed run resumes there"),
+    "lazy_load": Key(False, (bool,), "big-model path: read each block's weights from the safetensors shards just before it is compressed, write it to `<out>/<name>/model` shard by shard, evaluate streaming block by block (peak memory ~ one block + activations)"),
     "save_model": Key(False, (bool,), "save the compressed model under `<out>/<name>/model`"),
 }
 
 # Keys that change nothing in the result; they are left out of the config hash.
-NON_RESULT_KEYS = frozenset({"checkpoint_blocks"})
+NON_RESULT_KEYS = frozenset({"checkpoint_blocks", "lazy_load"})
 
 
 def parse_nm(sparsity_type: str) -> tuple[int, int] | None:
@@ -223,6 +224,8 @@ def resolve(cfg: Mapping[str, Any] | ml_collections.ConfigDict, index: int | Non
         if not METHODS[out["method"]].supports_owl:
             allowed = sorted(n for n, m in METHODS.items() if m.supports_owl)
             raise ConfigError("layerwise", f"'owl' does not apply to method {out['method']!r}; allowed methods: {allowed}", exp)
+        if out["sparsity_type"] != "unstructured":
+            raise ConfigError("layerwise", f"'owl' sets a sparsity per block, which an N:M pattern ({out['sparsity_type']}) fixes; allowed with 'owl': sparsity_type 'unstructured'", exp)
         lam = out["owl_lambda"]
         if not (0.0 <= out["sparsity"] - lam and out["sparsity"] + lam < 1.0):
             raise ConfigError("owl_lambda", f"sparsity {out['sparsity']} +- owl_lambda {lam} must stay inside [0, 1)", exp)
@@ -232,6 +235,13 @@ def resolve(cfg: Mapping[str, Any] | ml_collections.ConfigDict, index: int | Non
         if not METHODS[out["method"]].supports_update:
             allowed = sorted(n for n, m in METHODS.items() if m.supports_update)
             raise ConfigError("update", f"'optima' needs a mask-producing method; allowed methods: {allowed}", exp)
+    if out["lazy_load"]:
+        if out["compress"]:
+            raise ConfigError("lazy_load", "True needs compress=False (factored modules are not written shard by shard yet); allowed with lazy_load: compress False", exp)
+        if out["layerwise"] != "uniform":
+            raise ConfigError("lazy_load", f"True needs layerwise 'uniform' (the {out['layerwise']!r} allocator reads the whole dense model); allowed with lazy_load: layerwise 'uniform'", exp)
+        if out["word_perplexity"] or out["zero_shot_tasks"]:
+            raise ConfigError("lazy_load", "True evaluates token perplexity only (streamed block by block); set word_perplexity False and zero_shot_tasks [] or run lm_eval on the saved model", exp)
     if out["name"] is None:
         out["name"] = default_name(out)
     if not re.match(r"^[A-Za-z0-9._+=-]+$", out["name"]):

@@ -62,6 +62,9 @@ class CompressedWeight:
     dense:  [out, in] weight to write back, or None when the answer is factored.
     sparse: [out, in] with exact zeros; U: [out, r]; V: [r, in]; weight ~= sparse + U @ V.
     info:   per-layer facts for the result record (rank, nonzeros, errors...), JSON-serialisable.
+    mask:   optional [out, in] bool, True = kept, of ``dense`` (or of ``sparse`` when factored). Weight
+            updates (OPTIMA) re-solve exactly these entries; when None they take the nonzeros, so a kept
+            weight that happens to be exactly 0 is then treated as pruned.
     """
 
     dense: Tensor | None = None
@@ -69,6 +72,7 @@ class CompressedWeight:
     U: Tensor | None = None
     V: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    mask: Tensor | None = None
 
     def to_dense(self) -> Tensor:
         if self.dense is not None:

@@ -39,7 +39,7 @@ class _Catcher(nn.Module):
         super().__init__()
         self.block = block
         self.hidden: list[Tensor] = []
-        self.kwargs: dict[str, Any] | None = None
+        self.kwargs: dict[int, dict[str, Any]] = {}  # by batch size
 
     def __getattr__(self, name: str):  # the model's forward may read block attributes (attention_type...)
         try:
@@ -51,17 +51,21 @@ class _Catcher(nn.Module):
         if args:
             raise RuntimeError("oats expects decoder blocks to receive all arguments but the hidden states by keyword")
         self.hidden.append(hidden_states)
-        if self.kwargs is None:
-            self.kwargs = kwargs
+        # Windows have equal length and no padding, so the mask/positions depend on the batch size only.
+        self.kwargs.setdefault(hidden_states.shape[0], kwargs)
         raise _Caught
 
 
 @dataclass
 class BlockInputs:
-    """The inputs of one block for all calibration batches: hidden [B, L, d] per batch, shared kwargs."""
+    """The inputs of one block for all calibration batches: hidden [B, L, d] per batch, and the keyword
+    arguments the model passes its blocks (attention mask, positions...), by batch size."""
 
     hidden: list[Tensor]
-    kwargs: dict[str, Any]
+    kwargs: dict[int, dict[str, Any]]
+
+    def kwargs_for(self, hidden: Tensor) -> dict[str, Any]:
+        return self.kwargs[hidden.shape[0]]
 
 
 def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -92,9 +96,9 @@ def capture_inputs(model: nn.Module, input_ids: Tensor, device: torch.device, ba
     finally:
         blocks[0] = originals[0]
         move_non_blocks(model, torch.device("cpu"))
-    if catcher.kwargs is None:
+    if not catcher.kwargs:
         raise RuntimeError("block 0 was never called; is this a decoder-only model?")
-    return BlockInputs(catcher.hidden, _clean_kwargs(catcher.kwargs))
+    return BlockInputs(catcher.hidden, {bs: _clean_kwargs(kw) for bs, kw in catcher.kwargs.items()})
 
 
 def move_non_blocks(model: nn.Module, device: torch.device) -> None:
@@ -194,19 +198,23 @@ def stream(
     start_block: int = 0,
     after_block: Callable[[int, nn.Module, BlockInputs], None] | None = None,
     desc: str = "blocks",
+    before_block: Callable[[int], None] | None = None,
 ) -> BlockInputs:
     """Stream calibration inputs through the blocks from ``start_block`` on.
 
     For each block: statistics of the still-unchanged block (if ``stats_kind`` != 'none'), then
     ``on_block(i, block, linears, collector)`` (which may modify the block in place), then the
     block's outputs on all batches become the next block's inputs. ``after_block(i, block, next_inputs)``
-    sees each finished block (checkpoints, tests). Returns the last block's outputs.
+    sees each finished block (checkpoints, tests). ``before_block(i)`` runs first (the lazy path loads
+    block i's weights there). Returns the last block's outputs.
     """
     if stats_kind not in STATS_KINDS:
         raise ValueError(f"stats kind {stats_kind!r}; allowed: {STATS_KINDS}")
     blocks = get_blocks(model)
     hidden = inputs.hidden
     for i in tqdm(range(start_block, len(blocks)), desc=desc, leave=False):
+        if before_block is not None:
+            before_block(i)
         block = blocks[i].to(device)
         layers = linear_layers(block)
         collector = None
@@ -214,11 +222,11 @@ def stream(
             collector = StatsCollector(layers, stats_kind, stats_dtype)
             with collector:
                 for h in hidden:
-                    run_block(block, h, inputs.kwargs)
+                    run_block(block, h, inputs.kwargs_for(h))
                     collector.end_batch()
         on_block(i, block, layers, collector)
         del collector
-        hidden = [run_block(block, h, inputs.kwargs) for h in hidden]
+        hidden = [run_block(block, h, inputs.kwargs_for(h)) for h in hidden]
         blocks[i] = block.to("cpu")
         if after_block is not None:
             after_block(i, blocks[i], BlockInputs(hidden, inputs.kwargs))

@@ -80,7 +80,9 @@ def run_experiment(cfg: Any, out_root: Path) -> dict[str, Any]:
         layers = compress_model(model, inputs, cfg, device, sparsities)
         timings["compression"] = time.perf_counter() - t
         del inputs
-        record["block_sparsity"] = sparsities
+        record["block_sparsity"] = list(sparsities)
+        if getattr(sparsities, "info", None):  # what a layerwise allocator measured (OWL: LOD per block)
+            record["layerwise"] = sparsities.info
         total = sum(r["shape"][0] * r["shape"][1] for r in layers)
         record["achieved_sparsity"] = 1.0 - sum(r["kept_params"] for r in layers) / total
     else:
