@@ -3,6 +3,8 @@
     python main.py                       # every experiment of OATS_configs.py not done yet
     python main.py --config my.py --only oats-50 --out runs/
     python main.py --list                # each experiment and whether it is done
+    python main.py --slurm --partition gpu --gpus 1 --time 240 --mem 64   # one SLURM array, a task per experiment
+    python main.py --report --out runs/  # tables (md, csv, tex) + plots of every result under runs/report/
 """
 from __future__ import annotations
 
@@ -23,7 +25,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="results", help="results root (default: results/)")
     p.add_argument("--list", action="store_true", help="print the experiments and whether each is done, then exit")
     p.add_argument("--force", action="store_true", help="rerun experiments even when their result exists")
+    p.add_argument("--report", action="store_true", help="write tables and plots of all results under <out>/report/, then exit")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    s = p.add_argument_group("cluster (submitit; defaults from a SLURM dict in the config file)")
+    s.add_argument("--slurm", action="store_true", help="submit the selected, not yet done experiments as one job array (one experiment per task)")
+    s.add_argument("--slurm-executor", choices=("slurm", "local", "debug"), default=None, help="slurm (sbatch, default), local (subprocesses here) or debug (this process)")
+    s.add_argument("--slurm-local", action="store_const", const="local", dest="slurm_executor", help="same as --slurm-executor local")
+    s.add_argument("--partition", default=None, help="SLURM partition")
+    s.add_argument("--gpus", type=int, default=None, help="GPUs per task (default 1)")
+    s.add_argument("--time", type=int, default=None, help="minutes per task (default 240)")
+    s.add_argument("--mem", type=float, default=None, help="GB of CPU memory per task (default 64)")
+    s.add_argument("--cpus", type=int, default=None, help="CPU cores per task (default 8)")
+    s.add_argument("--array-parallelism", type=int, default=None, help="array tasks running at once (default 16)")
+    s.add_argument("--account", default=None, help="SLURM account")
+    s.add_argument("--qos", default=None, help="SLURM quality of service")
+    s.add_argument("--constraint", default=None, help="SLURM node constraint")
+    s.add_argument("--slurm-folder", default=None, help="submitit logs and pickles (default <out>/slurm)")
+    s.add_argument("--wait", action="store_true", help="with --slurm: wait for the array and report each task")
     return p.parse_args(argv)
 
 
@@ -59,10 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("urllib3", "filelock", "fsspec", "datasets", "httpx", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.report:
+        from eval.report import report
+
+        for kind, path in report(Path(args.out)).items():
+            print(f"{kind:24s} {path}")
+        return 0
     from oats.config import ConfigError, resolve_all
 
     try:
-        cfgs = select(resolve_all(load_configs(args.config)), args.only, args.index)
+        all_cfgs = resolve_all(load_configs(args.config))
+        cfgs = select(all_cfgs, args.only, args.index)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -70,13 +95,50 @@ def main(argv: list[str] | None = None) -> int:
     from oats.runner import run_all, status_of
 
     if args.list:
+        from oats.checkpoint import describe
+
         for i, c in enumerate(cfgs):
-            print(f"{i:3d}  {status_of(c, out):8s}  {c.name}")
+            status = status_of(c, out)
+            partial = describe(out / c.name) if status != "done" else None
+            print(f"{i:3d}  {status:8s}  {c.name}" + (f"  ({partial})" if partial else ""))
         return 0
+    if args.slurm:
+        return _submit(args, all_cfgs, cfgs, out)
     outcome = run_all(cfgs, out, force=args.force)
     failed = [n for n, s in outcome.items() if s == "failed"]
     log.info("finished: %d ok, %d skipped, %d failed; results in %s/ (summary.md)",
              sum(s == "ok" for s in outcome.values()), sum(s == "skipped" for s in outcome.values()), len(failed), out)
+    return 1 if failed else 0
+
+
+def _submit(args: argparse.Namespace, all_cfgs: list, cfgs: list, out: Path) -> int:
+    """--slurm: the selected experiments not done yet become one submitit job array."""
+    from oats.config import ConfigError
+    from oats.runner import status_of
+    from oats.slurm import file_options, make_options, submit
+
+    try:
+        opts = make_options(file_options(args.config), executor=args.slurm_executor, partition=args.partition, gpus=args.gpus,
+                            time=args.time, mem=args.mem, cpus=args.cpus, array_parallelism=args.array_parallelism,
+                            account=args.account, qos=args.qos, constraint=args.constraint, folder=args.slurm_folder)
+        wanted = {c.name for c in cfgs if args.force or status_of(c, out) != "done"}
+        indices = [i for i, c in enumerate(all_cfgs) if c.name in wanted]
+        jobs = submit(args.config, indices, out, opts, force=args.force)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log.info("submitted %d experiment(s) (%d done already); `python main.py --list --out %s` shows progress",
+             len(jobs), len(cfgs) - len(jobs), out)
+    if not args.wait:
+        return 0
+    failed = 0
+    for i, job in zip(indices, jobs):
+        try:
+            outcome = job.result()
+        except Exception as e:  # the task itself died (timeout, out of memory...)
+            outcome = {all_cfgs[i].name: f"task error: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}"}
+        failed += any(v not in ("ok", "skipped") for v in outcome.values())
+        log.info("job %s: %s", job.job_id, outcome)
     return 1 if failed else 0
 
 

@@ -1,4 +1,5 @@
-"""All metrics of one (compressed) model, as the config asks: ``metrics.ppl.<dataset>`` and more."""
+"""All metrics of one (compressed) model, as the config asks: ``metrics.ppl.<dataset>`` (token perplexity),
+``metrics.word_ppl.wikitext`` (lm_eval word perplexity), ``metrics.zero_shot.<task>`` (+ ``mean``, ``mmlu``)."""
 from __future__ import annotations
 
 import logging
@@ -21,4 +22,13 @@ def evaluate(model: nn.Module, tokenizer, cfg: Any, device: torch.device) -> dic
         ppl = perplexity(model, tokens, cfg.eval_seqlen, cfg.eval_max_windows, cfg.eval_batch_size, device)
         log.info("%s: perplexity on %s (seqlen %d) = %.3f", cfg.name, name, cfg.eval_seqlen, ppl)
         metrics["ppl"][name] = ppl
+    if cfg.word_perplexity:
+        from eval.word_perplexity import word_perplexity_metrics
+
+        metrics["word_ppl"] = word_perplexity_metrics(model, tokenizer, cfg)
+    if cfg.zero_shot_tasks:
+        from eval.zero_shot import zero_shot_metrics
+
+        with torch.no_grad():
+            metrics.update(zero_shot_metrics(model, tokenizer, cfg))
     return metrics

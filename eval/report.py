@@ -1,0 +1,299 @@
+"""Result records -> the papers' tables (Markdown, CSV, LaTeX) and plots (PNG).
+
+    python main.py --report --out results/      # writes results/report/{results.md,results.csv,results.tex,*.png}
+    python -m eval.report results/
+
+Table layout (Wanda/SparseGPT/OATS): one row per model x method x compression, columns = token
+perplexity per (data set, eval_seqlen), lm_eval word perplexity, each zero-shot task (the papers'
+metric, in percent), their unweighted mean, MMLU. Approximate data (the HellaSwag stand-in) and
+example limits are named in the ``notes`` column, never silently mixed in.
+Plots: perplexity vs. compression (one line per method and model), per-task accuracy (grouped bars),
+and per-layer sparsity / rank (one figure per compressed experiment).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from eval.zero_shot import APPROX_SUFFIX, PAPER_TASKS
+
+Row = dict[str, Any]
+
+
+def method_label(cfg: dict[str, Any]) -> str:
+    """'wanda', 'OWL + wanda', 'sparsegpt + OPTIMA', 'oats (compress)' ... as the tables name methods."""
+    method = cfg.get("method", "?")
+    if cfg.get("layerwise", "uniform") != "uniform":
+        method = f"{cfg['layerwise'].upper()} + {method}"
+    if cfg.get("update", "none") != "none":
+        method = f"{method} + {cfg['update'].upper()}"
+    return method
+
+
+def compression_label(cfg: dict[str, Any]) -> str:
+    """'0' for dense, else the sparsity (for OATS the compression rate), with N:M when structured."""
+    if cfg.get("method") == "dense":
+        return "0"
+    s = f"{cfg.get('sparsity', float('nan')):g}"
+    return s if cfg.get("sparsity_type", "unstructured") == "unstructured" else f"{s} ({cfg['sparsity_type']})"
+
+
+def _task_order(name: str) -> tuple[int, str]:
+    base = name[: -len(APPROX_SUFFIX)] if name.endswith(APPROX_SUFFIX) else name
+    return (PAPER_TASKS.index(base) if base in PAPER_TASKS else len(PAPER_TASKS), name)
+
+
+def _ok(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("status", "ok") == "ok" and r.get("metrics") is not None]
+
+
+def _sort_key(r: dict[str, Any]) -> tuple:
+    c = r.get("config", {})
+    dense = c.get("method") == "dense"
+    return (str(c.get("model")), not dense, method_label(c), c.get("sparsity_type", "unstructured") != "unstructured", c.get("sparsity_type", ""), 0.0 if dense else c.get("sparsity", 0.0), c.get("name", ""))
+
+
+def build_table(records: Iterable[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows (raw values: floats, None for missing) of the paper-style table.
+
+    Perplexities are as recorded; accuracies are converted to percent."""
+    recs = sorted(_ok(records), key=_sort_key)
+    ppl_cols = sorted({(d, r["config"].get("eval_seqlen")) for r in recs for d in (r["metrics"].get("ppl") or {})}, key=str)
+    wppl_cols = sorted({(d, (v or {}).get("max_length")) for r in recs for d, v in (r["metrics"].get("word_ppl") or {}).items()}, key=str)
+    tasks = sorted({t for r in recs for t in (r["metrics"].get("zero_shot") or {}) if t not in ("mean", "mmlu")}, key=_task_order)
+    has_mean = any("mean" in (r["metrics"].get("zero_shot") or {}) for r in recs)
+    has_mmlu = any("mmlu" in (r["metrics"].get("zero_shot") or {}) for r in recs)
+    header = ["model", "method", "compression"]
+    header += [f"{d} ppl @{s}" for d, s in ppl_cols]
+    header += [f"{d} word ppl @{s} (lm_eval)" for d, s in wppl_cols]
+    header += [t.replace(APPROX_SUFFIX, " (approx)") for t in tasks]
+    header += ["mean"] if has_mean else []
+    header += ["mmlu"] if has_mmlu else []
+    header += ["notes"]
+    rows = []
+    for r in recs:
+        c, m = r["config"], r["metrics"]
+        zs = m.get("zero_shot") or {}
+        row: list[Any] = [str(c.get("model")).rstrip("/").split("/")[-1], method_label(c), compression_label(c)]
+        row += [(m.get("ppl") or {}).get(d) if c.get("eval_seqlen") == s else None for d, s in ppl_cols]
+        row += [((m.get("word_ppl") or {}).get(d) or {}).get("word_perplexity") if ((m.get("word_ppl") or {}).get(d) or {}).get("max_length") == s else None for d, s in wppl_cols]
+        row += [_pct(zs.get(t)) for t in tasks]
+        row += [_pct(zs.get("mean"))] if has_mean else []
+        row += [_pct(zs.get("mmlu"))] if has_mmlu else []
+        row.append(_notes(r))
+        rows.append(row)
+    return header, rows
+
+
+def _pct(v: Any) -> float | None:
+    return None if v is None else 100.0 * float(v)
+
+
+def _notes(r: dict[str, Any]) -> str:
+    m = r["metrics"]
+    info = m.get("zero_shot_info") or {}
+    notes = []
+    if info.get("limit"):
+        notes.append(f"zero-shot limit {info['limit']}")
+    if info.get("approximate"):
+        notes.append("approx. data: " + ", ".join(info["approximate"]))
+    if info.get("fewshot"):
+        notes.append(f"{info['fewshot']}-shot")
+    mmlu = m.get("mmlu")
+    if mmlu:
+        notes.append(f"mmlu {mmlu.get('fewshot')}-shot, {len(mmlu.get('subjects', {}))} subjects")
+    return "; ".join(notes)
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def to_markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 3 or h == "notes" else "---:" for i, h in enumerate(header)) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Full precision numbers (repr), empty cells for missing values."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for row in rows:
+        w.writerow(["" if v is None else (repr(v) if isinstance(v, float) else v) for v in row])
+    return buf.getvalue()
+
+
+_LATEX_ESC = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "\\": r"\textbackslash{}"}
+
+
+def latex_escape(s: str) -> str:
+    return re.sub(r"[&%$#_{}~^\\]", lambda m: _LATEX_ESC[m.group()], s)
+
+
+def to_latex(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``); '--' for missing values."""
+    spec = "lll" + "r" * (len(header) - 4) + "l"
+    out = [r"\begin{tabular}{" + spec + "}", r"\toprule", " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    for row in rows:
+        out.append(" & ".join("--" if _fmt(v) == "–" else latex_escape(_fmt(v)) for v in row) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ppl_vs_compression(records: Iterable[dict[str, Any]], path: Path) -> Path | None:
+    """Token perplexity against compression, one line per (model, method, pattern, data set @ seqlen);
+    the model's dense run, when present, is each line's point at 0. Log y axis. None if nothing to plot."""
+    recs = _ok(records)
+    series: dict[str, list[tuple[float, float]]] = {}
+    dense: dict[tuple[str, str], float] = {}
+    for r in recs:
+        c = r["config"]
+        for d, v in (r["metrics"].get("ppl") or {}).items():
+            key_ds = f"{d}@{c.get('eval_seqlen')}"
+            model = str(c.get("model")).rstrip("/").split("/")[-1]
+            if c.get("method") == "dense":
+                dense[(model, key_ds)] = v
+                continue
+            pattern = "" if c.get("sparsity_type", "unstructured") == "unstructured" else f" {c['sparsity_type']}"
+            series.setdefault(f"{model} | {method_label(c)}{pattern} | {key_ds}", []).append((float(c["sparsity"]), float(v)))
+    if not series and not dense:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in sorted(series.items()):
+        model, _, key_ds = (p.strip() for p in label.split("|"))
+        if (model, key_ds) in dense:
+            pts = pts + [(0.0, dense[(model, key_ds)])]
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    for (model, key_ds), v in sorted(dense.items()):
+        ax.axhline(v, color="gray", ls=":", lw=1)
+        ax.annotate(f"dense {model} {key_ds}", (0, v), fontsize=7, color="gray")
+    ax.set_yscale("log")
+    ax.set_xlabel("compression (fraction of parameters removed)")
+    ax.set_ylabel("token perplexity")
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_task_accuracy(records: Iterable[dict[str, Any]], path: Path) -> Path | None:
+    """Grouped bars: one group per zero-shot task (and the mean), one bar per experiment, in percent."""
+    recs = sorted([r for r in _ok(records) if r["metrics"].get("zero_shot")], key=_sort_key)
+    if not recs:
+        return None
+    tasks = sorted({t for r in recs for t in r["metrics"]["zero_shot"] if t not in ("mean",)}, key=_task_order)
+    if any("mean" in r["metrics"]["zero_shot"] for r in recs):
+        tasks.append("mean")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(tasks) * max(1, len(recs)) / 2), 4.5))
+    width = 0.8 / len(recs)
+    for i, r in enumerate(recs):
+        c = r["config"]
+        vals = [100 * r["metrics"]["zero_shot"].get(t, float("nan")) for t in tasks]
+        ax.bar([j + i * width for j in range(len(tasks))], vals, width, label=f"{c.get('name')} ({method_label(c)} {compression_label(c)})")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [t.replace(APPROX_SUFFIX, "\n(approx)") for t in tasks], fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layers(record: dict[str, Any], path: Path) -> Path | None:
+    """Per-layer sparsity (and OATS rank, and scaled relative error when recorded) in pipeline order."""
+    layers = record.get("layers") or []
+    if not layers:
+        return None
+    plt = _plt()
+    has_rank = any(l.get("rank") is not None for l in layers)
+    has_err = any(l.get("scaled_rel_error") is not None for l in layers)
+    n = 1 + has_rank + has_err
+    fig, axes = plt.subplots(n, 1, figsize=(max(7, len(layers) * 0.06), 2.4 * n), sharex=True, squeeze=False)
+    x = list(range(len(layers)))
+    axes[0][0].plot(x, [l.get("sparsity") for l in layers], ".-", lw=0.8)
+    axes[0][0].set_ylabel("sparsity")
+    k = 1
+    if has_rank:
+        axes[k][0].plot(x, [l.get("rank") for l in layers], ".-", lw=0.8, color="C1")
+        axes[k][0].set_ylabel("rank")
+        k += 1
+    if has_err:
+        axes[k][0].plot(x, [l.get("scaled_rel_error") for l in layers], ".-", lw=0.8, color="C2")
+        axes[k][0].set_ylabel("scaled rel. error")
+    blocks = [l.get("block") for l in layers]
+    starts = [i for i in x if i == 0 or blocks[i] != blocks[i - 1]]
+    for ax in axes[:, 0]:
+        for s in starts:
+            ax.axvline(s, color="gray", lw=0.3)
+        ax.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("linear layer (pipeline order; grey lines start a block)")
+    c = record.get("config", {})
+    axes[0][0].set_title(f"{c.get('name')}: {method_label(c)} {compression_label(c)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(records: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+    """Write results.{md,csv,tex} and the PNG plots under ``out_dir``; returns {kind: path}."""
+    from oats.results import atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header, rows = build_table(records)
+    written: dict[str, Path] = {}
+    for kind, text in (("md", to_markdown(header, rows)), ("csv", to_csv(header, rows)), ("tex", to_latex(header, rows))):
+        p = out_dir / f"results.{kind}"
+        atomic_write_text(p, text)
+        written[kind] = p
+    if (p := plot_ppl_vs_compression(records, out_dir / "ppl_vs_compression.png")) is not None:
+        written["ppl_plot"] = p
+    if (p := plot_task_accuracy(records, out_dir / "zero_shot_accuracy.png")) is not None:
+        written["accuracy_plot"] = p
+    for r in _ok(records):
+        name = r.get("config", {}).get("name") or r.get("name")
+        if (p := plot_layers(r, out_dir / f"layers_{name}.png")) is not None:
+            written[f"layers_{name}"] = p
+    return written
+
+
+def report(results_root: Path) -> dict[str, Path]:
+    """Gather every record under ``results_root`` and write the report to ``results_root/report/``."""
+    from oats.results import all_records
+
+    return write_report(all_records(Path(results_root)), Path(results_root) / "report")
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "results")
+    for kind, p in report(root).items():
+        print(f"{kind:24s} {p}")
