@@ -146,7 +146,7 @@ def sparsegpt_prune(
             Q1[:, i] = q
             err = (w - q) / d
             losses += (err.double() ** 2) / 2
-            W1[:, i + 1:] -= 0.5 * err[:, None] * Hinv1[i, i + 1:][None, :]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i1:i2] = Q1
         mask[:, i1:i2] = keep1
@@ -168,4 +168,4 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
         percdamp=float(getattr(cfg, "percdamp", 0.01)),
         scope=budget.scope or "layer",
     )
-    return CompressedWeight(dense=pruned, info=info)
+    return CompressedWeight(dense=pruned, mask=mask, info=info)

@@ -33,4 +33,4 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
     if stats is None:
         raise ValueError("wanda needs input statistics (the registry asks the pipeline for stats='diag')")
     mask = wanda_mask(weight, stats.col_norms, budget)
-    return CompressedWeight(dense=weight * mask, info={"mask_scope": "nm" if budget.nm else (budget.scope or "row")})
+    return CompressedWeight(dense=weight * mask, mask=mask, info={"mask_scope": "nm" if budget.nm else (budget.scope or "row")})
