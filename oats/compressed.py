@@ -1,0 +1,160 @@
+"""Compress mode: a linear layer stored as a sparse part plus a low-rank pair, and saving/loading a
+model that holds such layers.
+
+``SparseLowRankLinear`` computes ``y = x S^T + (x V^T) U^T (+ b)``. S is stored in CSR form as three
+plain tensors (``crow_indices`` [d_out+1], ``col_indices`` [nnz] int32, ``values`` [nnz]), never as a
+dense tensor with zeros, so the state dict, ``safetensors`` files and memory hold only the nonzeros.
+
+Saving (:func:`save_compressed`) writes the model with ``save_pretrained`` plus a manifest
+``oats_compressed.json`` naming every factored layer and its shapes; :func:`load_compressed`
+rebuilds the architecture from ``config.json``, swaps those layers in, and loads the tensors.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MANIFEST = "oats_compressed.json"
+
+
+class SparseLowRankLinear(nn.Module):
+    """y = x S^T + (x V^T) U^T + bias. S [out, in] in CSR, U [out, r], V [r, in]."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, nnz: int, bias: bool = True,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        kw = dict(dtype=dtype, device=device)
+        self.values = nn.Parameter(torch.zeros(nnz, **kw))
+        self.register_buffer("crow_indices", torch.zeros(out_features + 1, dtype=torch.int64, device=device))
+        self.register_buffer("col_indices", torch.zeros(nnz, dtype=torch.int32, device=device))
+        self.U = nn.Parameter(torch.zeros(out_features, rank, **kw))
+        self.V = nn.Parameter(torch.zeros(rank, in_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    @classmethod
+    def from_factors(cls, sparse: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None,
+                     dtype: torch.dtype | None = None) -> "SparseLowRankLinear":
+        """Build from a dense-shaped ``sparse`` [out, in] (exact zeros are dropped), U [out, r], V [r, in]."""
+        dtype = dtype or sparse.dtype
+        d_out, d_in = sparse.shape
+        with warnings.catch_warnings():  # 'sparse CSR support is in beta'
+            warnings.simplefilter("ignore", UserWarning)
+            csr = sparse.detach().to_sparse_csr()
+        mod = cls(d_in, d_out, U.shape[1], int(csr.values().numel()), bias is not None, dtype, sparse.device)
+        with torch.no_grad():
+            mod.values.copy_(csr.values().to(dtype))
+            mod.crow_indices.copy_(csr.crow_indices().to(torch.int64))
+            mod.col_indices.copy_(csr.col_indices().to(torch.int32))
+            mod.U.copy_(U.to(dtype))
+            mod.V.copy_(V.to(dtype))
+            if bias is not None:
+                mod.bias.copy_(bias.to(dtype))
+        return mod
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def sparse_weight(self) -> Tensor:
+        """S as a torch CSR tensor [out, in] (a view of the stored tensors)."""
+        return torch.sparse_csr_tensor(self.crow_indices, self.col_indices.to(torch.int64), self.values,
+                                       (self.out_features, self.in_features), check_invariants=False)
+
+    def dense_weight(self) -> Tensor:
+        """S + U V as a dense [out, in] tensor (for checks; the forward never builds it on CPU float32)."""
+        return self.sparse_weight().to_dense() + self.U @ self.V
+
+    def param_count(self) -> int:
+        """Nonzeros of S plus the entries of U and V (the bias is not counted, as for dense layers)."""
+        return self.nnz + self.U.numel() + self.V.numel()
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        try:
+            ys = (self.sparse_weight() @ x2.T).T  # CSR @ dense
+        except (RuntimeError, NotImplementedError):  # sparse kernels missing for this dtype/device
+            ys = F.linear(x2, self.sparse_weight().to_dense())
+        y = ys + (x2 @ self.V.T) @ self.U.T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, nnz={self.nnz}, bias={self.bias is not None}"
+
+
+def compressed_layers(model: nn.Module) -> dict[str, SparseLowRankLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLowRankLinear)}
+
+
+def save_compressed(model: nn.Module, directory: str | Path, **save_kwargs: Any) -> Path:
+    """``model.save_pretrained(directory)`` plus, when the model holds SparseLowRankLinear layers, the
+    manifest :data:`MANIFEST` that :func:`load_compressed` needs. Works for uncompressed models too."""
+    directory = Path(directory)
+    model.save_pretrained(directory, **save_kwargs)
+    layers = compressed_layers(model)
+    if layers:
+        manifest = {"format": "oats-sparse-lowrank-v1", "layers": {
+            n: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank, "nnz": m.nnz,
+                "bias": m.bias is not None} for n, m in layers.items()}}
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return directory
+
+
+def _read_state_dict(directory: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        out: dict[str, Tensor] = {}
+        for f in files:
+            out.update(load_file(str(f)))
+        return out
+    files = sorted(directory.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no *.safetensors or pytorch_model*.bin weights")
+    out = {}
+    for f in files:
+        out.update(torch.load(f, map_location="cpu", weights_only=True))
+    return out
+
+
+def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a model saved by :func:`save_compressed`: the architecture from its config, the factored
+    layers swapped in per the manifest, every tensor from the saved weights (strictly: a missing or
+    unexpected tensor is an error, except weights tied to others). Eval mode, on the CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from oats.models import set_module
+
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        return model.eval()
+    config = AutoConfig.from_pretrained(directory)
+    saved = getattr(config, "dtype", None)
+    saved = getattr(torch, saved) if isinstance(saved, str) else saved
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or saved or torch.float32)
+    layer_dtype = next(model.parameters()).dtype
+    for name, spec in json.loads(manifest_path.read_text())["layers"].items():
+        set_module(model, name, SparseLowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["nnz"],
+                                                    spec["bias"], dtype=layer_dtype))
+    state = _read_state_dict(directory)
+    missing, unexpected = model.load_state_dict({k: v.to(layer_dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
+    tied = set()
+    if getattr(config, "tie_word_embeddings", False):
+        tied = {k for k in missing if k.endswith("lm_head.weight")}
+        model.tie_weights()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"{directory}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+    return model.eval()

@@ -1,0 +1,83 @@
+"""OATS compress mode: SparseLowRankLinear, compress vs dense-sum logits, save/reload, config checks, plot."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ml_collections import ConfigDict
+
+from oats.compressed import SparseLowRankLinear, compressed_layers, load_compressed, save_compressed
+from oats.config import ConfigError, resolve
+from tests.conftest import tiny_model
+
+
+def test_module_matches_dense_and_stores_only_nonzeros():
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(24, 40, generator=g) * (torch.rand(24, 40, generator=g) < 0.3)
+    U, V, b = torch.randn(24, 3, generator=g), torch.randn(3, 40, generator=g), torch.randn(24, generator=g)
+    mod = SparseLowRankLinear.from_factors(S, U, V, b)
+    x = torch.randn(2, 5, 40, generator=g)
+    ref = F.linear(x, S + U @ V, b)
+    assert torch.allclose(mod(x), ref, atol=1e-5)
+    nnz = int((S != 0).sum())
+    assert mod.values.numel() == nnz == mod.col_indices.numel()
+    assert mod.param_count() == nnz + U.numel() + V.numel()
+    assert all(t.numel() < S.numel() for t in mod.state_dict().values())  # nothing dense-shaped stored
+    assert torch.equal(mod.sparse_weight().to_dense(), S)
+
+
+def _cfg(**kw) -> ConfigDict:
+    base = dict(model="tiny", method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=4, svd="fast")
+    return resolve({**base, **kw})
+
+
+def _compress(model, cfg):
+    from oats.compressor import compress_model
+    from oats.pipeline import capture_inputs
+
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    inputs = capture_inputs(model, ids, torch.device("cpu"), 2)
+    return compress_model(model, inputs, cfg, torch.device("cpu"), [cfg.sparsity] * 2)
+
+
+def test_compress_mode_gives_dense_sum_logits_and_round_trips(tmp_path):
+    dense_model = tiny_model("llama")
+    comp_model = copy.deepcopy(dense_model)
+    rec_dense = _compress(dense_model, _cfg(compress=False))
+    rec_comp = _compress(comp_model, _cfg(compress=True))
+    layers = compressed_layers(comp_model)
+    assert len(layers) == 14 and not compressed_layers(dense_model)  # 7 linears x 2 blocks
+    assert [r["kept_params"] for r in rec_dense] == [r["kept_params"] for r in rec_comp]
+    for r in rec_comp:
+        assert r["sparsity"] == pytest.approx(r["achieved_compression"]) and r["sparsity"] >= 0.5
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ld, lc = dense_model(ids).logits, comp_model(ids).logits
+    assert torch.allclose(ld, lc, atol=1e-4, rtol=1e-4)
+    save_compressed(comp_model, tmp_path / "m")
+    back = load_compressed(tmp_path / "m")
+    assert set(compressed_layers(back)) == set(layers)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, lc)
+
+
+def test_config_rejects_impossible_nm_budget_and_layer_scope():
+    with pytest.raises(ConfigError, match="'sparsity'.*2:4"):
+        resolve(dict(model="m", method="oats", sparsity=0.6, sparsity_type="2:4"))
+    with pytest.raises(ConfigError, match="mask_scope"):
+        resolve(dict(model="m", method="oats", mask_scope="layer"))
+    with pytest.raises(ConfigError, match="svd"):
+        resolve(dict(model="m", method="oats", svd="lanczos"))
+    with pytest.raises(ConfigError, match="update"):
+        resolve(dict(model="m", method="oats", update="optima"))
+    assert resolve(dict(model="m", method="oats", sparsity=0.5, sparsity_type="2:8")).sparsity_type == "2:8"
+
+
+def test_layer_plot_writes_file(tmp_path):
+    from oats.layer_plots import plot_layer_error_rank
+
+    recs = [{"layer": f"{b}.{n}", "block": b, "scaled_rel_error": 0.1 * (b + 1), "rank": 3} for b in range(2) for n in ("q", "k")]
+    out = plot_layer_error_rank(recs, tmp_path / "p.png", "t")
+    assert out.stat().st_size > 1000
