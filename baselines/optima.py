@@ -22,7 +22,8 @@ Two solvers, both pure functions of tensors:
 :func:`update` is the pipeline's entry (``UPDATES["optima"]``): dampens H as SparseGPT does
 (``percdamp`` times the mean diagonal on the diagonal, raised tenfold and logged until a Cholesky
 factorisation in the solver's precision succeeds), warm-starts from the better of the selector's
-own weights and the plainly masked ones, and returns the same mask with re-solved values.
+own weights and the plainly masked ones, runs :func:`batched` with the ``P_i H⁻¹ P_i``
+preconditioner, and returns the same mask with re-solved values.
 """
 from __future__ import annotations
 
@@ -206,7 +207,10 @@ def update(weight: Tensor, cw: CompressedWeight, stats: InputStats | None, cfg: 
     f_plain = row_objective(plain, target, Hd)
     init = torch.where((f_cur <= f_plain)[:, None], current * mask, plain)
     f_init = torch.minimum(f_cur, f_plain)
-    W, info = batched(target, Hd, mask, cfg.optima_tol, cfg.optima_max_iters, dtype, init=init)
+    # Preconditioner P_i H⁻¹ P_i from the Cholesky factor dampening just computed: 2-3x fewer
+    # iterations than Jacobi on real LLM Grams (bench/bench_optima.py).
+    W, info = batched(target, Hd, mask, cfg.optima_tol, cfg.optima_max_iters, dtype, init=init,
+                      precond="hinv", H_inv=torch.cholesky_inverse(L))
     f_new = row_objective(W, target, Hd)
     worse = f_new > f_init  # cannot happen at convergence; a guard against a stalled low-precision run
     if bool(worse.any()):
