@@ -1,0 +1,220 @@
+"""Resume inside an experiment: a checkpoint after every compressed block.
+
+Layout, all under the experiment's own ``<out>/<name>/checkpoint/`` (nothing outside it is ever
+written or deleted)::
+
+    OATS_CHECKPOINT          marker: this directory is ours (``clear`` refuses to delete one without it)
+    meta.json                the commit point: config hash, last finished block, the state file's name
+    block_00007.pt           compressed block 7 (the pickled module, so factored layers survive too);
+                             absent in lazy mode, where the output shard is the block's copy
+    state_00007.pt           after block 7: the inputs of block 8 (hidden states per calibration batch
+                             and the keyword arguments), per-layer records so far, block sparsities,
+                             layerwise info, RNG states
+
+Every file is written to a temporary name and renamed (atomic on POSIX); ``meta.json`` is replaced
+last, so a run killed at any instant leaves either the previous complete checkpoint or the new one.
+Block files are pickled modules (``torch.load(weights_only=False)``): load only checkpoints you wrote.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from oats.models import get_blocks
+from oats.pipeline import BlockInputs
+from oats.results import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+MARKER = "OATS_CHECKPOINT"
+FORMAT = 1
+
+
+@dataclass
+class ResumeState:
+    """What a restarted run continues from: block ``last_block`` (0-based) and all before it are done."""
+
+    last_block: int
+    inputs: BlockInputs  # the inputs of block last_block + 1
+    records: list[dict[str, Any]]
+    sparsities: list[float]
+    layerwise_info: Any
+    rng: dict[str, Any]
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a method may draw from (torch CPU and CUDA, Python, NumPy)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class BlockCheckpointer:
+    """Per-block checkpoints of one experiment.
+
+    exp_dir:     ``<out>/<name>``; the checkpoint lives in ``exp_dir/checkpoint``.
+    cfg_hash:    the experiment's config hash; a checkpoint of another hash is stale and ignored.
+    save_blocks: keep a copy of each compressed block (False when the caller persists blocks itself,
+                 as the lazy path does in its output shards).
+    """
+
+    def __init__(self, exp_dir: Path, cfg_hash: str, save_blocks: bool = True):
+        self.dir = Path(exp_dir) / CHECKPOINT_DIR
+        self.cfg_hash = cfg_hash
+        self.save_blocks = save_blocks
+
+    # --- writing ---------------------------------------------------------------------------------
+    def save(
+        self,
+        i: int,
+        block: nn.Module,
+        next_inputs: BlockInputs,
+        records: list[dict[str, Any]],
+        sparsities: list[float],
+        layerwise_info: Any = None,
+    ) -> None:
+        """Checkpoint after block ``i`` finished (``block`` compressed, ``next_inputs`` its outputs)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / MARKER).touch()
+        if self.save_blocks:
+            _atomic_torch_save(block, self.dir / f"block_{i:05d}.pt")
+        state_name = f"state_{i:05d}.pt"
+        _atomic_torch_save(
+            {
+                "last_block": i,
+                "hidden": next_inputs.hidden,
+                "kwargs": next_inputs.kwargs,
+                "records": list(records),
+                "sparsities": [float(s) for s in sparsities],
+                "layerwise_info": layerwise_info,
+                "rng": rng_state(),
+            },
+            self.dir / state_name,
+        )
+        previous = self._meta()
+        meta = {"format": FORMAT, "config_hash": self.cfg_hash, "last_block": i, "state": state_name, "save_blocks": self.save_blocks}
+        atomic_write_text(self.dir / "meta.json", json.dumps(meta, indent=1) + "\n")
+        if previous and previous.get("state") and previous["state"] != state_name:
+            (self.dir / previous["state"]).unlink(missing_ok=True)
+        log.debug("checkpoint after block %d in %s", i, self.dir)
+
+    def after_block_fn(
+        self, records: list[dict[str, Any]], sparsities: list[float], layerwise_info: Any = None
+    ) -> Callable[[int, nn.Module, BlockInputs], None]:
+        """An ``after_block`` callback for ``compress_model`` that checkpoints every finished block."""
+
+        def after_block(i: int, block: nn.Module, next_inputs: BlockInputs) -> None:
+            self.save(i, block, next_inputs, records, sparsities, layerwise_info)
+
+        return after_block
+
+    # --- reading ---------------------------------------------------------------------------------
+    def _meta(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.dir / "meta.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def last_block(self) -> int | None:
+        """The last finished block of a checkpoint matching this config, else None (cheap: reads meta.json)."""
+        meta = self._meta()
+        if not meta or meta.get("config_hash") != self.cfg_hash or meta.get("format") != FORMAT:
+            return None
+        return int(meta["last_block"])
+
+    def load(self, device: torch.device | str = "cpu") -> ResumeState | None:
+        """The state to resume from, or None (no checkpoint; or a stale one, which is then removed)."""
+        meta = self._meta()
+        if meta is None:
+            return None
+        if meta.get("config_hash") != self.cfg_hash or meta.get("format") != FORMAT or meta.get("save_blocks") != self.save_blocks:
+            log.warning("checkpoint in %s belongs to another config (hash %s, now %s); starting over",
+                        self.dir, meta.get("config_hash"), self.cfg_hash)
+            self.clear()
+            return None
+        state = torch.load(self.dir / meta["state"], map_location=device, weights_only=False)
+        if state["last_block"] != meta["last_block"]:
+            raise RuntimeError(f"{self.dir}: meta.json says block {meta['last_block']}, {meta['state']} says {state['last_block']}")
+        log.info("resuming from the checkpoint after block %d in %s", state["last_block"], self.dir)
+        return ResumeState(
+            last_block=state["last_block"],
+            inputs=BlockInputs(state["hidden"], state["kwargs"]),
+            records=state["records"],
+            sparsities=state["sparsities"],
+            layerwise_info=state["layerwise_info"],
+            rng=state["rng"],
+        )
+
+    def restore_blocks(self, model: nn.Module, last_block: int) -> None:
+        """Put the checkpointed compressed blocks 0..last_block back into ``model`` (on the CPU)."""
+        if not self.save_blocks:
+            raise RuntimeError("this checkpoint keeps no block copies (lazy mode reads them from the output shards)")
+        blocks = get_blocks(model)
+        for j in range(last_block + 1):
+            saved = torch.load(self.dir / f"block_{j:05d}.pt", map_location="cpu", weights_only=False)
+            current = blocks[j]
+            if set(saved.state_dict()) == set(current.state_dict()):
+                current.load_state_dict(saved.state_dict())  # same structure: keep the model's own module
+            else:
+                blocks[j] = saved  # layers were replaced (compress mode): take the saved module whole
+
+    def clear(self) -> None:
+        """Delete this experiment's checkpoint directory, and only it (it must carry our marker)."""
+        d = self.dir
+        if not d.exists():
+            return
+        if d.is_symlink() or d.name != CHECKPOINT_DIR or not (d / MARKER).is_file():
+            raise RuntimeError(f"refusing to delete {d}: not an oats checkpoint directory")
+        shutil.rmtree(d)
+
+
+def describe(exp_dir: Path) -> str | None:
+    """'block k done' for ``--list`` when an experiment has a checkpoint (any config), else None."""
+    try:
+        meta = json.loads((Path(exp_dir) / CHECKPOINT_DIR / "meta.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return f"checkpoint after block {meta.get('last_block')}"

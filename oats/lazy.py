@@ -1,0 +1,398 @@
+"""Models bigger than memory: compress block by block with weights read lazily from safetensors shards.
+
+The model is built on the meta device (accelerate ``init_empty_weights``: parameters take no memory,
+buffers such as rotary frequencies stay real). Weights are read with ``safetensors.safe_open`` only
+when needed and freed (put back on the meta device) right after:
+
+- embeddings / final norm / LM head ("the rest"): loaded to catch block 0's calibration inputs, freed,
+  loaded again for the evaluation's head;
+- block i: loaded just before it is calibrated and compressed, written to its own output shard
+  ``<out>/<name>/model/model-block-00007.safetensors``, freed.
+
+Each shard file is opened for one block and closed again, so the memory map never keeps more than
+that block's pages resident. Peak memory is then about max(rest, one block + its statistics) plus the
+calibration activations (two copies: a block's inputs and its outputs), whatever the model's size.
+
+The output directory is a normal sharded Hugging Face checkpoint (``model.safetensors.index.json``,
+``config.json``, tokenizer) that ``from_pretrained`` loads. Evaluation streams the compressed shards
+block by block the same way (token perplexity only).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from oats.models import DTYPES, get_blocks
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+REST_SHARD = "model-rest.safetensors"
+
+
+def block_shard(i: int) -> str:
+    return f"model-block-{i:05d}.safetensors"
+
+
+class ShardedWeights:
+    """Where each tensor of a safetensors checkpoint directory lives (one file, or an index of shards).
+
+    Nothing is read until :meth:`load`, which opens each needed file once and closes it afterwards.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            self.file_of: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{self.directory}: no *.safetensors files (lazy_load reads safetensors checkpoints only)")
+            from safetensors import safe_open
+
+            self.file_of = {}
+            for f in files:
+                with safe_open(str(f), framework="pt") as h:
+                    self.file_of.update({k: f.name for k in h.keys()})
+
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
+    def load(self, names: Iterable[str], dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+        """The named tensors, read from their shards (each file opened once), cast to ``dtype``."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            if n not in self.file_of:
+                raise KeyError(f"{self.directory}: tensor {n!r} is in no shard")
+            by_file.setdefault(self.file_of[n], []).append(n)
+        out: dict[str, Tensor] = {}
+        for fname, keys in by_file.items():
+            with safe_open(str(self.directory / fname), framework="pt", device=str(device)) as h:
+                for k in keys:
+                    t = h.get_tensor(k)
+                    out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return out
+
+
+def empty_model(model_dir: str | Path, dtype: str = "float32") -> nn.Module:
+    """The model of ``model_dir/config.json`` with every parameter on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def blocks_prefix(model: nn.Module) -> str:
+    """Qualified name of the decoder blocks' ModuleList ('model.layers' for Llama)."""
+    blocks = get_blocks(model)
+    for name, module in model.named_modules():
+        if module is blocks:
+            return name
+    raise RuntimeError("decoder blocks not found among the model's modules")
+
+
+def _persistent_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """Parameters and persistent buffers by name, as the checkpoint holds them (shared ones once)."""
+    return dict(module.state_dict(keep_vars=True))
+
+
+def _to_meta(module: nn.Module) -> None:
+    """Free ``module``'s parameters and persistent buffers (non-persistent buffers, such as rotary
+    frequencies computed at construction, are kept: no checkpoint holds them)."""
+    for m in module.modules():
+        for n, p in list(m._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                m._parameters[n] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        for n, b in list(m._buffers.items()):
+            if b is not None and n not in m._non_persistent_buffers_set and b.device.type != "meta":
+                m._buffers[n] = torch.empty_like(b, device="meta")
+
+
+def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """Make glibc serve every allocation above ``nbytes`` by mmap (returned to the OS on free).
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB), so block-sized tensors
+    that are loaded, compressed and freed one after another end up on the heap and fragment it: the
+    resident size then grows by about a block per block. Fixing the threshold (``mallopt``) stops the
+    growth; measured in bench/bench_memory.py. Returns False where there is no glibc (no-op).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, nbytes))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+class LazyModel:
+    """A meta-device model plus the shards its weights come from; loads and frees pieces on demand."""
+
+    def __init__(self, model: nn.Module, source: ShardedWeights, dtype: str = "float32"):
+        pin_malloc_mmap_threshold()
+        self.model, self.source, self.dtype = model, source, DTYPES[dtype]
+        self.prefix = blocks_prefix(model)
+        self.n_blocks = len(get_blocks(model))
+        blocks = get_blocks(model)
+        blocks_ids = {id(p) for p in blocks.parameters()}
+        self.rest_names = [n for n, t in _persistent_tensors(model).items() if not n.startswith(self.prefix + ".") and id(t) not in blocks_ids]
+        self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, dtype: str = "float32") -> "LazyModel":
+        return cls(empty_model(model_dir, dtype), ShardedWeights(model_dir), dtype)
+
+    def _assign(self, root: nn.Module, tensors: dict[str, Tensor]) -> None:
+        missing, unexpected = root.load_state_dict(tensors, strict=False, assign=True)
+        if unexpected:
+            raise RuntimeError(f"unexpected tensors {unexpected[:5]}")
+        return missing
+
+    def load_rest(self) -> None:
+        """Load everything but the blocks (embeddings, final norm, LM head)."""
+        names = [n for n in self.rest_names if n in self.source.file_of]
+        absent = [n for n in self.rest_names if n not in self.source.file_of]
+        if absent and not (self.tied and all(n.endswith("lm_head.weight") for n in absent)):
+            raise KeyError(f"{self.source.directory}: tensors {absent[:5]} are in no shard")
+        tensors = self.source.load(names, self.dtype)
+        self.model.load_state_dict(tensors, strict=False, assign=True)
+        if self.tied:
+            out, inp = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+            if out is not None and inp is not None:
+                out.weight = inp.weight
+
+    def free_rest(self) -> None:
+        blocks = get_blocks(self.model)
+        saved = list(blocks)
+        for k in range(len(blocks)):
+            blocks[k] = nn.Identity()
+        try:
+            _to_meta(self.model)
+        finally:
+            for k, b in enumerate(saved):
+                blocks[k] = b
+
+    def load_block(self, i: int) -> None:
+        """Read block ``i``'s weights from the shards into the skeleton (CPU, the configured dtype)."""
+        block = get_blocks(self.model)[i]
+        want = list(_persistent_tensors(block))
+        pre = f"{self.prefix}.{i}."
+        tensors = self.source.load([pre + n for n in want], self.dtype)
+        block.load_state_dict({n[len(pre):]: t for n, t in tensors.items()}, strict=True, assign=True)
+
+    def free_block(self, i: int) -> None:
+        _to_meta(get_blocks(self.model)[i])
+
+
+class ShardWriter:
+    """Writes a compressed model shard by shard: one file per block, one for the rest, then the index."""
+
+    def __init__(self, out_dir: Path, lazy: LazyModel):
+        self.dir, self.lazy = Path(out_dir), lazy
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def write_block(self, i: int, block: nn.Module) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"{self.lazy.prefix}.{i}.{n}": t.detach().to("cpu").contiguous() for n, t in block.state_dict().items()}
+        tmp = self.dir / f".{block_shard(i)}.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        tmp.replace(self.dir / block_shard(i))
+
+    def write_rest_and_index(self, model_dir: Path, tokenizer: Any = None) -> None:
+        """Copy the uncompressed rest from the source, then the index, config and tokenizer."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        names = [n for n in self.lazy.rest_names if n in self.lazy.source.file_of]
+        save_file({k: v.contiguous() for k, v in self.lazy.source.load(names, self.lazy.dtype).items()}, str(self.dir / REST_SHARD), metadata={"format": "pt"})
+        weight_map = {n: REST_SHARD for n in names}
+        total = 0
+        for i in range(self.lazy.n_blocks):
+            path = self.dir / block_shard(i)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: block {i} was never written")
+            with safe_open(str(path), framework="pt") as h:
+                for k in h.keys():
+                    weight_map[k] = path.name
+            total += path.stat().st_size
+        total += (self.dir / REST_SHARD).stat().st_size
+        (self.dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        self.lazy.model.config.save_pretrained(self.dir)
+        gen = Path(model_dir) / "generation_config.json"
+        if gen.is_file():
+            shutil.copy(gen, self.dir / gen.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.dir)
+
+
+@torch.no_grad()
+def streamed_perplexity(
+    lazy: LazyModel, tokens: Tensor, seqlen: int, max_windows: int | None, device: torch.device, batch_size: int = 1
+) -> float:
+    """Token perplexity (the protocol of ``eval.perplexity``) computed one block at a time from the shards.
+
+    All windows' hidden states go through block i before block i+1 is loaded; the head then runs per
+    batch and only the NLL is kept (never the [n, L, vocab] logits).
+    """
+    from eval.perplexity import n_windows
+    from oats.pipeline import capture_inputs, move_non_blocks, stream
+
+    n = n_windows(tokens.shape[1], seqlen, max_windows)
+    if n == 0:
+        raise ValueError(f"{tokens.shape[1]} tokens are fewer than one window of eval_seqlen={seqlen}")
+    windows = tokens[0, : n * seqlen].view(n, seqlen)
+    model = lazy.model
+    lazy.load_rest()
+    inputs = capture_inputs(model, windows, device, batch_size)
+    lazy.free_rest()
+    final = stream(model, inputs, device, "none", lambda *a: None, desc="streamed perplexity",
+                   before_block=lazy.load_block, after_block=lambda i, *a: lazy.free_block(i))
+    lazy.load_rest()
+    blocks = get_blocks(model)
+    originals = list(blocks)
+    total_nll, total_tokens = 0.0, 0
+    try:
+        move_non_blocks(model, device)
+        for j, start in enumerate(range(0, n, batch_size)):
+            for k in range(len(originals)):
+                blocks[k] = _Replay(final.hidden[j] if k == 0 else None)
+            batch = windows[start : start + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            total_nll += float(nll)
+            total_tokens += batch[:, 1:].numel()
+    finally:
+        for k, b in enumerate(originals):
+            blocks[k] = b
+        move_non_blocks(model, torch.device("cpu"))
+        lazy.free_rest()
+    return math.exp(total_nll / total_tokens)
+
+
+class _Replay(nn.Module):
+    """Stands in for a block in the head pass: block 0 returns the streamed output, the others pass it on."""
+
+    def __init__(self, output: Tensor | None):
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        return self.output if self.output is not None else hidden_states
+
+
+def local_model_dir(name: str) -> Path:
+    """A local directory holding ``name``'s config and safetensors (embedded, local, or a hub snapshot)."""
+    from oats.models import model_path
+
+    path = Path(model_path(name)).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+
+
+def run_lazy(cfg: Any, out_root: Path) -> dict[str, Any]:
+    """``run_experiment`` for ``lazy_load=True``: the same record, at about one block's memory."""
+    from transformers import AutoTokenizer
+
+    from data import calibration_windows, eval_tokens
+    from oats.checkpoint import BlockCheckpointer, set_rng_state
+    from oats.compressor import block_sparsities, compress_model
+    from oats.config import config_hash
+    from oats.models import resolve_device
+    from oats.pipeline import capture_inputs
+    from oats.runner import peak_rss_mb
+
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(cfg.seed)
+    exp_dir = Path(out_root) / cfg.name
+    out_dir = exp_dir / "model"
+
+    t = time.perf_counter()
+    src = local_model_dir(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    lazy = LazyModel.from_dir(src, cfg.dtype)
+    timings["load"] = time.perf_counter() - t
+    record: dict[str, Any] = {"device": str(device), "seed": cfg.seed, "lazy_load": True}
+    layers: list[dict[str, Any]] = []
+    eval_source = lazy
+    if cfg.method != "dense":
+        t = time.perf_counter()
+        ckpt = BlockCheckpointer(exp_dir, config_hash(cfg), save_blocks=False) if cfg.checkpoint_blocks else None
+        resumed = ckpt.load(device) if ckpt is not None else None
+        if resumed is not None:  # finished blocks are already in their output shards
+            set_rng_state(resumed.rng)
+            inputs, layers, sparsities, layerwise_info = resumed.inputs, resumed.records, resumed.sparsities, resumed.layerwise_info
+            start_block = record["resumed_after_block"] = resumed.last_block + 1
+        else:
+            ids = calibration_windows(tokenizer, cfg.cal_dataset, cfg.cal_nsamples, cfg.cal_seqlen, cfg.cal_sampler, cfg.seed, cfg.data_dir)
+            lazy.load_rest()
+            inputs = capture_inputs(lazy.model, ids, device, cfg.cal_batch_size)
+            lazy.free_rest()
+            sparsities = block_sparsities(lazy.model, inputs, cfg, device)  # 'uniform' only (config check)
+            layerwise_info, start_block = getattr(sparsities, "info", None), 0
+        timings["calibration"] = time.perf_counter() - t
+        t = time.perf_counter()
+        writer = ShardWriter(out_dir, lazy)
+        save = ckpt.after_block_fn(layers, sparsities, layerwise_info) if ckpt is not None else None
+
+        def after_block(i: int, block: nn.Module, next_inputs) -> None:
+            writer.write_block(i, block)  # the shard first: a checkpoint must never point past it
+            if save is not None:
+                save(i, block, next_inputs)
+            lazy.free_block(i)
+
+        layers = compress_model(lazy.model, inputs, cfg, device, sparsities, start_block=start_block,
+                                after_block=after_block, records=layers, before_block=lazy.load_block)
+        del inputs
+        writer.write_rest_and_index(src, tokenizer)
+        timings["compression"] = time.perf_counter() - t
+        record["block_sparsity"] = list(sparsities)
+        if layerwise_info:
+            record["layerwise"] = layerwise_info
+        total = sum(r["shape"][0] * r["shape"][1] for r in layers)
+        record["achieved_sparsity"] = 1.0 - sum(r["kept_params"] for r in layers) / total
+        eval_source = LazyModel.from_dir(out_dir, cfg.dtype)
+    else:
+        record["achieved_sparsity"] = 0.0
+    t = time.perf_counter()
+    metrics: dict[str, Any] = {"ppl": {}}
+    for name in cfg.eval_datasets:
+        toks = eval_tokens(tokenizer, name, cfg.data_dir)
+        metrics["ppl"][name] = streamed_perplexity(eval_source, toks, cfg.eval_seqlen, cfg.eval_max_windows, device, cfg.eval_batch_size)
+        log.info("%s: perplexity on %s (seqlen %d, streamed) = %.3f", cfg.name, name, cfg.eval_seqlen, metrics["ppl"][name])
+    record["metrics"] = metrics
+    timings["evaluation"] = time.perf_counter() - t
+    if cfg.method != "dense" and not cfg.save_model:
+        shutil.rmtree(out_dir)  # written by this run, inside the experiment's directory
+    timings["total"] = time.perf_counter() - t_all
+    record["timings"] = timings
+    record["peak_memory_mb"] = {"cpu_rss": peak_rss_mb()}
+    if device.type == "cuda":
+        record["peak_memory_mb"]["cuda_allocated"] = torch.cuda.max_memory_allocated() / 2**20
+    record["layers"] = layers
+    return record
