@@ -23,7 +23,7 @@ _STATS_ORDER = {"none": 0, "diag": 1, "gram": 2}
 def stats_kind_for(cfg: Any) -> str:
     """The statistics a run needs: the method's, at least the diagonal (for the error report), a Gram for updates."""
     kind = METHODS[cfg.method].stats
-    if cfg.update != "none":
+    if cfg["update"] != "none":  # item access: ConfigDict.update is the dict method
         kind = "gram"
     return max(kind, "diag", key=_STATS_ORDER.__getitem__)
 
@@ -63,7 +63,7 @@ def compress_model(
     saved from ``after_block`` reads it); ``before_block(i)`` runs before block i is touched (lazy loading).
     """
     method = METHODS[cfg.method]
-    update = UPDATES.get(cfg.update)
+    update = UPDATES.get(cfg["update"])  # not cfg.update: that is ConfigDict's dict method
     nm = parse_nm(cfg.sparsity_type)
     records = [] if records is None else records
     stats_dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
@@ -72,7 +72,7 @@ def compress_model(
         budget = Budget(sparsity=sparsities[i], nm=nm, scope=cfg.mask_scope)
         for name, layer in layers.items():
             t0 = time.perf_counter()
-            weight = layer.weight.data.float()
+            weight = layer.weight.data.float().clone()  # .float() aliases a float32 weight, which copy_ below overwrites
             stats = collector.stats(name) if collector is not None else None
             cw: CompressedWeight = method.compress(weight, stats, budget, cfg)
             if update is not None:

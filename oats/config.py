@@ -93,6 +93,22 @@ def _method(v: str) -> str | None:
     return None if v in METHODS else f"got {v!r}; allowed values: {sorted(METHODS)}"
 
 
+def _zero_shot_tasks(v: Sequence[str]) -> str | None:
+    from eval.zero_shot import ZERO_SHOT_TASKS
+
+    bad = [t for t in v if t not in ZERO_SHOT_TASKS]
+    return f"unknown task(s) {bad}; allowed values: {list(ZERO_SHOT_TASKS)}" if bad else None
+
+
+def _mmlu_subjects(v: Sequence[str]) -> str | None:
+    from eval.zero_shot import MMLU_SUBJECTS
+
+    bad = [t for t in v if t not in MMLU_SUBJECTS]
+    if bad:
+        return f"unknown subject(s) {bad}; allowed values: the 57 MMLU subjects {list(MMLU_SUBJECTS)}"
+    return None if v else "got an empty list; use None for all 57 subjects"
+
+
 def _cal_dataset(v: str) -> str | None:
     from data import DATASET_NAMES
 
@@ -137,11 +153,11 @@ KEYS: dict[str, Key] = {
     "eval_max_windows": Key(None, (int,), "cap on the number of perplexity windows (None = all)", _positive, nullable=True),
     "eval_batch_size": Key(1, (int,), "perplexity windows per forward pass", _positive),
     "word_perplexity": Key(False, (bool,), "also compute lm_eval's document-level `wikitext` word perplexity"),
-    "zero_shot_tasks": Key((), (list, tuple), "lm_eval zero-shot tasks (empty = none), e.g. `boolq`, `arc_easy`, `mmlu`"),
+    "zero_shot_tasks": Key((), (list, tuple), "lm_eval zero-shot tasks (empty = none), e.g. `boolq`, `arc_easy`, `mmlu`", _zero_shot_tasks),
     "zero_shot_limit": Key(None, (int,), "lm_eval examples per task (None = all)", _positive, nullable=True),
     "zero_shot_batch_size": Key(8, (int,), "lm_eval batch size", _positive),
     "zero_shot_fewshot": Key(0, (int,), "lm_eval few-shot examples for the zero-shot tasks", _non_negative),
-    "mmlu_subjects": Key(None, (list, tuple), "MMLU subjects (None = all 57); the OATS reference's 10 are in `eval.zero_shot.OATS_MMLU_SUBJECTS`", nullable=True),
+    "mmlu_subjects": Key(None, (list, tuple), "MMLU subjects (None = all 57); the OATS reference's 10 are in `eval.zero_shot.OATS_MMLU_SUBJECTS`", _mmlu_subjects, nullable=True),
     "mmlu_fewshot": Key(5, (int,), "MMLU few-shot examples", _non_negative),
     # --- where and how -------------------------------------------------------------------------
     "data_dir": Key(None, (str,), "local data root laid out like `../shared/data/` (else env `OATS_DATA_DIR`, else the hub)", nullable=True),
@@ -229,6 +245,17 @@ def resolve(cfg: Mapping[str, Any] | ml_collections.ConfigDict, index: int | Non
         lam = out["owl_lambda"]
         if not (0.0 <= out["sparsity"] - lam and out["sparsity"] + lam < 1.0):
             raise ConfigError("owl_lambda", f"sparsity {out['sparsity']} +- owl_lambda {lam} must stay inside [0, 1)", exp)
+    if out["method"] == "oats":
+        if out["mask_scope"] not in (None, "row"):
+            raise ConfigError("mask_scope", f"got {out['mask_scope']!r}; OATS thresholds per row: allowed values None, 'row'", exp)
+        nm = parse_nm(out["sparsity_type"])
+        if nm is not None:
+            from fractions import Fraction
+
+            if 1 - Fraction(repr(float(out["sparsity"]))) < Fraction(nm[0], nm[1]):
+                raise ConfigError("sparsity", f"OATS compression rate {out['sparsity']!r} keeps fewer parameters than the sparse part "
+                                  f"of sparsity_type {out['sparsity_type']!r} holds ({nm[0]}/{nm[1]} of each layer); with N:M the low-rank "
+                                  f"part takes the rest of the budget and rank_ratio is unused: allowed sparsity <= 1 - N/M = {1 - nm[0] / nm[1]:g}", exp)
     if out["update"] == "optima":
         from oats.registry import METHODS
 

@@ -7,12 +7,14 @@ from typing import Callable
 from baselines import dense, magnitude, owl, sparsegpt, wanda
 from baselines import optima
 from oats.interface import Method
+from oats import oats_method
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("dense", dense.compress_weight, stats="none", doc="no compression (reference)", supports_owl=False, supports_update=False),
         Method("magnitude", magnitude.compress_weight, stats="none", doc="keep the largest |W| (per layer; `mask_scope: row` per row)"),
+        Method("oats", oats_method.compress_weight, stats="diag", doc="OATS: sparse + low-rank of W diag(sqrt D) by alternating thresholding (`sparsity` = compression rate, `rank_ratio`, `num_iters`, `svd`, `compress`)", supports_update=False),
         Method("wanda", wanda.compress_weight, stats="diag", doc="Wanda: keep the largest |W_ij|*||X_j|| (per row; `mask_scope: layer` per layer)"),
         Method("sparsegpt", sparsegpt.compress_weight, stats="gram", doc="SparseGPT: OBS updates with H = 2X^TX, adaptive mask per column block"),
     ]

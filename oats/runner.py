@@ -58,6 +58,10 @@ def run_experiment(cfg: Any, out_root: Path) -> dict[str, Any]:
     from oats.models import load_model, resolve_device
     from oats.pipeline import capture_inputs
 
+    if cfg.lazy_load:  # bigger-than-memory path: blocks read from the shards one at a time
+        from oats.lazy import run_lazy
+
+        return run_lazy(cfg, out_root)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -72,17 +76,29 @@ def run_experiment(cfg: Any, out_root: Path) -> dict[str, Any]:
     layers: list[dict[str, Any]] = []
     if cfg.method != "dense":
         t = time.perf_counter()
-        ids = calibration_windows(tokenizer, cfg.cal_dataset, cfg.cal_nsamples, cfg.cal_seqlen, cfg.cal_sampler, cfg.seed, cfg.data_dir)
-        inputs = capture_inputs(model, ids, device, cfg.cal_batch_size)
-        sparsities = block_sparsities(model, inputs, cfg, device)
+        from oats.checkpoint import BlockCheckpointer, set_rng_state
+
+        ckpt = BlockCheckpointer(Path(out_root) / cfg.name, config_hash(cfg)) if cfg.checkpoint_blocks else None
+        resumed = ckpt.load(device) if ckpt is not None else None
+        if resumed is not None:  # a killed run's checkpoint: finished blocks back in, continue after them
+            ckpt.restore_blocks(model, resumed.last_block)
+            set_rng_state(resumed.rng)
+            inputs, layers, sparsities, layerwise_info = resumed.inputs, resumed.records, resumed.sparsities, resumed.layerwise_info
+            start_block = record["resumed_after_block"] = resumed.last_block + 1
+        else:
+            ids = calibration_windows(tokenizer, cfg.cal_dataset, cfg.cal_nsamples, cfg.cal_seqlen, cfg.cal_sampler, cfg.seed, cfg.data_dir)
+            inputs = capture_inputs(model, ids, device, cfg.cal_batch_size)
+            sparsities = block_sparsities(model, inputs, cfg, device)
+            layerwise_info, start_block = getattr(sparsities, "info", None), 0
         timings["calibration"] = time.perf_counter() - t
         t = time.perf_counter()
-        layers = compress_model(model, inputs, cfg, device, sparsities)
+        after = ckpt.after_block_fn(layers, sparsities, layerwise_info) if ckpt is not None else None
+        layers = compress_model(model, inputs, cfg, device, sparsities, start_block=start_block, after_block=after, records=layers)
         timings["compression"] = time.perf_counter() - t
         del inputs
         record["block_sparsity"] = list(sparsities)
-        if getattr(sparsities, "info", None):  # what a layerwise allocator measured (OWL: LOD per block)
-            record["layerwise"] = sparsities.info
+        if layerwise_info:  # what a layerwise allocator measured (OWL: LOD per block)
+            record["layerwise"] = layerwise_info
         total = sum(r["shape"][0] * r["shape"][1] for r in layers)
         record["achieved_sparsity"] = 1.0 - sum(r["kept_params"] for r in layers) / total
     else:
@@ -92,7 +108,9 @@ def run_experiment(cfg: Any, out_root: Path) -> dict[str, Any]:
     record["metrics"] = evaluate(model, tokenizer, cfg, device)
     timings["evaluation"] = time.perf_counter() - t
     if cfg.save_model:
-        model.save_pretrained(Path(out_root) / cfg.name / "model")
+        from oats.compressed import save_compressed  # save_pretrained + the manifest of compress-mode layers
+
+        save_compressed(model, Path(out_root) / cfg.name / "model")
         tokenizer.save_pretrained(Path(out_root) / cfg.name / "model")
     timings["total"] = time.perf_counter() - t_all
     record["timings"] = timings
@@ -124,5 +142,9 @@ def run_all(cfgs: Sequence[Any], out_root: Path, force: bool = False) -> dict[st
             outcome[cfg.name] = "failed"
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         write_record(out_root / cfg.name, record)
+        if outcome[cfg.name] == "ok":  # the result is safe on disk: the block checkpoints have served
+            from oats.checkpoint import BlockCheckpointer
+
+            BlockCheckpointer(out_root / cfg.name, h).clear()
         write_summary(out_root)
     return outcome
