@@ -2,7 +2,7 @@
 subset of the keys in oats/config.py (README: "Config keys"); the rest take their defaults.
 
 The shipped list runs offline on the embedded SmolLM2-135M with the embedded pydoc corpus, sized for a
-2-core CPU: 32 calibration windows of 512 tokens, perplexity on the first 16 windows of 512 tokens.
+2-core CPU: 16 calibration windows of 512 tokens, perplexity on the first 16 windows of 512 tokens.
 """
 from ml_collections import ConfigDict
 
@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 BASE = dict(
     model="smollm2-135m",
     cal_dataset="pydoc",
-    cal_nsamples=32,
+    cal_nsamples=16,
     cal_seqlen=512,
     eval_datasets=["pydoc"],
     eval_seqlen=512,
@@ -27,4 +27,19 @@ def experiment(**overrides) -> ConfigDict:
 CONFIGS = [
     experiment(name="dense", method="dense"),
     experiment(name="magnitude-50", method="magnitude", sparsity=0.5),
+    # OATS at compression rate 0.5, rank ratio 0.3; 20 iterations instead of the paper's 80 to fit a CPU.
+    experiment(name="oats-50", method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=20),
+    experiment(name="wanda-50", method="wanda", sparsity=0.5),
+    experiment(name="wanda-70", method="wanda", sparsity=0.7),
+    experiment(name="sparsegpt-50", method="sparsegpt", sparsity=0.5),
+    experiment(name="sparsegpt-70", method="sparsegpt", sparsity=0.7),
+    experiment(name="owl-wanda-50", method="wanda", sparsity=0.5, layerwise="owl"),
+    experiment(name="owl-wanda-70", method="wanda", sparsity=0.7, layerwise="owl"),
+    experiment(name="owl-sparsegpt-50", method="sparsegpt", sparsity=0.5, layerwise="owl"),
+    experiment(name="owl-sparsegpt-70", method="sparsegpt", sparsity=0.7, layerwise="owl"),
+    experiment(name="wanda-50-optima", method="wanda", sparsity=0.5, update="optima"),
+    experiment(name="sparsegpt-50-optima", method="sparsegpt", sparsity=0.5, update="optima"),
 ]
+
+# Defaults for `python main.py --slurm` (the command line overrides them):
+# SLURM = dict(partition="gpu", gpus=1, time=240, mem=64, cpus=8, array_parallelism=16)

@@ -85,3 +85,13 @@ def test_cli_rejects_bad_config_before_loading(tmp_path, capsys, monkeypatch):
     f.write_text("from ml_collections import ConfigDict\nCONFIGS=[ConfigDict(dict(model='smollm2-135m', sparsity=1.5))]\n")
     assert main.main(["--config", str(f), "--out", str(tmp_path / "out")]) == 2
     assert "config key 'sparsity'" in capsys.readouterr().err
+
+
+def test_readme_documents_every_key_and_method():
+    from pathlib import Path
+
+    from oats.registry import METHODS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert [k for k in KEYS if f"| `{k}` |" not in readme] == []
+    assert [m for m in METHODS if f"| `{m}` |" not in readme] == []
