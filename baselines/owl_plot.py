@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from eval.figures import save_figure
+
 
 def plot_owl(lod: Sequence[float], sparsity: Sequence[float], target: float, path: str | Path, title: str = "") -> Path:
     """Bar plot of per-block sparsity (bottom) under the per-block LOD (top, in %), target as a line.
@@ -31,12 +33,7 @@ def plot_owl(lod: Sequence[float], sparsity: Sequence[float], target: float, pat
     ax_sp.legend(loc="upper right", fontsize=8)
     if title:
         ax_lod.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_owl_record(record: dict[str, Any], path: str | Path) -> Path | None:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from eval.figures import save_figure
 from eval.zero_shot import APPROX_SUFFIX, PAPER_TASKS
 
 Row = dict[str, Any]
@@ -196,10 +197,7 @@ def plot_ppl_vs_compression(records: Iterable[dict[str, Any]], path: Path) -> Pa
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_task_accuracy(records: Iterable[dict[str, Any]], path: Path) -> Path | None:
@@ -221,10 +219,7 @@ def plot_task_accuracy(records: Iterable[dict[str, Any]], path: Path) -> Path | 
     ax.set_ylabel("accuracy (%)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_layers(record: dict[str, Any], path: Path) -> Path | None:
@@ -257,10 +252,7 @@ def plot_layers(record: dict[str, Any], path: Path) -> Path | None:
     axes[-1][0].set_xlabel("linear layer (pipeline order; grey lines start a block)")
     c = record.get("config", {})
     axes[0][0].set_title(f"{c.get('name')}: {method_label(c)} {compression_label(c)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(records: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, Path]:

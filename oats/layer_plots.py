@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from eval.figures import save_figure
+
 
 def plot_layer_error_rank(layers: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Two stacked panels over the layers in pipeline order (x: ``block.layer``): the scaled relative
@@ -34,9 +36,4 @@ def plot_layer_error_rank(layers: Sequence[dict[str, Any]], path: str | Path, ti
     a1.legend(handles, kinds, fontsize=7, ncol=min(len(kinds), 4))
     if title:
         a1.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -321,7 +321,7 @@ def run_lazy(cfg: Any, out_root: Path) -> dict[str, Any]:
     from oats.config import config_hash
     from oats.models import resolve_device
     from oats.pipeline import capture_inputs
-    from oats.runner import peak_rss_mb
+    from oats.runner import finish_record
 
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -389,10 +389,4 @@ def run_lazy(cfg: Any, out_root: Path) -> dict[str, Any]:
     timings["evaluation"] = time.perf_counter() - t
     if cfg.method != "dense" and not cfg.save_model:
         shutil.rmtree(out_dir)  # written by this run, inside the experiment's directory
-    timings["total"] = time.perf_counter() - t_all
-    record["timings"] = timings
-    record["peak_memory_mb"] = {"cpu_rss": peak_rss_mb()}
-    if device.type == "cuda":
-        record["peak_memory_mb"]["cuda_allocated"] = torch.cuda.max_memory_allocated() / 2**20
-    record["layers"] = layers
-    return record
+    return finish_record(record, timings, t_all, device, layers)

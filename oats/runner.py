@@ -112,6 +112,12 @@ def run_experiment(cfg: Any, out_root: Path) -> dict[str, Any]:
 
         save_compressed(model, Path(out_root) / cfg.name / "model")
         tokenizer.save_pretrained(Path(out_root) / cfg.name / "model")
+    return finish_record(record, timings, t_all, device, layers)
+
+
+def finish_record(record: dict[str, Any], timings: dict[str, float], t_all: float, device: torch.device,
+                  layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Add total time, peak memory and the per-layer records to an experiment's record."""
     timings["total"] = time.perf_counter() - t_all
     record["timings"] = timings
     record["peak_memory_mb"] = {"cpu_rss": peak_rss_mb()}
