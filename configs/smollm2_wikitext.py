@@ -49,11 +49,11 @@ CONFIGS = [
     experiment(name="owl-sparsegpt-70", method="sparsegpt", sparsity=0.7, layerwise="owl"),
     experiment(name="wanda-50-optima", method="wanda", sparsity=0.5, update="optima"),
     experiment(name="sparsegpt-50-optima", method="sparsegpt", sparsity=0.5, update="optima"),
-    # fast vs exact low-rank step at 20 iterations (the end-to-end check of the fast path)
-    experiment(name="oats-50-it20", method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=20, svd="fast"),
-    experiment(name="oats-50-it20-exact", method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=20, svd="exact"),
     # zero-shot (lm_eval, local task files, first 100 examples of each task on this CPU)
     experiment(name="dense-zs", method="dense", eval_datasets=[], zero_shot_tasks=ZERO_SHOT, zero_shot_limit=100, zero_shot_batch_size=16),
     experiment(name="wanda-50-zs", method="wanda", sparsity=0.5, eval_datasets=[], zero_shot_tasks=ZERO_SHOT, zero_shot_limit=100, zero_shot_batch_size=16),
     experiment(name="oats-50-zs", method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=80, eval_datasets=[], zero_shot_tasks=ZERO_SHOT, zero_shot_limit=100, zero_shot_batch_size=16),
+    # fast vs exact low-rank step at 20 iterations (the end-to-end check of the fast path)
+    experiment(name="oats-50-it20", method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=20, svd="fast"),
+    experiment(name="oats-50-it20-exact", method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=20, svd="exact"),
 ]
