@@ -319,16 +319,11 @@ def run_lazy(cfg: Any, out_root: Path) -> dict[str, Any]:
     from oats.checkpoint import BlockCheckpointer, set_rng_state
     from oats.compressor import block_sparsities, compress_model
     from oats.config import config_hash
-    from oats.models import resolve_device
     from oats.pipeline import capture_inputs
-    from oats.runner import finish_record
+    from oats.runner import finish_record, start_experiment
 
     timings: dict[str, float] = {}
-    t_all = time.perf_counter()
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    torch.manual_seed(cfg.seed)
+    t_all, device = start_experiment(cfg)
     exp_dir = Path(out_root) / cfg.name
     out_dir = exp_dir / "model"
 

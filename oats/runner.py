@@ -55,7 +55,7 @@ def run_experiment(cfg: Any, out_root: Path) -> dict[str, Any]:
     from data import calibration_windows
     from eval.evaluate import evaluate
     from oats.compressor import block_sparsities, compress_model
-    from oats.models import load_model, resolve_device
+    from oats.models import load_model
     from oats.pipeline import capture_inputs
 
     if cfg.lazy_load:  # bigger-than-memory path: blocks read from the shards one at a time
@@ -63,11 +63,7 @@ def run_experiment(cfg: Any, out_root: Path) -> dict[str, Any]:
 
         return run_lazy(cfg, out_root)
     timings: dict[str, float] = {}
-    t_all = time.perf_counter()
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    torch.manual_seed(cfg.seed)
+    t_all, device = start_experiment(cfg)
 
     t = time.perf_counter()
     model, tokenizer = load_model(cfg.model, cfg.dtype)
@@ -113,6 +109,18 @@ def run_experiment(cfg: Any, out_root: Path) -> dict[str, Any]:
         save_compressed(model, Path(out_root) / cfg.name / "model")
         tokenizer.save_pretrained(Path(out_root) / cfg.name / "model")
     return finish_record(record, timings, t_all, device, layers)
+
+
+def start_experiment(cfg: Any) -> tuple[float, torch.device]:
+    """(start time, compute device) of an experiment: peak-memory counters reset, torch seeded."""
+    from oats.models import resolve_device
+
+    t_all = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(cfg.seed)
+    return t_all, device
 
 
 def finish_record(record: dict[str, Any], timings: dict[str, float], t_all: float, device: torch.device,
