@@ -1,7 +1,7 @@
 """The registered ``oats`` method: budget split, alternating thresholding, factors for the pipeline.
 
 Config keys read: ``sparsity`` (the compression rate rho, via the budget), ``rank_ratio`` (kappa),
-``num_iters``, ``svd`` ('fast' | 'exact'), ``sparsity_type`` (via ``budget.nm``).
+``num_iters``, ``svd`` ('fast' | 'exact'), ``svd_tol``, ``sparsity_type`` (via ``budget.nm``).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import Tensor
 from oats.decompose import decompose, oats_budget
 from oats.interface import Budget, CompressedWeight, InputStats
 
-DEFAULTS = {"rank_ratio": 0.3, "num_iters": 80, "svd": "fast"}
+DEFAULTS = {"rank_ratio": 0.3, "num_iters": 80, "svd": "fast", "svd_tol": 3e-3}
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -32,7 +32,8 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
         raise ValueError("oats needs the inputs' second moments (stats='diag')")
     d_out, d_in = weight.shape
     b = oats_budget(d_out, d_in, budget.sparsity, _get(cfg, "rank_ratio"), budget.nm)
-    res = decompose(weight, stats.second_moment, b.rank, b.keep_per_row, int(_get(cfg, "num_iters")), b.nm, svd=_get(cfg, "svd"))
+    res = decompose(weight, stats.second_moment, b.rank, b.keep_per_row, int(_get(cfg, "num_iters")), b.nm, svd=_get(cfg, "svd"),
+                    tol=float(_get(cfg, "svd_tol")), track_objective=False)
     nnz = int((res.sparse != 0).sum())
     kept = nnz + b.rank * (d_out + d_in)
     info = {

@@ -36,6 +36,8 @@ def test_defaults_fill_every_key():
         ({"cal_sampler": "shuffle"}, "cal_sampler", "concat_docs"),
         ({"compress": "yes"}, "compress", "expected bool"),
         ({"num_iters": True}, "num_iters", "got bool"),
+        ({"svd_tol": 0.0}, "svd_tol", "(0.0, 1.0)"),
+        ({"svd": "lanczos"}, "svd", "allowed values"),
         ({"layerwise": "owl", "method": "dense"}, "layerwise", "does not apply"),
         ({"name": "a/b"}, "name", "letters, digits"),
     ],

@@ -114,6 +114,54 @@ def test_warm_row_threshold_matches_topk_across_iterations():
         assert torch.equal(th(x), hard_threshold(x, 9))
 
 
+def _is_topk_set(x: torch.Tensor, out: torch.Tensor, k: int) -> bool:
+    """out keeps x's values on exactly k entries per row, none smaller in |x| than any dropped one."""
+    kept = out != 0
+    if not bool((kept.sum(-1) == k).all()) or not torch.equal(out[kept], x[kept]):
+        return False
+    a = x.abs()
+    lo = torch.where(kept, a, torch.inf).amin(-1)
+    hi = torch.where(kept, -torch.inf, a).amax(-1)
+    return bool((lo >= hi).all())
+
+
+def test_warm_row_threshold_with_ties_and_large_shifts():
+    """Integer magnitudes (ties at the cut in most rows) and jumps that move the k-th place by more
+    than ``max_shift``: every call still keeps a top-k set of exactly k entries per row."""
+    g = torch.Generator().manual_seed(3)
+    th = _RowThreshold(11, max_shift=4)
+    for step in range(8):
+        mag = torch.randint(1, 6, (2, 40, 30), generator=g).float()
+        sign = torch.randint(0, 2, (2, 40, 30), generator=g).float() * 2 - 1
+        x = mag * sign if step % 2 else mag * sign + 0.01 * torch.randn(2, 40, 30, generator=g)
+        assert _is_topk_set(x, th(x), 11), step
+
+
+def test_warm_row_threshold_small_shifts_use_the_cut():
+    """Rows whose count moves by a few entries are fixed without a full topk (same answer as topk)."""
+    g = torch.Generator().manual_seed(5)
+    th = _RowThreshold(40)
+    x = torch.randn(1, 64, 120, generator=g)
+    assert torch.equal(th(x), hard_threshold(x, 40))
+    for _ in range(5):
+        x = x + 0.02 * torch.randn(1, 64, 120, generator=g)
+        assert torch.equal(th(x), hard_threshold(x, 40))
+    assert th.topk_rows == 0
+
+
+def test_fast_path_on_rank_deficient_input():
+    """W of exact rank 3 with a rank-6 budget: the subspace basis is rank deficient (Cholesky QR fails
+    over), the fast path falls back to Householder QR and matches the exact path."""
+    g = torch.Generator().manual_seed(8)
+    W = torch.randn(60, 3, generator=g) @ torch.randn(3, 80, generator=g)
+    D = torch.rand(80, generator=g) + 0.5
+    ex = decompose(W, D, 6, 30, 10, svd="exact")
+    fa = decompose(W, D, 6, 30, 10, svd="fast", oversample=4)
+    assert torch.isfinite(fa.U).all() and torch.isfinite(fa.V).all()
+    oe, of = scaled_objective(W, D, ex.sparse, ex.U, ex.V), scaled_objective(W, D, fa.sparse, fa.U, fa.V)
+    assert of <= oe * 1.01 + 1e-6
+
+
 def test_safe_second_moment_floors_zero_and_denormal():
     d = torch.tensor([0.0, 1e-45, 1.0, 4.0])
     s = safe_second_moment(d)
@@ -213,6 +261,20 @@ def test_batched_equals_one_by_one():
         one = decompose(W[i], D[i], 5, 20, 10, svd="exact")
         assert torch.allclose(res.sparse[i], one.sparse, atol=1e-10)
         assert torch.allclose(res.U[i] @ res.V[i], one.U @ one.V, atol=1e-10)
+
+
+def test_batched_fast_path_matches_one_by_one():
+    """Same-shape matrices batched through the fast path (shared step count, per-matrix cuts)."""
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(3, 96, 64, generator=g) + (torch.randn(3, 96, 4, generator=g) @ torch.randn(3, 4, 64, generator=g))
+    D = torch.rand(3, 64, generator=g) + 0.1
+    res = decompose(W, D, 6, 24, 15, svd="fast")
+    assert ((res.sparse != 0).sum(-1) == 24).all()
+    for i in range(3):
+        one = decompose(W[i], D[i], 6, 24, 15, svd="fast")
+        ob = scaled_objective(W[i], D[i], res.sparse[i], res.U[i], res.V[i])
+        oo = scaled_objective(W[i], D[i], one.sparse, one.U, one.V)
+        assert abs(ob - oo) / oo < 0.01
 
 
 def test_zero_second_moments_stay_finite():
