@@ -8,6 +8,7 @@ import torch
 
 from oats.decompose import (
     OatsBudgetError,
+    _LowRank,
     _RowThreshold,
     alternating_thresholding,
     decompose,
@@ -160,6 +161,30 @@ def test_fast_path_on_rank_deficient_input():
     assert torch.isfinite(fa.U).all() and torch.isfinite(fa.V).all()
     oe, of = scaled_objective(W, D, ex.sparse, ex.U, ex.V), scaled_objective(W, D, fa.sparse, fa.U, fa.V)
     assert of <= oe * 1.01 + 1e-6
+
+
+@pytest.mark.parametrize("shape", [(150, 90), (90, 150)])
+def test_warm_low_rank_step_matches_float64_svd(shape):
+    """After a perturbation, the warm-started Ritz steps give the best rank-r approximation of the new
+    matrix (float64 SVD reference) to the requested residual tolerance, on tall and wide matrices."""
+    g = torch.Generator().manual_seed(11)
+    m, n = shape
+    U0, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    V0, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    k = min(m, n)
+    A = (U0[:, :k] * 0.93 ** torch.arange(k, dtype=torch.float64)) @ V0[:, :k].T
+    r = 12
+    step = _LowRank(r, "fast", oversample=8, tol=1e-8, max_steps=50)
+    step(A.unsqueeze(0))  # cold start: one SVD
+    A2 = A + 0.01 * torch.randn(m, n, generator=g, dtype=torch.float64)
+    U, sig, Vh = step(A2.unsqueeze(0))
+    L = (U[0] * sig[0]) @ Vh[0]
+    Ue, se, Vhe = torch.linalg.svd(A2)
+    Le = (Ue[:, :r] * se[:r]) @ Vhe[:r]
+    assert step.steps[-1] >= 2
+    torch.testing.assert_close(sig[0], se[:r], rtol=1e-9, atol=1e-12)
+    assert float((L - Le).norm() / (A2 - Le).norm()) < 1e-6
+    torch.testing.assert_close(U[0].T @ U[0], torch.eye(r, dtype=torch.float64), atol=1e-10, rtol=0)
 
 
 def test_safe_second_moment_floors_zero_and_denormal():
