@@ -211,9 +211,12 @@ def _ritz(A: Tensor, Y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     lam, Ub = lam.flip(-1).clamp(min=0), Ub.flip(-1)
     sig = lam.sqrt()
     C = Ub if R is None else torch.linalg.solve_triangular(R, Ub, upper=True)
-    # right Ritz vectors v_i = B^T ub_i / s_i; a vanishing s_i leaves an arbitrary (zero) row,
-    # harmless: it only seeds the next step's basis, which is re-orthonormalised.
+    # right Ritz vectors v_i = B^T ub_i / s_i. A numerically vanishing s_i (A of lower rank than l)
+    # gets a zero row instead of rounding noise divided by ~0: harmless, it only seeds the next step's
+    # basis, which the Householder fallback re-orthonormalises.
+    floor = sig.amax(-1, keepdim=True) * (torch.finfo(A.dtype).eps * max(B.shape[-2:]))
     Vh = (Ub.to(A.dtype).mT @ B) / sig.clamp(min=torch.finfo(torch.float64).tiny).to(A.dtype).unsqueeze(-1)
+    Vh = torch.where((sig > floor).unsqueeze(-1), Vh, 0.0)
     return X, C.to(A.dtype), sig, Vh
 
 
@@ -267,7 +270,8 @@ class _LowRank:
             # spread (chi-square with p r degrees of freedom) does not change the step count in practice.
             GE = GA @ Vh[..., :r, :].mT - (G @ Ur) * sr.to(A.dtype).unsqueeze(-2)
             res2 = GE.square().sum((-2, -1)).double() / self.PROBES
-            tail2 = (a2 - sr.square().sum(-1)).clamp(min=0)
+            # (floored at rounding level: a matrix of rank <= r has no error left to converge against)
+            tail2 = torch.maximum(a2 - sr.square().sum(-1), a2 * torch.finfo(A.dtype).eps)
             if bool((res2 <= self.tol**2 * tail2).all()):
                 break
         self.Vh = Vh

@@ -163,6 +163,24 @@ def test_fast_path_on_rank_deficient_input():
     assert of <= oe * 1.01 + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_path_on_exactly_low_rank_and_zero_weights(dtype):
+    """Rank 3 inside zeros with a rank-5/8 budget: Ritz values vanish exactly (no NaN from dividing by
+    them, no eigh failure) and the answer matches the exact path; an all-zero weight stays zero."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.zeros(40, 30, dtype=dtype)
+    W[:3, :3] = torch.randn(3, 3, generator=g, dtype=dtype)
+    D = torch.rand(30, generator=g, dtype=dtype) + 0.5
+    for r in (5, 8):
+        fa = decompose(W, D, r, 2, 6, svd="fast", oversample=4)
+        ex = decompose(W, D, r, 2, 6, svd="exact")
+        assert torch.isfinite(fa.U).all() and torch.isfinite(fa.V).all() and torch.isfinite(fa.sparse).all()
+        err = float((fa.sparse + fa.U @ fa.V - ex.sparse - ex.U @ ex.V).abs().max())
+        assert err < 100 * torch.finfo(dtype).eps * float(W.abs().max())
+    Z = decompose(torch.zeros(20, 16, dtype=dtype), D[:16], 3, 4, 4, svd="fast", oversample=2)
+    assert float((Z.U @ Z.V).abs().max()) == 0.0 and float(Z.sparse.abs().max()) == 0.0
+
+
 @pytest.mark.parametrize("shape", [(150, 90), (90, 150)])
 def test_warm_low_rank_step_matches_float64_svd(shape):
     """After a perturbation, the warm-started Ritz steps give the best rank-r approximation of the new
