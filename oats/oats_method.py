@@ -9,10 +9,12 @@ from typing import Any
 
 from torch import Tensor
 
+from oats.config import KEYS
 from oats.decompose import decompose, oats_budget
 from oats.interface import Budget, CompressedWeight, InputStats
 
-DEFAULTS = {"rank_ratio": 0.3, "num_iters": 80, "svd": "fast", "svd_tol": 3e-3}
+# defaults when no config is given: the config schema's own, so the two cannot drift apart
+DEFAULTS = {k: KEYS[k].default for k in ("rank_ratio", "num_iters", "svd", "svd_tol")}
 
 
 def _get(cfg: Any, key: str) -> Any:

@@ -205,6 +205,14 @@ def test_warm_low_rank_step_matches_float64_svd(shape):
     torch.testing.assert_close(U[0].T @ U[0], torch.eye(r, dtype=torch.float64), atol=1e-10, rtol=0)
 
 
+def test_svd_tol_default_is_one_number():
+    """The config key's default and the pure function's default are the same tolerance."""
+    from oats.config import KEYS
+    from oats.decompose import SVD_TOL
+
+    assert KEYS["svd_tol"].default == SVD_TOL
+
+
 def test_safe_second_moment_floors_zero_and_denormal():
     d = torch.tensor([0.0, 1e-45, 1.0, 4.0])
     s = safe_second_moment(d)
