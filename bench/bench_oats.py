@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from oats.decompose import SVD_TOL, decompose, oats_budget, scaled_objective  # noqa: E402
+from oats.decompose import SVD_TOL, decompose, oats_budget, safe_second_moment, scaled_objective  # noqa: E402
 
 
 def block_problems(block: int, nsamples: int, seqlen: int, data_dir: str | None, seed: int = 0):
@@ -67,21 +67,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run(W, D, b, iters, svd, device, tol=SVD_TOL):
-    W, D = W.to(device), D.to(device)
+def timed(device: torch.device, fn, *args):
+    """(wall seconds of fn(*args) with the device synchronised on both sides, its result)."""
     sync(device)
     t = time.perf_counter()
-    res = decompose(W, D, b.rank, b.keep_per_row, iters, b.nm, svd=svd, tol=tol, track_objective=False)
+    out = fn(*args)
     sync(device)
-    dt = time.perf_counter() - t
+    return time.perf_counter() - t, out
+
+
+def run(W, D, b, iters, svd, device, tol=SVD_TOL):
+    W, D = W.to(device), D.to(device)
+    dt, res = timed(device, lambda: decompose(W, D, b.rank, b.keep_per_row, iters, b.nm, svd=svd, tol=tol, track_objective=False))
     return dt, scaled_objective(W, D, res.sparse, res.U, res.V), res.subspace_steps
 
 
 @torch.no_grad()
 def reference_loop(W: torch.Tensor, D: torch.Tensor, rank: int, keep_per_row: int, iters: int):
     """The reference algorithm as described above: W [m, n], D [n] -> (sparse, U, V), W ~ sparse + U V."""
-    from oats.decompose import safe_second_moment
-
     s = safe_second_moment(D).sqrt()
     Ws = W * s
     sparse = torch.zeros_like(Ws)
@@ -100,11 +103,7 @@ def reference_loop(W: torch.Tensor, D: torch.Tensor, rank: int, keep_per_row: in
 
 def run_reference(W, D, b, iters, device):
     W, D = W.to(device), D.to(device)
-    sync(device)
-    t = time.perf_counter()
-    sparse, U, V = reference_loop(W, D, b.rank, b.keep_per_row, iters)
-    sync(device)
-    dt = time.perf_counter() - t
+    dt, (sparse, U, V) = timed(device, reference_loop, W, D, b.rank, b.keep_per_row, iters)
     return dt, scaled_objective(W, D, sparse, U, V)
 
 
