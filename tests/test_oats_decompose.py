@@ -10,6 +10,7 @@ from oats.decompose import (
     OatsBudgetError,
     _LowRank,
     _RowThreshold,
+    _top_singular,
     alternating_thresholding,
     decompose,
     hard_threshold,
@@ -148,6 +149,50 @@ def test_warm_row_threshold_small_shifts_use_the_cut():
         x = x + 0.02 * torch.randn(1, 64, 120, generator=g)
         assert torch.equal(th(x), hard_threshold(x, 40))
     assert th.topk_rows == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_warm_row_threshold_planted_shifts_every_branch(dtype):
+    """Rows whose kept count is off by a planted d (row maxima for |d| <= 3, one topk of |d| + 1 per
+    bucket up to max_shift, a full topk beyond): every row keeps exactly the brute-force top-k set,
+    and only the rows past max_shift need a full topk."""
+    g = torch.Generator().manual_seed(11)
+    k, n = 20, 64
+    shifts = [0, 1, -1, 2, -2, 3, -3, 4, -4, 7, -8, 9, -12, 16, -16, 17, -19, 30]
+    x = torch.randn(len(shifts), n, generator=g, dtype=dtype)
+    th = _RowThreshold(k, max_shift=16)
+    assert torch.equal(th(x.unsqueeze(0))[0], hard_threshold(x, k))
+    # plant each row's cut so that exactly k + d entries clear it
+    vals = x.abs().sort(-1, descending=True).values
+    for i, d in enumerate(shifts):
+        th.cut[i] = (vals[i, k + d - 1] + vals[i, k + d]) / 2
+    assert bool(((x.abs() >= th.cut).sum(-1) - k == torch.tensor(shifts)).all())
+    out = th(x.unsqueeze(0))[0]
+    assert torch.equal(out, hard_threshold(x, k))
+    assert th.topk_rows == sum(abs(d) > 16 for d in shifts)
+    # the moved cuts lie midway between the k-th and (k+1)-th largest |x|
+    assert torch.allclose(th.cut.squeeze(-1), (vals[:, k - 1] + vals[:, k]) / 2)
+
+
+@pytest.mark.parametrize("shape", [(300, 90), (90, 300)])
+def test_top_singular_matches_float64_svd(shape):
+    """Iteration 0's top-l triplets from the Gram's eigenvectors: singular values and the rank-l
+    approximation agree with a float64 thin SVD (tall and wide); a weight of lower rank than l
+    gets zero vectors, not NaN."""
+    g = torch.Generator().manual_seed(12)
+    A = (torch.randn(*shape, generator=g, dtype=torch.float64) * torch.logspace(0, -2, shape[1], dtype=torch.float64)).unsqueeze(0)
+    U, s, Vh = _top_singular(A.float(), 20)
+    U0, s0, Vh0 = torch.linalg.svd(A, full_matrices=False)
+    assert torch.allclose(s.double(), s0[..., :20], rtol=1e-5)
+    L = (U.double() * s.double().unsqueeze(-2)) @ Vh.double()
+    L0 = (U0[..., :20] * s0[..., None, :20]) @ Vh0[..., :20, :]
+    assert float((L - L0).norm() / L0.norm()) < 1e-5
+    assert torch.allclose(Vh.double() @ Vh.double().mT, torch.eye(20, dtype=torch.float64), atol=1e-5)
+    low = (torch.randn(shape[0], 3, generator=g) @ torch.randn(3, shape[1], generator=g)).unsqueeze(0)
+    U, s, Vh = _top_singular(low, 8)
+    assert bool(torch.isfinite(U).all() and torch.isfinite(Vh).all())
+    L = (U * s.unsqueeze(-2)) @ Vh
+    assert float((L - low).norm() / low.norm()) < 1e-5
 
 
 def test_fast_path_on_rank_deficient_input():
