@@ -58,5 +58,6 @@ CONFIGS = [
     experiment(name="oats-50-it20-exact", method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=20, svd="exact"),
     # the same check at the paper's 80 iterations (exact: full thin SVD every iteration)
     experiment(name="oats-50-exact", method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=80, svd="exact"),
+    experiment(name="oats-50-tol3e-3", method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=80, svd_tol=3e-3),
     experiment(name="oats-50-tol1e-4", method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=80, svd_tol=1e-4),
 ]

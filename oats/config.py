@@ -131,7 +131,7 @@ KEYS: dict[str, Key] = {
     "rank_ratio": Key(0.3, (float, int), "OATS kappa: share of the kept parameters given to the low-rank part", _interval(0.0, 1.0)),
     "num_iters": Key(80, (int,), "OATS alternating-thresholding iterations (paper: 80)", _positive),
     "svd": Key("fast", (str,), "OATS low-rank step: `fast` (warm-started subspace iteration) or `exact` (full SVD each iteration)", _choice("fast", "exact")),
-    "svd_tol": Key(3e-3, (float,), "OATS `svd: fast`: subspace iteration stops once the top-r Ritz residual is below this fraction of the rank-r error", _interval(0.0, 1.0, lo_closed=False)),
+    "svd_tol": Key(1e-2, (float,), "OATS `svd: fast`: subspace iteration stops once the top-r Ritz residual is below this fraction of the rank-r error", _interval(0.0, 1.0, lo_closed=False)),
     "compress": Key(False, (bool,), "OATS: replace linears by sparse + low-rank modules (True) or sum S + UV into dense weights (False)"),
     # --- SparseGPT -----------------------------------------------------------------------------
     "percdamp": Key(0.01, (float, int), "SparseGPT/OPTIMA dampening: fraction of the mean Hessian diagonal added to it", _non_negative),
