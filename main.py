@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("urllib3", "filelock", "fsspec", "datasets", "httpx", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.report:
-        from eval.report import report
+        from oats.records import report
 
         for kind, path in report(Path(args.out)).items():
             print(f"{kind:24s} {path}")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    from oats.runner import run_all, status_of
+    from oats.sweep import run_all, status_of
 
     if args.list:
         from oats.checkpoint import describe
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 def _submit(args: argparse.Namespace, all_cfgs: list, cfgs: list, out: Path) -> int:
     """--slurm: the selected experiments not done yet become one submitit job array."""
     from oats.config import ConfigError
-    from oats.runner import status_of
+    from oats.sweep import status_of
     from oats.slurm import file_options, make_options, submit
 
     try:

@@ -6,9 +6,13 @@ from typing import Any
 from torch import Tensor
 
 from baselines.masks import select_mask
-from oats.interface import Budget, CompressedWeight, InputStats
+from oats.interface import Budget, CompressedWeight, InputStats, Method
 
 
 def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cfg: Any = None) -> CompressedWeight:
     mask = select_mask(weight.abs(), budget, default_scope="layer")
     return CompressedWeight(dense=weight * mask)
+
+
+METHOD = Method("magnitude", compress_weight, stats="none",
+                doc="keep the largest `|W_ij|`, per layer (`mask_scope: row` per row), or N:M")

@@ -36,11 +36,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from oats.interface import Budget, CompressedWeight, InputStats
+from oats.interface import Budget, CompressedWeight, InputStats, Method
+from oats.keys import Key, non_negative, positive
 
 log = logging.getLogger(__name__)
 
 MAX_DAMP_RETRIES = 12
+
+# percdamp is OPTIMA's key too, declared there identically.
+KEYS: dict[str, Key] = {
+    "percdamp": Key(0.01, (float, int), "SparseGPT/OPTIMA dampening: fraction of the mean Hessian diagonal added to it", non_negative),
+    "blocksize": Key(128, (int,), "SparseGPT column block size (mask chosen per block)", positive),
+}
+
+
+def _get(cfg: Any, key: str) -> Any:
+    value = None if cfg is None else (cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None))
+    return KEYS[key].default if value is None else value
 
 
 def hessian_inverse_factor(H: Tensor, percdamp: float) -> tuple[Tensor, dict[str, Any]]:
@@ -164,8 +176,13 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
         H,
         budget.sparsity,
         nm=budget.nm,
-        blocksize=int(getattr(cfg, "blocksize", 128)),
-        percdamp=float(getattr(cfg, "percdamp", 0.01)),
+        blocksize=int(_get(cfg, "blocksize")),
+        percdamp=float(_get(cfg, "percdamp")),
         scope=budget.scope or "layer",
     )
     return CompressedWeight(dense=pruned, mask=mask, info=info)
+
+
+METHOD = Method("sparsegpt", compress_weight, stats="gram", keys=KEYS,
+                doc="OBS updates with `H = 2XᵀX/n`, adaptive mask per column block of `blocksize`, dampening `percdamp`",
+                paper="Frantar & Alistarh 2023")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from baselines.masks import select_mask
-from oats.interface import Budget, CompressedWeight, InputStats
+from oats.interface import Budget, CompressedWeight, InputStats, Method
 
 
 def wanda_scores(weight: Tensor, col_norms: Tensor) -> Tensor:
@@ -34,3 +34,8 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
         raise ValueError("wanda needs input statistics (the registry asks the pipeline for stats='diag')")
     mask = wanda_mask(weight, stats.col_norms, budget)
     return CompressedWeight(dense=weight * mask, mask=mask, info={"mask_scope": "nm" if budget.nm else (budget.scope or "row")})
+
+
+METHOD = Method("wanda", compress_weight, stats="diag",
+                doc="keep the largest `|W_ij|·‖X_j‖₂`, per output row (`mask_scope: layer` per layer), or N:M",
+                paper="Sun et al. 2023")

@@ -51,7 +51,7 @@ def main() -> None:
 
     from oats.compressor import compress_model
     from oats.config import resolve
-    from oats.models import DTYPES
+    from data.files import torch_dtype
     from oats.pipeline import capture_inputs
     from oats.registry import METHODS
 
@@ -62,7 +62,7 @@ def main() -> None:
                             num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), max_position_embeddings=max(args.seqlen, 8192),
                             rope_theta=500000.0)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg_model, dtype=DTYPES[args.dtype]).eval()
+    model = AutoModelForCausalLM.from_config(cfg_model, dtype=torch_dtype(args.dtype)).eval()
     ids = torch.randint(0, 1024, (args.nsamples, args.seqlen))
     inputs = capture_inputs(model, ids, device, args.batch)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()

@@ -8,7 +8,7 @@ own peak resident set size (``ru_maxrss``):
 
 - ``baseline``: imports, tokenizer and the calibration windows only (the interpreter + torch floor);
 - ``whole``:    ``load_model`` (all weights in memory), capture, compress every block in memory;
-- ``lazy``:     ``oats.lazy``: meta-device skeleton, each block read from the shards just before it is
+- ``lazy``:     ``oats.weights``: meta-device skeleton, each block read from the shards just before it is
                 compressed, written to its own output shard and freed (the ``lazy_load: True`` path).
 
 No evaluation in either variant: the numbers isolate compression. Prints the machine, the protocol and
@@ -55,12 +55,12 @@ def child(variant: str, args: argparse.Namespace) -> dict:
         inputs = capture_inputs(model, ids, cpu, cfg.cal_batch_size)
         n = len(compress_model(model, inputs, cfg, cpu, [cfg.sparsity] * model.config.num_hidden_layers))
     elif variant == "lazy":
-        from oats.lazy import LazyModel, ShardWriter
+        from oats.weights import LazyModel, ShardWriter
 
         lazy = LazyModel.from_dir(src, cfg.dtype)
-        lazy.load_rest()
+        lazy.load_head()
         inputs = capture_inputs(lazy.model, ids, cpu, cfg.cal_batch_size)
-        lazy.free_rest()
+        lazy.free_head()
         out = Path(tempfile.mkdtemp(prefix="oats-bench-lazy-"))
         writer = ShardWriter(out, lazy)
 
@@ -96,7 +96,7 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args.child, args)))
         return
 
-    from oats.lazy import ShardedWeights
+    from oats.weights import ShardedWeights
     from oats.models import model_path
 
     src = Path(model_path(args.model))

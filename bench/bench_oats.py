@@ -34,13 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from oats.decompose import SVD_TOL, decompose, oats_budget, safe_second_moment, scaled_objective  # noqa: E402
+from oats.algorithm.decompose import SVD_TOL, decompose, oats_budget, safe_second_moment, scaled_objective  # noqa: E402
 
 
 def block_problems(block: int, nsamples: int, seqlen: int, data_dir: str | None, seed: int = 0):
     """[(name, W [out, in] float32, D [in])] for every linear layer of decoder block ``block``."""
     from data import calibration_windows
-    from oats.models import get_blocks, load_model
+    from oats.architectures import get_blocks
+    from oats.models import load_model
     from oats.pipeline import capture_inputs, stream
 
     model, tok = load_model("smollm2-135m", "float32")
@@ -49,7 +50,7 @@ def block_problems(block: int, nsamples: int, seqlen: int, data_dir: str | None,
     inputs = capture_inputs(model, ids, torch.device("cpu"), 8)
     out: list = []
 
-    def on_block(i, blk, layers, collector):
+    def on_block(i, blk, layers, collector, inputs):
         if i == block:
             out.extend((n, l.weight.data.float().clone(), collector.stats(n).second_moment.clone()) for n, l in layers.items())
             raise StopIteration

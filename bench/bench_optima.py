@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from baselines import optima  # noqa: E402
+from updates import optima  # noqa: E402
 from baselines.masks import keep_topk_rows, nm_mask  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def real_layers(blocks: list[int], nsamples: int, seqlen: int, data_dir: str | N
     class Done(Exception):
         pass
 
-    def on_block(i, block, layers, collector):
+    def on_block(i, block, layers, collector, inputs):
         if i in blocks:
             for name, lin in layers.items():
                 out[f"{i}.{name}"] = (lin.weight.data.float().clone(), collector.stats(name).gram.clone())

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from eval.zero_shot import PAPER_TASKS, make_lm, run_lm_eval, summarize_zero_shot, task_entries  # noqa: E402
-from oats.results import atomic_write_text  # noqa: E402
+from data.files import atomic_write_text  # noqa: E402
 
 # Order: cheapest first, so a stopped run has the most tasks.
 DEFAULT_ORDER = ("rte", "openbookqa", "winogrande", "arc_challenge", "piqa", "boolq", "hellaswag", "arc_easy")

@@ -5,12 +5,12 @@ hub data set has them. Splits are ``train`` (calibration) and ``test`` (evaluati
 """
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import os
 from functools import lru_cache
 from pathlib import Path
+
+from data.files import DATA_ENV, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class DataError(RuntimeError):
 
 def resolve_data_dir(data_dir: str | None) -> Path | None:
     """The local data root: the config's ``data_dir``, else env ``OATS_DATA_DIR``, else None (hub)."""
-    root = data_dir or os.environ.get("OATS_DATA_DIR")
+    root = data_dir or os.environ.get(DATA_ENV)
     if not root:
         return None
     path = Path(root).expanduser()
@@ -41,12 +41,6 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
         src = "config key 'data_dir'" if data_dir else "env OATS_DATA_DIR"
         raise DataError(f"{src} points to {str(path)!r}, which is not a directory")
     return path
-
-
-def _read_jsonl(path: Path, field: str) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line)[field] for line in f if line.strip()]
 
 
 def _first_existing(root: Path, candidates: list[str], what: str) -> Path:
@@ -74,7 +68,7 @@ def _wikitext_local(root: Path, split: str) -> list[str]:
     raw = {"test": "wiki.test.raw", "train": "wiki.train.raw", "validation": "wiki.valid.raw"}[split]
     path = _first_existing(base, [f"{split}.jsonl.gz", f"{split}.jsonl", raw], f"wikitext2 {split} split")
     if path.name.endswith((".jsonl", ".jsonl.gz")):
-        return _read_jsonl(path, "text")
+        return read_jsonl(path, "text")
     # Raw file: one HF row per line; non-empty rows keep their '\n', blank lines are ''.
     with open(path, encoding="utf-8", newline="") as f:
         return [line if line.strip() else "" for line in f]
@@ -85,9 +79,9 @@ def _c4_local(root: Path, split: str) -> list[str]:
     shard = "c4-train.00000-of-01024.json.gz" if split == "train" else "c4-validation.00000-of-00008.json.gz"
     for name in (shard, shard.replace(".json.gz", ".jsonl.gz")):
         if (base / name).is_file():
-            return _read_jsonl(base / name, "text")
+            return read_jsonl(base / name, "text")
     if (base / C4_SAMPLE_FILE).is_file():
-        docs = _read_jsonl(base / C4_SAMPLE_FILE, "text")
+        docs = read_jsonl(base / C4_SAMPLE_FILE, "text")
         log.warning("c4: shard %s missing; using the %d-document stand-in %s (%s part)", shard, len(docs), C4_SAMPLE_FILE, split)
         return docs[:C4_SAMPLE_TRAIN] if split == "train" else docs[C4_SAMPLE_TRAIN:]
     raise DataError(f"c4 {split}: neither {base / shard} nor {base / C4_SAMPLE_FILE} exists")
@@ -97,7 +91,7 @@ def _ptb_local(root: Path, split: str) -> list[str]:
     # SparseGPT evaluates PTB on its validation split.
     name = "validation" if split == "test" else "train"
     path = _first_existing(root / "ptb", [f"{name}.jsonl.gz", f"{name}.jsonl"], f"ptb {name} split")
-    return _read_jsonl(path, "sentence")
+    return read_jsonl(path, "sentence")
 
 
 def _hub(name: str, split: str) -> list[str]:

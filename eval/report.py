@@ -1,7 +1,6 @@
 """Result records -> the papers' tables (Markdown, CSV, LaTeX) and plots (PNG).
 
     python main.py --report --out results/      # writes results/report/{results.md,results.csv,results.tex,*.png}
-    python -m eval.report results/
 
 Table layout (Wanda/SparseGPT/OATS): one row per model x method x compression, columns = token
 perplexity per (data set, eval_seqlen), lm_eval word perplexity, each zero-shot task (the papers'
@@ -16,10 +15,10 @@ import csv
 import io
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from data.files import atomic_write_text
 from eval.figures import save_figure
 from eval.zero_shot import APPROX_SUFFIX, PAPER_TASKS
 
@@ -27,18 +26,31 @@ Row = dict[str, Any]
 
 
 def method_label(cfg: dict[str, Any]) -> str:
-    """'wanda', 'OWL + wanda', 'sparsegpt + OPTIMA', 'oats (compress)' ... as the tables name methods."""
+    """A table label from a config alone, for records that carry no ``method_label`` (written before
+    the framework recorded it): 'wanda', 'OWL + wanda', 'sparsegpt + OPTIMA'..."""
     method = cfg.get("method", "?")
     if cfg.get("layerwise", "uniform") != "uniform":
         method = f"{cfg['layerwise'].upper()} + {method}"
-    if cfg.get("update", "none") != "none":
-        method = f"{method} + {cfg['update'].upper()}"
+    for key in ("weight_update", "update", "block_update"):
+        if cfg.get(key, "none") not in ("none", None):
+            method = f"{method} + {cfg[key].upper()}"
     return method
 
 
-def compression_label(cfg: dict[str, Any]) -> str:
-    """'0' for dense, else the sparsity (for OATS the compression rate), with N:M when structured."""
-    if cfg.get("method") == "dense":
+def record_label(r: dict[str, Any]) -> str:
+    """How tables name a record's method: the label the framework recorded, else one from its config."""
+    return r.get("method_label") or method_label(r.get("config", {}))
+
+
+def compresses(r: dict[str, Any]) -> bool:
+    """Whether the record is of a compressing method (older records: all but 'dense')."""
+    return bool(r.get("compresses", r.get("config", {}).get("method") != "dense"))
+
+
+def compression_label(r: dict[str, Any]) -> str:
+    """'0' for the reference row, else the sparsity (for OATS the compression rate), with N:M when structured."""
+    cfg = r.get("config", {})
+    if not compresses(r):
         return "0"
     s = f"{cfg.get('sparsity', float('nan')):g}"
     return s if cfg.get("sparsity_type", "unstructured") == "unstructured" else f"{s} ({cfg['sparsity_type']})"
@@ -55,8 +67,8 @@ def _ok(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _sort_key(r: dict[str, Any]) -> tuple:
     c = r.get("config", {})
-    dense = c.get("method") == "dense"
-    return (str(c.get("model")), not dense, method_label(c), c.get("sparsity_type", "unstructured") != "unstructured", c.get("sparsity_type", ""), 0.0 if dense else c.get("sparsity", 0.0), c.get("name", ""))
+    dense = not compresses(r)
+    return (str(c.get("model")), not dense, record_label(r), c.get("sparsity_type", "unstructured") != "unstructured", c.get("sparsity_type", ""), 0.0 if dense else c.get("sparsity", 0.0), c.get("name", ""))
 
 
 def build_table(records: Iterable[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
@@ -80,7 +92,7 @@ def build_table(records: Iterable[dict[str, Any]]) -> tuple[list[str], list[list
     for r in recs:
         c, m = r["config"], r["metrics"]
         zs = m.get("zero_shot") or {}
-        row: list[Any] = [str(c.get("model")).rstrip("/").split("/")[-1], method_label(c), compression_label(c)]
+        row: list[Any] = [str(c.get("model")).rstrip("/").split("/")[-1], record_label(r), compression_label(r)]
         row += [(m.get("ppl") or {}).get(d) if c.get("eval_seqlen") == s else None for d, s in ppl_cols]
         row += [((m.get("word_ppl") or {}).get(d) or {}).get("word_perplexity") if ((m.get("word_ppl") or {}).get(d) or {}).get("max_length") == s else None for d, s in wppl_cols]
         row += [_pct(zs.get(t)) for t in tasks]
@@ -173,11 +185,11 @@ def plot_ppl_vs_compression(records: Iterable[dict[str, Any]], path: Path) -> Pa
         for d, v in (r["metrics"].get("ppl") or {}).items():
             key_ds = f"{d}@{c.get('eval_seqlen')}"
             model = str(c.get("model")).rstrip("/").split("/")[-1]
-            if c.get("method") == "dense":
+            if not compresses(r):
                 dense[(model, key_ds)] = v
                 continue
             pattern = "" if c.get("sparsity_type", "unstructured") == "unstructured" else f" {c['sparsity_type']}"
-            series.setdefault(f"{model} | {method_label(c)}{pattern} | {key_ds}", []).append((float(c["sparsity"]), float(v)))
+            series.setdefault(f"{model} | {record_label(r)}{pattern} | {key_ds}", []).append((float(c["sparsity"]), float(v)))
     if not series and not dense:
         return None
     plt = _plt()
@@ -214,7 +226,7 @@ def plot_task_accuracy(records: Iterable[dict[str, Any]], path: Path) -> Path | 
     for i, r in enumerate(recs):
         c = r["config"]
         vals = [100 * r["metrics"]["zero_shot"].get(t, float("nan")) for t in tasks]
-        ax.bar([j + i * width for j in range(len(tasks))], vals, width, label=f"{c.get('name')} ({method_label(c)} {compression_label(c)})")
+        ax.bar([j + i * width for j in range(len(tasks))], vals, width, label=f"{c.get('name')} ({record_label(r)} {compression_label(r)})")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [t.replace(APPROX_SUFFIX, "\n(approx)") for t in tasks], fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.grid(axis="y", alpha=0.3)
@@ -251,14 +263,75 @@ def plot_layers(record: dict[str, Any], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[-1][0].set_xlabel("linear layer (pipeline order; grey lines start a block)")
     c = record.get("config", {})
-    axes[0][0].set_title(f"{c.get('name')}: {method_label(c)} {compression_label(c)}", fontsize=9)
+    axes[0][0].set_title(f"{c.get('name')}: {record_label(record)} {compression_label(record)}", fontsize=9)
     return save_figure(fig, path)
+
+
+def plot_owl(lod: Sequence[float], sparsity: Sequence[float], target: float, path: str | Path, title: str = "") -> Path:
+    """The OWL figure: per-block sparsity (bottom) under the per-block LOD (top, in %), target as a line.
+
+    lod: per-block outlier fraction (0..1); sparsity: per-block sparsity (0..1); writes ``path`` (PNG/PDF/SVG).
+    """
+    if len(lod) != len(sparsity):
+        raise ValueError(f"{len(lod)} LOD values but {len(sparsity)} sparsities; need one of each per block")
+    plt = _plt()
+    blocks = list(range(len(lod)))
+    fig, (ax_lod, ax_sp) = plt.subplots(2, 1, figsize=(max(6.0, 0.25 * len(blocks) + 2), 5), sharex=True)
+    ax_lod.bar(blocks, [100 * v for v in lod], color="tab:orange")
+    ax_lod.set_ylabel("LOD (% outliers)")
+    ax_sp.bar(blocks, [100 * s for s in sparsity], color="tab:blue")
+    ax_sp.axhline(100 * target, color="k", linestyle="--", linewidth=1, label=f"target {100 * target:g}%")
+    lo, hi = min(sparsity), max(sparsity)
+    pad = max(0.02, 0.2 * (hi - lo))
+    ax_sp.set_ylim(100 * max(0.0, lo - pad), 100 * min(1.0, hi + pad))
+    ax_sp.set_ylabel("sparsity (%)")
+    ax_sp.set_xlabel("block")
+    ax_sp.legend(loc="upper right", fontsize=8)
+    if title:
+        ax_lod.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_owl_record(record: dict[str, Any], path: str | Path) -> Path | None:
+    """The OWL figure of one result record (``record['layerwise']``, ``record['block_sparsity']``);
+    None when the record has no OWL allocation."""
+    info = record.get("layerwise") or {}
+    if info.get("allocator") != "owl" or "block_sparsity" not in record:
+        return None
+    return plot_owl(info["lod"], record["block_sparsity"], float(record["config"]["sparsity"]), path, title=str(record.get("name", "")))
+
+
+def summary_markdown(records: Iterable[dict[str, Any]]) -> str:
+    """One row per experiment, failed ones too: method, compression, status, achieved sparsity,
+    perplexities, zero-shot, calibration and evaluation tokens, times."""
+    records = list(records)
+    ppl_cols = sorted({k for r in records for k in ((r.get("metrics") or {}).get("ppl") or {})})
+    extra = sorted({k for r in records for k in ((r.get("metrics") or {}).get("zero_shot") or {})}, key=_task_order)
+    head = ["experiment", "model", "method", "compression", "status", "achieved"]
+    head += [f"ppl {c} (seqlen)" for c in ppl_cols] + extra + ["cal tokens", "eval tokens", "compress s", "total s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        c = r.get("config", {})
+        m = r.get("metrics") or {}
+        t = r.get("timings") or {}
+        row = [str(c.get("name", r.get("name", "?"))), str(c.get("model", "?")).rstrip("/").split("/")[-1], record_label(r),
+               compression_label(r), str(r.get("status", "?")), _fmt4(r.get("achieved_sparsity"))]
+        ppl = m.get("ppl") or {}
+        row += [f"{_fmt(ppl[col])} ({c.get('eval_seqlen')})" if col in ppl else "–" for col in ppl_cols]
+        row += [_fmt(_pct((m.get("zero_shot") or {}).get(k))) for k in extra]
+        cal = f"{c.get('cal_nsamples')} × {c.get('cal_seqlen')}" if compresses(r) else "–"
+        ev = r.get("eval_tokens") or {}
+        row += [cal, ", ".join(f"{v}" for v in ev.values()) or "–", _fmt(t.get("compression")), _fmt(t.get("total"))]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt4(v: Any) -> str:
+    return "–" if v is None else f"{float(v):.4f}"
 
 
 def write_report(records: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     """Write results.{md,csv,tex} and the PNG plots under ``out_dir``; returns {kind: path}."""
-    from oats.results import atomic_write_text
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     header, rows = build_table(records)
@@ -275,17 +348,6 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, 
         name = r.get("config", {}).get("name") or r.get("name")
         if (p := plot_layers(r, out_dir / f"layers_{name}.png")) is not None:
             written[f"layers_{name}"] = p
+        if (p := plot_owl_record(r, out_dir / f"owl_{name}.png")) is not None:
+            written[f"owl_{name}"] = p
     return written
-
-
-def report(results_root: Path) -> dict[str, Path]:
-    """Gather every record under ``results_root`` and write the report to ``results_root/report/``."""
-    from oats.results import all_records
-
-    return write_report(all_records(Path(results_root)), Path(results_root) / "report")
-
-
-if __name__ == "__main__":
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "results")
-    for kind, p in report(root).items():
-        print(f"{kind:24s} {p}")

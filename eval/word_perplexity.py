@@ -26,6 +26,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from data.files import cache_dir as data_cache_dir
+
 log = logging.getLogger(__name__)
 
 # A top-level WikiText heading row: " = Title = " (one '=' each side; sections are " = = Sec = = ").
@@ -64,7 +66,7 @@ def documents_file(docs: Sequence[str], cache_dir: Path | None = None) -> Path:
     """Write the pages as ``{"page": ...}`` jsonl into a content-addressed cache file (never the repo)."""
     blob = "\n".join(json.dumps({"page": d}) for d in docs) + "\n"
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    root = Path(cache_dir or Path(os.environ.get("OATS_CACHE", "~/.cache/oats")).expanduser() / "tasks")
+    root = Path(cache_dir or data_cache_dir("tasks"))
     path = root / f"wikitext_document_level-{key}" / "test.jsonl"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

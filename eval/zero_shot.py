@@ -19,7 +19,6 @@ gold``) and its result is stored under that name and listed in ``metrics.zero_sh
 from __future__ import annotations
 
 import copy
-import gzip
 import hashlib
 import json
 import logging
@@ -27,6 +26,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from data.files import cache_dir, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -171,16 +172,6 @@ def local_task_config(name: str, data_root: Path) -> dict[str, Any]:
     return with_local_files(stock_task_config(spec.stock_yaml), {spec.split: str(path)}, task=name)
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("OATS_CACHE", "~/.cache/oats")).expanduser()
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def mmlu_subject_files(data_root: Path, cache_dir: Path | None = None) -> dict[str, dict[str, str]]:
     """Split the staged MMLU test/dev files by ``subject`` into per-subject jsonl files in a cache dir.
 
@@ -191,13 +182,13 @@ def mmlu_subject_files(data_root: Path, cache_dir: Path | None = None) -> dict[s
     if any(p is None for p in src.values()):
         raise TaskDataError(f"mmlu: need test.jsonl[.gz] and dev.jsonl[.gz] in {folder}")
     key = hashlib.sha256("|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in src.values()).encode()).hexdigest()[:12]
-    out_dir = Path(cache_dir or _cache_root() / "tasks") / f"mmlu-{key}"
+    out_dir = Path(cache_dir or cache_dir("tasks")) / f"mmlu-{key}"
     files = {s: {sp: str(out_dir / f"{s}_{sp}.jsonl") for sp in src} for s in MMLU_SUBJECTS}
     if not (out_dir / "DONE").is_file():
         out_dir.mkdir(parents=True, exist_ok=True)
         for split, path in src.items():
             by_subject: dict[str, list[str]] = {s: [] for s in MMLU_SUBJECTS}
-            for row in _read_jsonl(path):
+            for row in read_jsonl(path):
                 by_subject.setdefault(row["subject"], []).append(json.dumps(row))
             for s in MMLU_SUBJECTS:
                 tmp = out_dir / f".{s}_{split}.jsonl.tmp"

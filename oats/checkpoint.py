@@ -28,9 +28,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from oats.models import get_blocks
+from oats.architectures import get_blocks
 from oats.pipeline import BlockInputs
-from oats.results import atomic_write, atomic_write_text
+from data.files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,7 @@
-"""Compress a whole model: the pipeline's per-block callback that hands every linear layer to the
-method, applies the optional weight update, writes the answer back, and records per-layer facts."""
+"""Compress a whole model: the pipeline's per-block callback that hands every logical matrix of a
+block to the method, applies the selected weight update and block update, writes the answers back
+(fused layers stacked again) and records per-matrix facts. It names no plugin: what to do comes from
+the declarations the config selects (``oats.config.selected_plugins``)."""
 from __future__ import annotations
 
 import logging
@@ -9,23 +11,19 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from oats.config import parse_nm
-from oats.interface import Budget, CompressedWeight, InputStats
-from oats.models import get_blocks, set_module
-from oats.pipeline import BlockInputs, StatsCollector, stream
-from oats.registry import LAYERWISE, METHODS, UPDATES
+from oats.architectures import Matrix, architecture_of, check_fused_rows, fused_order, get_blocks, matrices, set_module
+from oats.config import selected_plugins
+from oats.interface import STATS_KINDS, Budget, CompressedWeight, InputStats
+from oats.keys import parse_nm
+from oats.pipeline import BlockInputs, StatsCollector, run_block, stream
 
 log = logging.getLogger(__name__)
 
-_STATS_ORDER = {"none": 0, "diag": 1, "gram": 2}
-
 
 def stats_kind_for(cfg: Any) -> str:
-    """The statistics a run needs: the method's, at least the diagonal (for the error report), a Gram for updates."""
-    kind = METHODS[cfg.method].stats
-    if cfg["update"] != "none":  # item access: ConfigDict.update is the dict method
-        kind = "gram"
-    return max(kind, "diag", key=_STATS_ORDER.__getitem__)
+    """The statistics a run needs: the most any selected plugin asks for, at least the diagonal (for the error report)."""
+    kinds = [p.stats for kind, p in selected_plugins(cfg).items() if hasattr(p, "stats")]
+    return max(["diag", *kinds], key=STATS_KINDS.index)
 
 
 def scaled_relative_error(weight: Tensor, approx: Tensor, stats: InputStats | None) -> float | None:
@@ -38,12 +36,19 @@ def scaled_relative_error(weight: Tensor, approx: Tensor, stats: InputStats | No
     return float(num / den) if den > 0 else 0.0
 
 
-def block_sparsities(model: nn.Module, inputs: BlockInputs, cfg: Any, device: torch.device) -> list[float]:
-    """Per-block target sparsity: uniform, or from a layerwise allocator (OWL) that may stream the dense model."""
-    n = len(get_blocks(model))
-    if cfg.layerwise == "uniform":
-        return [float(cfg.sparsity)] * n
-    return LAYERWISE[cfg.layerwise](model, inputs, cfg, device)
+def _layer_record(i: int, m: Matrix, weight: Tensor, cw: CompressedWeight, target: float, stats: InputStats | None, seconds: float) -> dict[str, Any]:
+    kept = cw.param_count()
+    return {
+        "layer": f"{i}.{m.name}",
+        "block": i,
+        "shape": list(weight.shape),
+        "target_sparsity": target,
+        "kept_params": kept,
+        "sparsity": 1.0 - kept / weight.numel(),
+        "scaled_rel_error": scaled_relative_error(weight, cw.to_dense(), stats),
+        "seconds": seconds,
+        **cw.info,
+    }
 
 
 def compress_model(
@@ -57,47 +62,98 @@ def compress_model(
     records: list[dict[str, Any]] | None = None,
     before_block: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Compress every linear layer of every block from ``start_block`` on, in place. Returns per-layer records.
+    """Compress every selected matrix of every block from ``start_block`` on, in place. Returns per-matrix records.
 
-    ``records``: a list the per-layer records are appended to as each layer finishes (a checkpoint
+    ``records``: a list the per-matrix records are appended to as each block finishes (a checkpoint
     saved from ``after_block`` reads it); ``before_block(i)`` runs before block i is touched (lazy loading).
     """
-    method = METHODS[cfg.method]
-    update = UPDATES.get(cfg["update"])  # not cfg.update: that is ConfigDict's dict method
+    plugins = selected_plugins(cfg)
+    method, update, block_update = plugins["method"], plugins.get("update"), plugins.get("block_update")
+    arch = architecture_of(model)
     nm = parse_nm(cfg.sparsity_type)
     records = [] if records is None else records
     stats_dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
 
-    def on_block(i: int, block: nn.Module, layers: dict[str, nn.Linear], collector: StatsCollector | None) -> None:
+    def on_block(i: int, block: nn.Module, layers: dict[str, nn.Linear], collector: StatsCollector | None, block_inputs: BlockInputs) -> None:
         budget = Budget(sparsity=sparsities[i], nm=nm, scope=cfg.mask_scope)
-        for name, layer in layers.items():
+        chosen = matrices(i, block, arch, model.config, cfg.targets, cfg.ignore)
+        answers: dict[str, list[tuple[Matrix, CompressedWeight]]] = {}
+        block_records: list[dict[str, Any]] = []
+        for m in chosen:
             t0 = time.perf_counter()
-            weight = layer.weight.data.float().clone()  # .float() aliases a float32 weight, which copy_ below overwrites
-            stats = collector.stats(name) if collector is not None else None
-            cw: CompressedWeight = method.compress(weight, stats, budget, cfg)
+            layer = layers[m.linear]
+            weight = m.weight(layer).float().clone()  # .float() aliases a float32 weight, which the write-back overwrites
+            stats = collector.stats(m.linear) if collector is not None else None
+            cw = method.compress(weight, stats, budget, cfg)
             if update is not None:
-                cw = update(weight, cw, stats, cfg)
-            approx = cw.to_dense()
-            if cw.is_factored and cfg.compress:
-                from oats.compressed import SparseLowRankLinear
+                if cw.is_factored and not update.supports_factored:
+                    raise ValueError(f"weight_update {update.name!r} cannot update the sparse + low-rank answers of method {method.name!r}")
+                cw = update.apply(weight, cw, stats, cfg)
+            answers.setdefault(m.linear, []).append((m, cw))
+            block_records.append(_layer_record(i, m, weight, cw, budget.sparsity, stats, time.perf_counter() - t0))
+        merged = {name: _merge(layers[name], parts, arch, name) for name, parts in answers.items()}
+        if block_update is not None:
+            t0 = time.perf_counter()
+            targets = [run_block(block, h, block_inputs.kwargs_for(h)) for h in block_inputs.hidden]
+            updated, info = block_update.apply(block, dict(merged), block_inputs.hidden, block_inputs.kwargs_for, targets, cfg, device)
+            kept = _check_masks_kept(merged, updated, {n: len(p) > 1 for n, p in answers.items()})
+            merged = updated
+            block_records[0]["block_update"] = {"name": block_update.name, **info, "seconds": time.perf_counter() - t0}
+            for r in block_records:
+                r["kept_params_after_block_update"] = kept[r["layer"].split(".", 1)[1].split(":")[0]]
+        for name, cw in merged.items():
+            _write_back(block, name, layers[name], cw, method, cfg)
+        for r in block_records:
+            log.debug("%s: sparsity %.4f, error %s", r["layer"], r["sparsity"], r["scaled_rel_error"])
+        records.extend(block_records)
 
-                set_module(block, name, SparseLowRankLinear.from_factors(cw.sparse, cw.U, cw.V, layer.bias, dtype=layer.weight.dtype))
-            else:
-                layer.weight.data.copy_(approx.to(layer.weight.dtype))
-            kept = cw.param_count()
-            rec = {
-                "layer": f"{i}.{name}",
-                "block": i,
-                "shape": list(weight.shape),
-                "target_sparsity": budget.sparsity,
-                "kept_params": kept,
-                "sparsity": 1.0 - kept / weight.numel(),
-                "scaled_rel_error": scaled_relative_error(weight, approx, stats),
-                "seconds": time.perf_counter() - t0,
-                **cw.info,
-            }
-            records.append(rec)
-            log.debug("%s: sparsity %.4f, error %s", rec["layer"], rec["sparsity"], rec["scaled_rel_error"])
-
-    stream(model, inputs, device, stats_kind_for(cfg), on_block, stats_dtype, start_block, after_block, desc=f"compress ({cfg.method})", before_block=before_block)
+    stream(model, inputs, device, stats_kind_for(cfg), on_block, stats_dtype, start_block, after_block,
+           desc=f"compress ({cfg.method})", before_block=before_block)
     return records
+
+
+def _merge(layer: nn.Linear, parts: list[tuple[Matrix, CompressedWeight]], arch: Any, name: str) -> CompressedWeight:
+    """One answer for a linear layer from its logical matrices' answers (a fused layer's parts stacked back)."""
+    if len(parts) == 1 and parts[0][0].rows is None:
+        return parts[0][1]
+    check_fused_rows(layer, [(m.name, m.rows) for m, _ in parts], name)
+    stacked = CompressedWeight.stack_rows([cw for _, cw in parts])
+    order = fused_order([m for m, _ in parts])
+    return stacked if order is None else stacked.take_rows(order)
+
+
+def _mask(cw: CompressedWeight) -> Tensor:
+    return cw.mask.bool() if cw.mask is not None else ((cw.sparse if cw.is_factored else cw.dense) != 0)
+
+
+def _check_masks_kept(before: dict[str, CompressedWeight], after: dict[str, CompressedWeight], fused: dict[str, bool]) -> dict[str, int]:
+    """A block update must keep every mask bit for bit (pruned stays exactly zero) and, for a fused
+    layer's block-diagonal U, its zero blocks. Returns each layer's kept parameters counted again."""
+    kept = {}
+    for name, old in before.items():
+        new = after.get(name)
+        if new is None or new.is_factored != old.is_factored:
+            raise RuntimeError(f"block update returned no answer of the same kind for {name}")
+        values = new.sparse if new.is_factored else new.dense
+        if bool((values[~_mask(old).to(values.device)] != 0).any()):
+            raise RuntimeError(f"block update changed the mask of {name}: pruned weights became nonzero")
+        if new.is_factored and (new.U.shape != old.U.shape or new.V.shape != old.V.shape):
+            raise RuntimeError(f"block update changed the rank of {name}")
+        if new.is_factored and fused[name] and bool((new.U[old.U.to(new.U.device) == 0] != 0).any()):
+            raise RuntimeError(f"block update filled the zero blocks of {name}'s block-diagonal U")
+        kept[name] = int((values != 0).sum()) + (new.U.numel() + new.V.numel() if new.is_factored and not fused[name] else 0)
+        if new.is_factored and fused[name]:
+            kept[name] += int((old.U != 0).sum()) + new.V.numel()
+    return kept
+
+
+def _write_back(block: nn.Module, name: str, layer: nn.Linear, cw: CompressedWeight, method: Any, cfg: Any) -> None:
+    module = method.build_module(cw, layer, cfg) if method.build_module is not None else None
+    if module is not None:
+        set_module(block, name, module)
+    else:
+        layer.weight.data.copy_(cw.to_dense().to(layer.weight.dtype))
+
+
+def uniform_sparsities(model: nn.Module, cfg: Any) -> list[float]:
+    return [float(cfg.sparsity)] * len(get_blocks(model))

@@ -1,96 +1,52 @@
-"""Experiment configuration: every key, its default, its type and its allowed values, in one table.
+"""Experiment configuration: the common keys, merged with the keys of the plugins an experiment selects.
 
-An experiment is an ``ml_collections.ConfigDict`` holding any subset of the keys in :data:`KEYS`;
-:func:`resolve` fills in the defaults and validates everything *before* any model is loaded, raising
-:class:`ConfigError` with a message that names the key and the allowed values.
+An experiment is an ``ml_collections.ConfigDict`` holding any subset of the keys in :data:`COMMON_KEYS`
+plus those of its method, layerwise allocator and updates (each plugin declares its own, see
+``oats.interface``). :func:`resolve` fills in the defaults and validates everything *before* any model
+is loaded, raising ``ConfigError`` with a message naming the key and the allowed values; a key that
+belongs to a plugin the experiment does not select is an error naming that plugin.
+
+:func:`config_hash` covers the common keys and the selected plugins' keys, so one method's defaults
+never stale another method's results. Records written before plugins owned their keys carry the
+hash of the old flat key table; :func:`legacy_config_hash` reproduces it, so they stay done.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import logging
 import re
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
+from oats import registry
+from oats.keys import ConfigError, Key, choice, interval, merge_keys, non_negative, parse_nm, positive, sparsity_type_check  # noqa: F401
+
+log = logging.getLogger(__name__)
+
 EMBEDDED_MODELS = ("smollm2-135m",)
-DATASETS = ("pydoc", "wikitext2", "c4", "ptb")
 SAMPLERS = ("random_windows", "concat_docs")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-_NM = re.compile(r"^(\d+):(\d+)$")
-
-
-class ConfigError(ValueError):
-    """A config key holds a value that is not allowed. The message names the key and what is allowed."""
-
-    def __init__(self, key: str, message: str, experiment: str | None = None):
-        self.key = key
-        where = f"experiment {experiment!r}: " if experiment else ""
-        super().__init__(f"{where}config key '{key}': {message}")
-
-
-@dataclass(frozen=True)
-class Key:
-    """One config key: its default, accepted Python types, an optional extra check, and its doc line."""
-
-    default: Any
-    types: tuple[type, ...]
-    doc: str
-    check: Callable[[Any], str | None] | None = None  # returns an error message, or None if fine
-    nullable: bool = False
-
-
-def _choice(*allowed: str) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        return None if v in allowed else f"got {v!r}; allowed values: {', '.join(map(repr, allowed))}"
-
-    return check
-
-
-def _interval(lo: float, hi: float, lo_closed: bool = True, hi_closed: bool = False):
-    def check(v: Any) -> str | None:
-        ok = (v >= lo if lo_closed else v > lo) and (v <= hi if hi_closed else v < hi)
-        if ok:
-            return None
-        lb, rb = ("[" if lo_closed else "("), ("]" if hi_closed else ")")
-        return f"got {v!r}; must lie in {lb}{lo}, {hi}{rb}"
-
-    return check
-
-
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else f"got {v!r}; must be > 0"
-
-
-def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else f"got {v!r}; must be >= 0"
-
-
-def _sparsity_type(v: str) -> str | None:
-    if v == "unstructured":
-        return None
-    m = _NM.match(v)
-    if not m:
-        return f"got {v!r}; allowed values: 'unstructured' or 'N:M' such as '2:4' (N kept of every M)"
-    n, mm = int(m.group(1)), int(m.group(2))
-    if not (0 < n < mm):
-        return f"got {v!r}; N:M needs 0 < N < M (N weights kept in every M along the input dimension)"
-    return None
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9._+=-]*$")  # a directory name; never '.' or '..'
+HASH_VERSION = 2
+# Old key names still accepted, with a hint: ConfigDict.update is the dict method, so cfg.update shadowed the key.
+RENAMED = {"update": "weight_update"}
 
 
 def _datasets(v: Sequence[str]) -> str | None:
-    from data import DATASET_NAMES  # late import: data/ registers its sources
+    from data import DATASET_NAMES
 
     bad = [d for d in v if d not in DATASET_NAMES]
     return f"unknown data set(s) {bad}; allowed values: {list(DATASET_NAMES)}" if bad else None
 
 
-def _method(v: str) -> str | None:
-    from oats.registry import METHODS
+def _cal_dataset(v: str) -> str | None:
+    from data import DATASET_NAMES
 
-    return None if v in METHODS else f"got {v!r}; allowed values: {sorted(METHODS)}"
+    return choice(*DATASET_NAMES)(v)
 
 
 def _zero_shot_tasks(v: Sequence[str]) -> str | None:
@@ -109,172 +65,227 @@ def _mmlu_subjects(v: Sequence[str]) -> str | None:
     return None if v else "got an empty list; use None for all 57 subjects"
 
 
-def _cal_dataset(v: str) -> str | None:
-    from data import DATASET_NAMES
+def _plugin_name(table: Mapping[str, str], builtin: tuple[str, ...] = ()):
+    def check(v: str) -> str | None:
+        return choice(*builtin, *sorted(table))(v)
 
-    return None if v in DATASET_NAMES else f"got {v!r}; allowed values: {list(DATASET_NAMES)}"
+    return check
 
 
-KEYS: dict[str, Key] = {
+def _seed(v: int) -> str | None:
+    return None if 0 <= v < 2**63 else f"got {v!r}; must lie in [0, 2**63) (it seeds torch and Python's random)"
+
+
+COMMON_KEYS: dict[str, Key] = {
     # --- what to run -------------------------------------------------------------------------
     "name": Key(None, (str,), "experiment name; results go to `<out>/<name>/` (default: derived from model, method, sparsity)", nullable=True),
     "model": Key(None, (str,), "`smollm2-135m` (embedded, offline), a local model directory, or a hub id", nullable=True),
-    "method": Key("dense", (str,), "compression method, see the methods table", _method),
-    "sparsity": Key(0.5, (float, int), "fraction of each layer's parameters removed (for OATS: the compression rate)", _interval(0.0, 1.0)),
-    "sparsity_type": Key("unstructured", (str,), "`unstructured` or `N:M` (N kept in every M consecutive inputs, e.g. `2:4`)", _sparsity_type),
-    "mask_scope": Key(None, (str,), "where weights compete for survival: `row` (per output row) or `layer`; None = the method's own default", _choice("row", "layer"), nullable=True),
-    "layerwise": Key("uniform", (str,), "per-block sparsity allocation: `uniform` or `owl` (outlier-weighted, Yin et al. 2024)", _choice("uniform", "owl")),
-    "owl_m": Key(5.0, (float, int), "OWL outlier threshold M: a Wanda score is an outlier above M times its layer's mean", _positive),
-    "owl_lambda": Key(0.08, (float, int), "OWL: per-block sparsities spread within +-lambda of the target", _interval(0.0, 1.0)),
-    "update": Key("none", (str,), "weight update after the mask: `none` (the method's own) or `optima` (row-wise QP reconstruction)", _choice("none", "optima")),
-    # --- OATS ----------------------------------------------------------------------------------
-    "rank_ratio": Key(0.3, (float, int), "OATS kappa: share of the kept parameters given to the low-rank part", _interval(0.0, 1.0)),
-    "num_iters": Key(80, (int,), "OATS alternating-thresholding iterations (paper: 80)", _positive),
-    "svd": Key("fast", (str,), "OATS low-rank step: `fast` (warm-started subspace iteration) or `exact` (full SVD each iteration)", _choice("fast", "exact")),
-    "svd_tol": Key(1e-2, (float,), "OATS `svd: fast`: subspace iteration stops once the top-r Ritz residual is below this fraction of the rank-r error", _interval(0.0, 1.0, lo_closed=False)),
-    "compress": Key(False, (bool,), "OATS: replace linears by sparse + low-rank modules (True) or sum S + UV into dense weights (False)"),
-    # --- SparseGPT -----------------------------------------------------------------------------
-    "percdamp": Key(0.01, (float, int), "SparseGPT/OPTIMA dampening: fraction of the mean Hessian diagonal added to it", _non_negative),
-    "blocksize": Key(128, (int,), "SparseGPT column block size (mask chosen per block)", _positive),
-    # --- OPTIMA --------------------------------------------------------------------------------
-    "optima_tol": Key(1e-6, (float,), "OPTIMA batched solver: relative residual tolerance", _positive),
-    "optima_max_iters": Key(500, (int,), "OPTIMA batched solver: iteration cap", _positive),
-    "optima_dtype": Key("float32", (str,), "OPTIMA solver precision", _choice("float32", "float64")),
+    "method": Key("dense", (str,), "compression method, see the methods table", _plugin_name(registry.METHODS)),
+    "sparsity": Key(0.5, (float, int), "fraction of each layer's parameters removed (for OATS: the compression rate)", interval(0.0, 1.0)),
+    "sparsity_type": Key("unstructured", (str,), "`unstructured` or `N:M` (N kept in every M consecutive inputs, e.g. `2:4`)", sparsity_type_check),
+    "mask_scope": Key(None, (str,), "where weights compete for survival: `row` (per output row) or `layer`; None = the method's own default", choice("row", "layer"), nullable=True),
+    "layerwise": Key("uniform", (str,), "per-block sparsity allocation: `uniform` or an allocator (`owl`: outlier-weighted, Yin et al. 2024)", _plugin_name(registry.ALLOCATORS, ("uniform",))),
+    "weight_update": Key("none", (str,), "per-layer weight update after the method, mask kept: `none` or `optima` (row-wise QP reconstruction); old name `update`", _plugin_name(registry.UPDATES, ("none",))),
+    "block_update": Key("none", (str,), "per-block update after a block's layers are compressed, masks kept: `none` or a registered block update", _plugin_name(registry.BLOCK_UPDATES, ("none",))),
+    "targets": Key(None, (list, tuple), "fnmatch patterns of the linear layers to compress (`self_attn.*`, `3.mlp.down_proj`, `qkv_proj:q`); None = all", nullable=True),
+    "ignore": Key((), (list, tuple), "fnmatch patterns of linear layers never compressed (matched like `targets`)"),
     # --- calibration ---------------------------------------------------------------------------
     "cal_dataset": Key("pydoc", (str,), "calibration corpus", _cal_dataset),
-    "cal_nsamples": Key(128, (int,), "number of calibration windows", _positive),
-    "cal_seqlen": Key(2048, (int,), "tokens per calibration window", _positive),
-    "cal_sampler": Key("random_windows", (str,), "`random_windows` (Wanda/SparseGPT, seeded) or `concat_docs` (OATS/SliceGPT: consecutive documents joined and cut)", _choice(*SAMPLERS)),
-    "cal_batch_size": Key(8, (int,), "calibration windows per forward pass through a block", _positive),
-    "stats_dtype": Key("float32", (str,), "precision of the accumulated input statistics (Gram matrices)", _choice("float32", "float64")),
-    "seed": Key(0, (int,), "seed for calibration sampling and any randomness in methods"),
+    "cal_nsamples": Key(128, (int,), "number of calibration windows", positive),
+    "cal_seqlen": Key(2048, (int,), "tokens per calibration window", positive),
+    "cal_sampler": Key("random_windows", (str,), "`random_windows` (Wanda/SparseGPT, seeded) or `concat_docs` (OATS/SliceGPT: consecutive documents joined and cut)", choice(*SAMPLERS)),
+    "cal_batch_size": Key(8, (int,), "calibration windows per forward pass through a block", positive),
+    "stats_dtype": Key("float32", (str,), "precision of the accumulated input statistics (Gram matrices)", choice("float32", "float64")),
+    "seed": Key(0, (int,), "seed for calibration sampling and any randomness in methods", _seed),
     # --- evaluation ----------------------------------------------------------------------------
     "eval_datasets": Key(("pydoc",), (list, tuple), "token-perplexity data sets (test split)", _datasets),
-    "eval_seqlen": Key(2048, (int,), "tokens per perplexity window (always stated next to the numbers)", _positive),
-    "eval_max_windows": Key(None, (int,), "cap on the number of perplexity windows (None = all)", _positive, nullable=True),
-    "eval_batch_size": Key(1, (int,), "perplexity windows per forward pass", _positive),
+    "eval_seqlen": Key(2048, (int,), "tokens per perplexity window (always stated next to the numbers)", positive),
+    "eval_max_windows": Key(None, (int,), "cap on the number of perplexity windows (None = all)", positive, nullable=True),
+    "eval_batch_size": Key(1, (int,), "perplexity windows per forward pass", positive),
     "word_perplexity": Key(False, (bool,), "also compute lm_eval's document-level `wikitext` word perplexity"),
     "zero_shot_tasks": Key((), (list, tuple), "lm_eval zero-shot tasks (empty = none), e.g. `boolq`, `arc_easy`, `mmlu`", _zero_shot_tasks),
-    "zero_shot_limit": Key(None, (int,), "lm_eval examples per task (None = all)", _positive, nullable=True),
-    "zero_shot_batch_size": Key(8, (int,), "lm_eval batch size", _positive),
-    "zero_shot_fewshot": Key(0, (int,), "lm_eval few-shot examples for the zero-shot tasks", _non_negative),
+    "zero_shot_limit": Key(None, (int,), "lm_eval examples per task (None = all)", positive, nullable=True),
+    "zero_shot_batch_size": Key(8, (int,), "lm_eval batch size", positive),
+    "zero_shot_fewshot": Key(0, (int,), "lm_eval few-shot examples for the zero-shot tasks", non_negative),
     "mmlu_subjects": Key(None, (list, tuple), "MMLU subjects (None = all 57); the OATS reference's 10 are in `eval.zero_shot.OATS_MMLU_SUBJECTS`", _mmlu_subjects, nullable=True),
-    "mmlu_fewshot": Key(5, (int,), "MMLU few-shot examples", _non_negative),
+    "mmlu_fewshot": Key(5, (int,), "MMLU few-shot examples", non_negative),
     # --- where and how -------------------------------------------------------------------------
     "data_dir": Key(None, (str,), "local data root laid out like `../shared/data/` (else env `OATS_DATA_DIR`, else the hub)", nullable=True),
-    "dtype": Key("float32", (str,), "model weights dtype", _choice(*DTYPES)),
-    "device": Key("auto", (str,), "compute device (`auto` = cuda when present)", _choice(*DEVICES)),
-    "checkpoint_blocks": Key(False, (bool,), "checkpoint after every compressed block so a killed run resumes there"),
-    "lazy_load": Key(False, (bool,), "big-model path: read each block's weights from the safetensors shards just before it is compressed, write it to `<out>/<name>/model` shard by shard, evaluate streaming block by block (peak memory ~ one block + activations)"),
+    "dtype": Key("float32", (str,), "model weights dtype", choice(*DTYPES)),
+    "device": Key("auto", (str,), "compute device (`auto` = cuda when present)", choice(*DEVICES)),
+    "threads": Key(None, (int,), "torch CPU threads (`torch.set_num_threads`); None = torch's default (all cores)", positive, nullable=True, result=False),
+    "checkpoint_blocks": Key(False, (bool,), "checkpoint after every compressed block so a killed run resumes there", result=False),
+    "lazy_load": Key(False, (bool,), "big-model path: read each block's weights from the safetensors shards just before it is compressed, write it to `<out>/<name>/model` shard by shard, evaluate streaming block by block (peak memory ~ one block + activations)", result=False),
     "save_model": Key(False, (bool,), "save the compressed model under `<out>/<name>/model`"),
 }
 
-# Keys that change nothing in the result; they are left out of the config hash.
-NON_RESULT_KEYS = frozenset({"checkpoint_blocks", "lazy_load"})
+# The flat key table of the code before plugins owned their keys (git 5138dc6), default by key, in
+# its order: what its config_hash covered. Only legacy_config_hash reads it.
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "name": None, "model": None, "method": "dense", "sparsity": 0.5, "sparsity_type": "unstructured", "mask_scope": None,
+    "layerwise": "uniform", "owl_m": 5.0, "owl_lambda": 0.08, "update": "none", "rank_ratio": 0.3, "num_iters": 80,
+    "svd": "fast", "svd_tol": 0.01, "compress": False, "percdamp": 0.01, "blocksize": 128, "optima_tol": 1e-06,
+    "optima_max_iters": 500, "optima_dtype": "float32", "cal_dataset": "pydoc", "cal_nsamples": 128, "cal_seqlen": 2048,
+    "cal_sampler": "random_windows", "cal_batch_size": 8, "stats_dtype": "float32", "seed": 0, "eval_datasets": ["pydoc"],
+    "eval_seqlen": 2048, "eval_max_windows": None, "eval_batch_size": 1, "word_perplexity": False, "zero_shot_tasks": [],
+    "zero_shot_limit": None, "zero_shot_batch_size": 8, "zero_shot_fewshot": 0, "mmlu_subjects": None, "mmlu_fewshot": 5,
+    "data_dir": None, "dtype": "float32", "device": "auto", "checkpoint_blocks": False, "lazy_load": False, "save_model": False,
+}
+_LEGACY_NON_RESULT = ("checkpoint_blocks", "lazy_load")
 
 
-def parse_nm(sparsity_type: str) -> tuple[int, int] | None:
-    """'2:4' -> (2, 4) (N kept of every M); 'unstructured' -> None."""
-    m = _NM.match(sparsity_type)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+def selected_plugins(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """{'method': Method, 'allocator': Allocator?, 'update': Update?, 'block_update': BlockUpdate?} of a
+    resolved (or at least type-checked) config."""
+    out: dict[str, Any] = {"method": registry.method(raw["method"])}
+    if raw["layerwise"] != "uniform":
+        out["allocator"] = registry.allocator(raw["layerwise"])
+    if raw["weight_update"] != "none":
+        out["update"] = registry.update(raw["weight_update"])
+    if raw["block_update"] != "none":
+        out["block_update"] = registry.block_update(raw["block_update"])
+    return out
 
 
-def _check_type(key: str, spec: Key, value: Any, exp: str | None) -> Any:
-    if value is None:
-        if spec.nullable:
-            return None
-        raise ConfigError(key, f"must not be None; expected {'/'.join(t.__name__ for t in spec.types)}", exp)
-    if isinstance(value, bool) and bool not in spec.types:
-        raise ConfigError(key, f"got bool {value!r}; expected {'/'.join(t.__name__ for t in spec.types)}", exp)
-    if not isinstance(value, spec.types):
-        raise ConfigError(
-            key, f"got {type(value).__name__} {value!r}; expected {'/'.join(t.__name__ for t in spec.types)}", exp
-        )
-    if isinstance(value, (list, tuple)):
-        value = list(value)
-        if not all(isinstance(v, str) for v in value):
-            raise ConfigError(key, f"got {value!r}; expected a list of strings", exp)
-    if spec.check is not None:
-        msg = spec.check(value)
-        if msg:
-            raise ConfigError(key, msg, exp)
-    return value
+def plugin_keys(plugins: Mapping[str, Any]) -> dict[str, Key]:
+    return merge_keys({f"{kind} {p.name!r}": p.keys for kind, p in plugins.items()})
 
 
-def default_name(cfg: Mapping[str, Any]) -> str:
+def _owner_of(key: str) -> list[str]:
+    """'method 'oats'' ... for every registered plugin that declares ``key`` (for the error message)."""
+    owners = []
+    for kind, table in (("method", registry.METHODS), ("layerwise", registry.ALLOCATORS), ("weight_update", registry.UPDATES),
+                        ("block_update", registry.BLOCK_UPDATES)):
+        for name in table:
+            try:
+                p = registry.plugin({"layerwise": "allocator", "weight_update": "update"}.get(kind, kind), name)
+            except Exception:  # a broken plugin must not hide the real error
+                continue
+            if key in p.keys:
+                owners.append(f"{kind} {name!r}")
+    return owners
+
+
+def all_known_keys() -> list[str]:
+    keys = list(COMMON_KEYS)
+    for kind, table in (("method", registry.METHODS), ("allocator", registry.ALLOCATORS), ("update", registry.UPDATES),
+                        ("block_update", registry.BLOCK_UPDATES)):
+        for name in table:
+            try:
+                keys += [k for k in registry.plugin(kind, name).keys if k not in keys]
+            except Exception:
+                continue
+    return keys
+
+
+def default_name(cfg: Mapping[str, Any], compresses: bool = True) -> str:
     model = str(cfg["model"]).rstrip("/").split("/")[-1]
     parts = [model, cfg["method"]]
-    if cfg["method"] != "dense":
+    if compresses:
         parts.append(f"{cfg['sparsity']:g}")
         if cfg["sparsity_type"] != "unstructured":
             parts.append(cfg["sparsity_type"].replace(":", "of"))
         if cfg["layerwise"] != "uniform":
             parts.append(cfg["layerwise"])
-        if cfg["update"] != "none":
-            parts.append(cfg["update"])
+        if cfg["weight_update"] != "none":
+            parts.append(cfg["weight_update"])
+        if cfg["block_update"] != "none":
+            parts.append(cfg["block_update"])
     return "-".join(parts)
 
 
+def _rename_old_keys(raw: dict[str, Any]) -> None:
+    for old, new in RENAMED.items():
+        if old in raw:
+            if new in raw:
+                raise ConfigError(old, f"is the old name of {new!r}; give only {new!r}")
+            log.warning("config key %r is now called %r (ConfigDict.update is the dict method); please rename it", old, new)
+            raw[new] = raw.pop(old)
+
+
 def resolve(cfg: Mapping[str, Any] | ml_collections.ConfigDict, index: int | None = None) -> ml_collections.ConfigDict:
-    """Fill defaults into one experiment and validate every key. Returns a new locked ConfigDict."""
+    """Fill defaults into one experiment and validate every key. Returns a new ConfigDict."""
+    if not isinstance(cfg, (Mapping, ml_collections.ConfigDict)):
+        where = f"CONFIGS[{index}]" if index is not None else "an experiment"
+        raise ConfigError("CONFIGS", f"{where} is {type(cfg).__name__} {cfg!r}; each entry must be an ml_collections.ConfigDict (or dict)")
     raw = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
-    exp = raw.get("name") or (f"#{index}" if index is not None else None)
-    unknown = sorted(set(raw) - set(KEYS))
-    if unknown:
-        import difflib
+    exp = raw.get("name") if isinstance(raw.get("name"), str) else (f"#{index}" if index is not None else None)
+    try:
+        return _resolve(raw)
+    except ConfigError as e:
+        raise e.within(exp) from None
 
-        hints = [f"{u!r} (did you mean {difflib.get_close_matches(u, KEYS, 1)[0]!r}?)" if difflib.get_close_matches(u, KEYS, 1) else repr(u) for u in unknown]
-        raise ConfigError(unknown[0], f"unknown key(s) {', '.join(hints)}; allowed keys: {', '.join(KEYS)}", exp)
+
+def _resolve(raw: dict[str, Any]) -> ml_collections.ConfigDict:
+    _rename_old_keys(raw)
     out: dict[str, Any] = {}
-    for key, spec in KEYS.items():
+    for key, spec in COMMON_KEYS.items():
         value = raw.get(key, spec.default)
-        if isinstance(value, tuple):
-            value = list(value)
-        out[key] = _check_type(key, spec, value, exp)
-    if not out["model"]:
-        raise ConfigError("model", f"missing; give {' or '.join(EMBEDDED_MODELS)}, a local model directory or a hub id", exp)
-    if out["sparsity_type"] != "unstructured" and out["method"] in ("dense",):
-        raise ConfigError("sparsity_type", "N:M needs a compressing method, not 'dense'", exp)
-    if out["layerwise"] == "owl":
-        from oats.registry import METHODS
-
-        if not METHODS[out["method"]].supports_owl:
-            allowed = sorted(n for n, m in METHODS.items() if m.supports_owl)
-            raise ConfigError("layerwise", f"'owl' does not apply to method {out['method']!r}; allowed methods: {allowed}", exp)
-        if out["sparsity_type"] != "unstructured":
-            raise ConfigError("layerwise", f"'owl' sets a sparsity per block, which an N:M pattern ({out['sparsity_type']}) fixes; allowed with 'owl': sparsity_type 'unstructured'", exp)
-        lam = out["owl_lambda"]
-        if not (0.0 <= out["sparsity"] - lam and out["sparsity"] + lam < 1.0):
-            raise ConfigError("owl_lambda", f"sparsity {out['sparsity']} +- owl_lambda {lam} must stay inside [0, 1)", exp)
-    if out["method"] == "oats":
-        if out["mask_scope"] not in (None, "row"):
-            raise ConfigError("mask_scope", f"got {out['mask_scope']!r}; OATS thresholds per row: allowed values None, 'row'", exp)
-        nm = parse_nm(out["sparsity_type"])
-        if nm is not None:
-            from fractions import Fraction
-
-            if 1 - Fraction(repr(float(out["sparsity"]))) < Fraction(nm[0], nm[1]):
-                raise ConfigError("sparsity", f"OATS compression rate {out['sparsity']!r} keeps fewer parameters than the sparse part "
-                                  f"of sparsity_type {out['sparsity_type']!r} holds ({nm[0]}/{nm[1]} of each layer); with N:M the low-rank "
-                                  f"part takes the rest of the budget and rank_ratio is unused: allowed sparsity <= 1 - N/M = {1 - nm[0] / nm[1]:g}", exp)
-    if out["update"] == "optima":
-        from oats.registry import METHODS
-
-        if not METHODS[out["method"]].supports_update:
-            allowed = sorted(n for n, m in METHODS.items() if m.supports_update)
-            raise ConfigError("update", f"'optima' needs a mask-producing method; allowed methods: {allowed}", exp)
-    if out["lazy_load"]:
-        if out["compress"]:
-            raise ConfigError("lazy_load", "True needs compress=False (factored modules are not written shard by shard yet); allowed with lazy_load: compress False", exp)
-        if out["layerwise"] != "uniform":
-            raise ConfigError("lazy_load", f"True needs layerwise 'uniform' (the {out['layerwise']!r} allocator reads the whole dense model); allowed with lazy_load: layerwise 'uniform'", exp)
-        if out["word_perplexity"] or out["zero_shot_tasks"]:
-            raise ConfigError("lazy_load", "True evaluates token perplexity only (streamed block by block); set word_perplexity False and zero_shot_tasks [] or run lm_eval on the saved model", exp)
+        out[key] = spec.validate(key, list(value) if isinstance(value, tuple) else value)
+    plugins = selected_plugins(out)
+    keys = plugin_keys(plugins)
+    unknown = sorted(set(raw) - set(COMMON_KEYS) - set(keys))
+    if unknown:
+        k = unknown[0]
+        owners = _owner_of(k)
+        if owners:
+            raise ConfigError(k, f"belongs to {' and '.join(owners)}, which this experiment does not select "
+                                 f"(method {out['method']!r}, layerwise {out['layerwise']!r}, weight_update {out['weight_update']!r}); remove it")
+        known = all_known_keys()
+        near = difflib.get_close_matches(k, known, 1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(k, f"unknown key{hint}; allowed keys: {', '.join(list(COMMON_KEYS) + list(keys))}")
+    for key, spec in keys.items():
+        value = raw.get(key, spec.default)
+        out[key] = spec.validate(key, list(value) if isinstance(value, tuple) else value)
+    _check_combinations(out, plugins)
+    nm_sparsity(raw, out, plugins["method"])
+    for p in plugins.values():
+        if p.validate is not None:
+            p.validate(out)
     if out["name"] is None:
-        out["name"] = default_name(out)
-    if not re.match(r"^[A-Za-z0-9._+=-]+$", out["name"]):
-        raise ConfigError("name", f"got {out['name']!r}; use letters, digits and . _ + = - only (it names a directory)", exp)
+        out["name"] = default_name(out, plugins["method"].compresses)
+    if not NAME_PATTERN.match(out["name"]) or out["name"] in (".", ".."):
+        raise ConfigError("name", f"got {out['name']!r}; use letters, digits and . _ + = - only, not starting with '.' (it names a directory)")
     return ml_collections.ConfigDict(out)
+
+
+def _check_combinations(out: dict[str, Any], plugins: Mapping[str, Any]) -> None:
+    """What the selected plugins say they combine with (the framework names no plugin)."""
+    method = plugins["method"]
+    if not out["model"]:
+        raise ConfigError("model", f"missing; give {' or '.join(EMBEDDED_MODELS)}, a local model directory or a hub id")
+    if not method.compresses:
+        for key in ("sparsity_type", "layerwise", "weight_update", "block_update", "targets", "ignore"):
+            if out[key] != _default(key):
+                raise ConfigError(key, f"got {out[key]!r}, but method {method.name!r} compresses nothing; leave it at {_default(key)!r}")
+    if "allocator" in plugins and not method.supports_allocators:
+        raise ConfigError("layerwise", f"{out['layerwise']!r} does not apply to method {method.name!r}")
+    if "update" in plugins:
+        if not method.produces_mask:
+            raise ConfigError("weight_update", f"{out['weight_update']!r} needs a method whose answer has a mask; {method.name!r} has none")
+    if "block_update" in plugins and not method.produces_mask:
+        raise ConfigError("block_update", f"{out['block_update']!r} needs a method whose answer has a mask; {method.name!r} has none")
+
+
+def _default(key: str) -> Any:
+    d = COMMON_KEYS[key].default
+    return list(d) if isinstance(d, tuple) else d
+
+
+def nm_sparsity(raw: Mapping[str, Any], out: dict[str, Any], method: Any) -> None:
+    """With N:M, a pure-sparse method removes exactly 1 - N/M whatever ``sparsity`` says: left out, the
+    sparsity becomes that value (so the record's target is what is met); given otherwise, an error.
+    Sparse + low-rank methods (``Method.lowrank``) spend the rest of the ``sparsity`` budget as rank."""
+    nm = parse_nm(out["sparsity_type"])
+    if nm is None or method.lowrank or not method.compresses:
+        return
+    implied = 1 - nm[0] / nm[1]
+    if "sparsity" not in raw:
+        out["sparsity"] = implied
+    elif abs(float(out["sparsity"]) - implied) > 1e-12:
+        raise ConfigError("sparsity", f"got {out['sparsity']!r}, but sparsity_type {out['sparsity_type']!r} removes exactly "
+                                      f"1 - {nm[0]}/{nm[1]} = {implied:g} of every layer; set sparsity {implied:g} or leave it out")
 
 
 def resolve_all(cfgs: Sequence[Any]) -> list[ml_collections.ConfigDict]:
@@ -290,16 +301,43 @@ def resolve_all(cfgs: Sequence[Any]) -> list[ml_collections.ConfigDict]:
     return resolved
 
 
+def result_keys(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
+    """The keys of a resolved config that can change its result (common + selected plugins')."""
+    d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+    specs = {**COMMON_KEYS, **plugin_keys(selected_plugins(d))}
+    return {k: v for k, v in d.items() if specs.get(k) is None or specs[k].result}
+
+
 def config_hash(cfg: ml_collections.ConfigDict) -> str:
     """Stable 16-hex-digit hash of everything that can change an experiment's result."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in NON_RESULT_KEYS}
-    blob = json.dumps(d, sort_keys=True, default=str)
+    blob = json.dumps({"hash_version": HASH_VERSION, **result_keys(cfg)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def legacy_config_hash(cfg: ml_collections.ConfigDict) -> str | None:
+    """The hash the code before plugin-owned keys gave this experiment, or None when that code could
+    not have run it (a key it did not have is set away from its default)."""
+    d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+    d["update"] = d.pop("weight_update")
+    for k in [k for k in d if k not in LEGACY_DEFAULTS]:
+        spec = COMMON_KEYS.get(k)
+        if spec is None or d[k] != _default(k):
+            if spec is not None and not spec.result:
+                continue
+            return None
+    old = {k: d.get(k, v) for k, v in LEGACY_DEFAULTS.items() if k not in _LEGACY_NON_RESULT}
+    blob = json.dumps(old, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def keys_markdown() -> str:
-    """The config keys table for the README."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    for k, s in KEYS.items():
-        rows.append(f"| `{k}` | `{s.default!r}` | {s.doc} |")
+    """The config keys table for the README: common keys, then each plugin's."""
+    rows = ["| key | default | owner | meaning |", "|---|---|---|---|"]
+    for k, s in COMMON_KEYS.items():
+        rows.append(f"| `{k}` | `{s.default!r}` | common | {s.doc} |")
+    for kind, table in (("method", registry.METHODS), ("allocator", registry.ALLOCATORS), ("update", registry.UPDATES),
+                        ("block_update", registry.BLOCK_UPDATES)):
+        for name in table:
+            for k, s in registry.plugin(kind, name).keys.items():
+                rows.append(f"| `{k}` | `{s.default!r}` | {kind} `{name}` | {s.doc} |")
     return "\n".join(rows)

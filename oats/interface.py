@@ -1,4 +1,5 @@
-"""The method interface: what the pipeline hands a method and what it gets back.
+"""The plugin contracts: what the pipeline hands a method and what it gets back, and how each plugin
+(method, layerwise allocator, weight update, block update) describes itself.
 
 A method is a pure function of tensors::
 
@@ -6,14 +7,23 @@ A method is a pure function of tensors::
 
 unaware of models, files and devices. The pipeline computes the statistics once per input (layers
 reading the same input share them) and writes back whatever the method returns.
+
+Every plugin declares its own config keys (``oats.keys.Key``), its cross-key checks (``validate``:
+raise ``oats.keys.ConfigError`` naming the key) and the statistics it needs. The framework merges the
+common keys with those of the selected plugins, validates and hashes exactly those, and never names
+a plugin: what a plugin can combine with is said here, by the plugin.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from oats.keys import Key
+
+STATS_KINDS = ("none", "diag", "gram")  # what a plugin needs collected, in increasing cost
 
 
 @dataclass
@@ -87,6 +97,39 @@ class CompressedWeight:
     def is_factored(self) -> bool:
         return self.dense is None
 
+    @classmethod
+    def stack_rows(cls, parts: list["CompressedWeight"]) -> "CompressedWeight":
+        """One answer for a fused matrix from its logical parts stacked along the output rows
+        (Phi-3's qkv_proj = [q; k; v]): dense parts stack; factored parts give
+        S = [S_1; S_2; ...], U = blockdiag(U_1, U_2, ...), V = [V_1; V_2; ...], so S + U V is the
+        stack of the parts' S_i + U_i V_i. ``info`` holds the parts' infos under 'parts'."""
+        if len(parts) == 1:
+            return parts[0]
+        masks = [p.mask for p in parts]
+        mask = torch.cat([m if m is not None else (p.sparse if p.is_factored else p.dense) != 0 for m, p in zip(masks, parts)]) \
+            if any(m is not None for m in masks) else None
+        info = {"parts": [p.info for p in parts]}
+        if not any(p.is_factored for p in parts):
+            return cls(dense=torch.cat([p.dense for p in parts]), info=info, mask=mask)
+        sparse = torch.cat([p.sparse if p.is_factored else p.dense for p in parts])
+        ranks = [p.U.shape[1] if p.is_factored and p.U is not None else 0 for p in parts]
+        U = sparse.new_zeros(sparse.shape[0], sum(ranks))
+        Vs, row, col = [], 0, 0
+        for p, r in zip(parts, ranks):
+            n = (p.sparse if p.is_factored else p.dense).shape[0]
+            if r:
+                U[row : row + n, col : col + r] = p.U
+                Vs.append(p.V)
+            row, col = row + n, col + r
+        V = torch.cat(Vs) if Vs else sparse.new_zeros(0, sparse.shape[1])
+        return cls(sparse=sparse, U=U, V=V, info=info, mask=mask)
+
+    def take_rows(self, index: Tensor) -> "CompressedWeight":
+        """The same answer with its output rows reordered (row i of the result is row index[i])."""
+        pick = lambda t: None if t is None else t[index.to(t.device)]  # noqa: E731
+        return CompressedWeight(dense=pick(self.dense), sparse=pick(self.sparse), U=pick(self.U), V=self.V,
+                                info=self.info, mask=pick(self.mask))
+
     def param_count(self) -> int:
         """Parameters kept: nonzeros of the sparse/dense part plus the low-rank factors' entries."""
         if self.dense is not None:
@@ -101,13 +144,95 @@ class CompressFn(Protocol):
     def __call__(self, weight: Tensor, stats: InputStats | None, budget: Budget, cfg: Any) -> CompressedWeight: ...
 
 
+Validate = Callable[[Mapping[str, Any]], None]  # raises ConfigError(key, message) for a bad combination
+
+
 @dataclass(frozen=True)
 class Method:
-    """A registered method. ``stats`` says what the pipeline must collect: 'none', 'diag' or 'gram'."""
+    """A per-weight compression method.
+
+    stats:        what the pipeline must collect for it: 'none', 'diag' or 'gram'.
+    keys:         its own config keys (validated and hashed only when this method is selected).
+    validate:     cross-key checks on the resolved config (common keys + selected plugins' keys).
+    compresses:   False for the reference row ('dense'): no calibration, no compressing pass.
+    produces_mask: its answer has a mask a weight update (OPTIMA, block reconstruction) may keep.
+    supports_allocators: a layerwise allocator (OWL) may hand it a per-block sparsity.
+    lowrank:      its answers carry a low-rank part, and ``sparsity`` is a compression rate counting it;
+                  with N:M the sparse part is fixed and the rank takes the rest of the budget.
+    build_module: optional; given (answer, the original nn.Linear, cfg) returns the module to put in the
+                  linear's place (OATS's compress mode), or None to write the dense weight back.
+    label:        optional; the name tables give an experiment of this method (cfg -> str).
+    """
 
     name: str
-    compress: Callable[..., CompressedWeight]
+    compress: CompressFn
     stats: str = "diag"
     doc: str = ""
-    supports_owl: bool = True
-    supports_update: bool = True  # produces a mask that OPTIMA can re-solve
+    paper: str = ""
+    keys: Mapping[str, Key] = field(default_factory=dict)
+    validate: Validate | None = None
+    compresses: bool = True
+    produces_mask: bool = True
+    supports_allocators: bool = True
+    lowrank: bool = False
+    build_module: Callable[[CompressedWeight, nn.Linear, Any], "nn.Module | None"] | None = None
+    label: Callable[[Any], str] | None = None
+
+
+# stream_dense(stats_kind, on_block, desc): streams the *dense* model over the calibration inputs once,
+# calling on_block(i, block, linears, collector, inputs) per block (see oats.pipeline.stream).
+StreamDense = Callable[[str, Callable[..., None], str], None]
+
+
+@dataclass(frozen=True)
+class Allocator:
+    """A layerwise allocator: turns the target sparsity into one sparsity per block.
+
+    allocate(stream_dense, n_blocks, cfg) -> list of per-block sparsities; it may carry an ``info``
+    attribute (a JSON-serialisable dict of what it measured) for the result record. It never sees a
+    model, a file or a device: ``stream_dense`` runs the dense model for it.
+    """
+
+    name: str
+    allocate: Callable[[StreamDense, int, Any], list]
+    doc: str = ""
+    paper: str = ""
+    keys: Mapping[str, Key] = field(default_factory=dict)
+    validate: Validate | None = None
+    stats: str = "diag"
+
+
+@dataclass(frozen=True)
+class Update:
+    """A weight update after a method: keeps the method's mask, improves its kept values.
+
+    apply(weight [out, in], answer, stats, cfg) -> CompressedWeight with the same mask.
+    supports_factored: it can take a sparse + low-rank answer (re-solving the sparse part, U V fixed).
+    """
+
+    name: str
+    apply: Callable[[Tensor, CompressedWeight, InputStats | None, Any], CompressedWeight]
+    stats: str = "gram"
+    doc: str = ""
+    paper: str = ""
+    keys: Mapping[str, Key] = field(default_factory=dict)
+    validate: Validate | None = None
+    supports_factored: bool = True
+
+
+@dataclass(frozen=True)
+class BlockUpdate:
+    """An update of a whole block after all its linears are compressed, masks held fixed.
+
+    apply(block, answers {linear name: CompressedWeight}, hidden [batches of [B, L, d]], kwargs_for,
+    targets [the dense block's outputs per batch], cfg, device) -> (answers with the same masks, info).
+    The block still holds its dense weights when called and must be left so; the framework writes
+    the returned answers back.
+    """
+
+    name: str
+    apply: Callable[..., tuple[dict[str, CompressedWeight], dict[str, Any]]]
+    doc: str = ""
+    paper: str = ""
+    keys: Mapping[str, Key] = field(default_factory=dict)
+    validate: Validate | None = None

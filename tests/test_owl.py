@@ -7,10 +7,10 @@ import pytest
 import torch
 from ml_collections import ConfigDict
 
-from baselines.owl import BlockSparsities, outlier_ratio, owl_layerwise, owl_sparsities
-from baselines.owl_plot import plot_owl, plot_owl_record
+from allocators.owl import BlockSparsities, outlier_ratio, owl_layerwise, owl_sparsities
+from eval.report import plot_owl, plot_owl_record
 from oats.config import ConfigError, resolve
-from oats.models import get_blocks, linear_layers
+from oats.architectures import get_blocks, linear_layers
 from oats.pipeline import capture_inputs
 from tests.conftest import tiny_model
 

@@ -3,7 +3,7 @@ block is calibrated on the outputs of the *compressed* previous block."""
 import pytest
 import torch
 
-from oats.models import get_blocks, linear_layers
+from oats.architectures import get_blocks, linear_layers
 from oats.pipeline import StatsCollector, capture_inputs, run_block, stream, streamed_logits
 from tests.conftest import tiny_model
 
@@ -61,7 +61,7 @@ def test_next_block_calibrated_on_compressed_outputs():
     blocks = get_blocks(model)
     captured = {}
 
-    def zero_half(i, block, layers, collector):
+    def zero_half(i, block, layers, collector, inputs):
         for lin in layers.values():
             lin.weight.data[:, ::2] = 0  # "compress"
 

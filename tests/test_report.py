@@ -82,7 +82,7 @@ def test_word_ppl_and_mmlu_columns():
 
 
 def test_report_writes_tables_and_pngs(tmp_path):
-    from oats.results import write_record
+    from oats.records import write_record
 
     for r in RECORDS:
         write_record(tmp_path / r["name"], r)
@@ -98,7 +98,7 @@ def test_report_writes_tables_and_pngs(tmp_path):
 
 def test_main_report_flag(tmp_path, capsys):
     import main
-    from oats.results import write_record
+    from oats.records import write_record
 
     write_record(tmp_path / "dense", RECORDS[1])
     assert main.main(["--report", "--out", str(tmp_path)]) == 0

@@ -16,7 +16,7 @@ import eval.evaluate
 from oats.checkpoint import CHECKPOINT_DIR, MARKER, BlockCheckpointer
 from oats.config import config_hash, resolve
 from oats.pipeline import BlockInputs
-from oats.runner import run_all
+from oats.sweep import run_all
 from tests.conftest import tiny_model
 
 INTERRUPT_AFTER = 4  # kill the run once block 4 (0-based) is checkpointed

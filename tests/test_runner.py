@@ -6,7 +6,7 @@ from ml_collections import ConfigDict
 
 import main
 from oats.config import resolve_all
-from oats.runner import run_all, status_of
+from oats.sweep import run_all, status_of
 
 
 def tiny(tiny_model_dir, **kw):
@@ -69,7 +69,7 @@ def test_magnitude_exact_on_smollm2(fresh_smollm2, sparsity_type):
 
     from oats.compressor import compress_model
     from oats.config import resolve
-    from oats.models import get_blocks, linear_layers
+    from oats.architectures import get_blocks, linear_layers
     from oats.pipeline import capture_inputs
 
     model, tok = fresh_smollm2

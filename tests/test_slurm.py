@@ -75,7 +75,7 @@ def test_slurm_submission_through_sbatch(tmp_path, config_file, monkeypatch):
     out = tmp_path / "runs"
     (out / "second").mkdir(parents=True)  # "second" is done already: not submitted again
     from oats.config import config_hash, resolve_all
-    from oats.results import write_record
+    from oats.records import write_record
 
     second = resolve_all(__import__("runpy").run_path(str(config_file))["CONFIGS"])[1]
     write_record(out / "second", {"status": "ok", "config_hash": config_hash(second)})

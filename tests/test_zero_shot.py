@@ -160,7 +160,7 @@ def test_mmlu_subject_files_split_exactly(shared_data, tmp_path):
 
 
 def test_mmlu_offline_five_shot_prompt_uses_dev_examples(tiny_lm, shared_data, monkeypatch, tmp_path):
-    monkeypatch.setenv("OATS_CACHE", str(tmp_path))
+    monkeypatch.setenv("OATS_CACHE_DIR", str(tmp_path))
     raw = zs.run_lm_eval(tiny_lm, zs.mmlu_task_configs(["astronomy"], shared_data), limit=2, num_fewshot=5,
                          offline=True, log_samples=True)
     dev = [r for r in _rows(shared_data / "tasks" / "mmlu" / "dev.jsonl.gz", 10**6) if r["subject"] == "astronomy"]

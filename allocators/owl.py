@@ -18,7 +18,7 @@ still the target; whenever the reference already stays within +-lambda the two a
 (``owl_sparsities(..., bounded=False)`` gives the reference's numbers unchanged).
 
 The allocator returns the per-block sparsities; the compressing pass then starts again from the same
-captured block-0 inputs (``stream`` never mutates them) and hands each block's sparsity to the method
+captured block-0 inputs (streaming never mutates them) and hands each block's sparsity to the method
 through ``Budget.sparsity`` (for OATS: the block's compression rate).
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from baselines.wanda import wanda_scores
-from oats.pipeline import BlockInputs, StatsCollector, stream
+from oats.interface import Allocator, StreamDense
+from oats.keys import ConfigError, Key, interval, positive
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +79,23 @@ def owl_sparsities(lod: Sequence[float], target: float, lam: float, bounded: boo
 
 
 @torch.no_grad()
-def block_lod(layers: dict[str, nn.Linear], collector: StatsCollector, m: float) -> float:
+def block_lod(layers: dict[str, nn.Linear], collector: Any, m: float) -> float:
     """LOD of one block: the outlier share of the Wanda scores of all its linear layers together."""
     scores = [wanda_scores(layer.weight.detach().float(), collector.stats(name).col_norms) for name, layer in layers.items()]
     return outlier_ratio(scores, m)
 
 
-def owl_layerwise(model: nn.Module, inputs: BlockInputs, cfg: Any, device: torch.device) -> BlockSparsities:
-    """``LAYERWISE['owl']``: stream the dense model once, measure each block's LOD, allocate sparsities."""
+def owl_layerwise(stream_dense: StreamDense, n_blocks: int, cfg: Any) -> BlockSparsities:
+    """The ``owl`` allocator: stream the dense model once, measure each block's LOD, allocate sparsities."""
     t0 = time.perf_counter()
     lod: list[float] = []
 
-    def on_block(i: int, block: nn.Module, layers: dict[str, nn.Linear], collector: StatsCollector | None) -> None:
-        assert collector is not None
+    def on_block(i: int, block: nn.Module, layers: dict[str, nn.Linear], collector: Any, inputs: Any = None) -> None:
         lod.append(block_lod(layers, collector, float(cfg.owl_m)))
 
-    stats_dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
-    stream(model, inputs, device, "diag", on_block, stats_dtype, desc="OWL statistics (dense)")
+    stream_dense("diag", on_block, "OWL statistics (dense)")
+    if len(lod) != n_blocks:
+        raise RuntimeError(f"OWL: measured {len(lod)} blocks of {n_blocks}")
     sparsities = owl_sparsities(lod, float(cfg.sparsity), float(cfg.owl_lambda))
     log.info("OWL: LOD %s -> block sparsities %s", [round(x, 4) for x in lod], [round(s, 4) for s in sparsities])
     info = {
@@ -106,3 +107,22 @@ def owl_layerwise(model: nn.Module, inputs: BlockInputs, cfg: Any, device: torch
         "seconds": time.perf_counter() - t0,  # the dense statistics pass (the runner counts it under calibration)
     }
     return BlockSparsities(sparsities, info)
+
+
+KEYS: dict[str, Key] = {
+    "owl_m": Key(5.0, (float, int), "OWL outlier threshold M: a Wanda score is an outlier above M times its layer's mean", positive),
+    "owl_lambda": Key(0.08, (float, int), "OWL: per-block sparsities spread within +-lambda of the target", interval(0.0, 1.0)),
+}
+
+
+def validate(cfg: Any) -> None:
+    if cfg["sparsity_type"] != "unstructured":
+        raise ConfigError("layerwise", f"'owl' sets a sparsity per block, which an N:M pattern ({cfg['sparsity_type']}) fixes; "
+                          f"allowed with 'owl': sparsity_type 'unstructured'")
+    lam = cfg["owl_lambda"]
+    if not (0.0 <= cfg["sparsity"] - lam and cfg["sparsity"] + lam < 1.0):
+        raise ConfigError("owl_lambda", f"sparsity {cfg['sparsity']} +- owl_lambda {lam} must stay inside [0, 1)")
+
+
+ALLOCATOR = Allocator("owl", owl_layerwise, stats="diag", keys=KEYS, validate=validate,
+                      doc="per-block sparsities from each block's outlier share (unstructured)", paper="Yin et al. 2024 (OWL)")

@@ -95,17 +95,42 @@ def compressed_layers(model: nn.Module) -> dict[str, SparseLowRankLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLowRankLinear)}
 
 
+def write_manifest(model: nn.Module, directory: str | Path) -> Path | None:
+    """Write :data:`MANIFEST` (every SparseLowRankLinear's name and shapes) into ``directory`` when the
+    model holds such layers; the module structure is all it reads, so a meta-device skeleton will do."""
+    from data.files import atomic_write_text
+
+    layers = compressed_layers(model)
+    if not layers:
+        return None
+    manifest = {"format": "oats-sparse-lowrank-v1", "layers": {
+        n: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank, "nnz": m.nnz,
+            "bias": m.bias is not None} for n, m in layers.items()}}
+    atomic_write_text(Path(directory) / MANIFEST, json.dumps(manifest, indent=1))
+    return Path(directory) / MANIFEST
+
+
+def apply_manifest(model: nn.Module, directory: str | Path, dtype: torch.dtype, device: str | torch.device | None = None) -> int:
+    """Swap the layers a saved model's :data:`MANIFEST` names for empty SparseLowRankLinear modules
+    (on ``device``; 'meta' for a lazily loaded skeleton). Returns how many; 0 without a manifest."""
+    from oats.architectures import set_module
+
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return 0
+    layers = json.loads(path.read_text())["layers"]
+    for name, spec in layers.items():
+        set_module(model, name, SparseLowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["nnz"],
+                                                    spec["bias"], dtype=dtype, device=device))
+    return len(layers)
+
+
 def save_compressed(model: nn.Module, directory: str | Path, **save_kwargs: Any) -> Path:
     """``model.save_pretrained(directory)`` plus, when the model holds SparseLowRankLinear layers, the
     manifest :data:`MANIFEST` that :func:`load_compressed` needs. Works for uncompressed models too."""
     directory = Path(directory)
     model.save_pretrained(directory, **save_kwargs)
-    layers = compressed_layers(model)
-    if layers:
-        manifest = {"format": "oats-sparse-lowrank-v1", "layers": {
-            n: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank, "nnz": m.nnz,
-                "bias": m.bias is not None} for n, m in layers.items()}}
-        (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_manifest(model, directory)
     return directory
 
 
@@ -133,8 +158,6 @@ def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> 
     unexpected tensor is an error, except weights tied to others). Eval mode, on the CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from oats.models import set_module
-
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
@@ -145,9 +168,7 @@ def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> 
     saved = getattr(torch, saved) if isinstance(saved, str) else saved
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or saved or torch.float32)
     layer_dtype = next(model.parameters()).dtype
-    for name, spec in json.loads(manifest_path.read_text())["layers"].items():
-        set_module(model, name, SparseLowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["nnz"],
-                                                    spec["bias"], dtype=layer_dtype))
+    apply_manifest(model, directory, layer_dtype)
     state = _read_state_dict(directory)
     missing, unexpected = model.load_state_dict({k: v.to(layer_dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
     tied = set()

@@ -33,11 +33,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from oats.interface import CompressedWeight, InputStats
+from oats.interface import CompressedWeight, InputStats, Update
+from oats.keys import Key, choice, non_negative, positive
 
 log = logging.getLogger(__name__)
 
 PRECONDITIONERS = ("jacobi", "hinv")
+
+KEYS: dict[str, Key] = {
+    "percdamp": Key(0.01, (float, int), "SparseGPT/OPTIMA dampening: fraction of the mean Hessian diagonal added to it", non_negative),
+    "optima_tol": Key(1e-6, (float,), "OPTIMA batched solver: relative residual tolerance", positive),
+    "optima_max_iters": Key(500, (int,), "OPTIMA batched solver: iteration cap", positive),
+    "optima_dtype": Key("float32", (str,), "OPTIMA solver precision", choice("float32", "float64")),
+}
 
 
 def row_objective(W: Tensor, W0: Tensor, H: Tensor) -> Tensor:
@@ -234,3 +242,9 @@ def update(weight: Tensor, cw: CompressedWeight, stats: InputStats | None, cfg: 
     if cw.is_factored:
         return CompressedWeight(sparse=W, U=cw.U, V=cw.V, info=out_info, mask=mask)
     return CompressedWeight(dense=W, info=out_info, mask=mask)
+
+
+UPDATE = Update("optima", update, stats="gram", keys=KEYS,
+                doc="keep the mask, re-solve the kept weights of every row as a QP on the calibration Gram "
+                    "(for sparse + low-rank answers: the sparse part, U V fixed)",
+                paper="OPTIMA")

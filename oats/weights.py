@@ -1,10 +1,14 @@
-"""Models bigger than memory: compress block by block with weights read lazily from safetensors shards.
+"""Where a model's weights come from: the model in memory, or its safetensors shards read lazily
+(models bigger than memory). The experiment lifecycle (``oats.experiment``) runs the same code over
+either; the lazy source only adds the loading and freeing around each block.
+
+Lazy: compress block by block with weights read from safetensors shards only when needed.
 
 The model is built on the meta device (accelerate ``init_empty_weights``: parameters take no memory,
 buffers such as rotary frequencies stay real). Weights are read with ``safetensors.safe_open`` only
 when needed and freed (put back on the meta device) right after:
 
-- embeddings / final norm / LM head ("the rest"): loaded to catch block 0's calibration inputs, freed,
+- embeddings / final norm / LM head ("the head"): loaded to catch block 0's calibration inputs, freed,
   loaded again for the evaluation's head;
 - block i: loaded just before it is calibrated and compressed, written to its own output shard
   ``<out>/<name>/model/model-block-00007.safetensors``, freed.
@@ -14,29 +18,50 @@ that block's pages resident. Peak memory is then about max(rest, one block + its
 calibration activations (two copies: a block's inputs and its outputs), whatever the model's size.
 
 The output directory is a normal sharded Hugging Face checkpoint (``model.safetensors.index.json``,
-``config.json``, tokenizer) that ``from_pretrained`` loads. Evaluation streams the compressed shards
-block by block the same way (token perplexity only).
+``config.json``, tokenizer) that ``from_pretrained`` loads (in compress mode with the manifest that
+``oats.algorithm.compressed.load_compressed`` reads). Token perplexity streams the compressed shards
+block by block the same way; evaluations that need the whole model at once (lm_eval's zero-shot
+tasks and word perplexity) load the compressed model from those shards.
 """
 from __future__ import annotations
 
 import json
-import logging
-import math
 import shutil
-import time
+import logging
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oats.models import DTYPES, get_blocks
+from data.files import torch_dtype
+from oats.architectures import blocks_path, get_blocks
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 REST_SHARD = "model-rest.safetensors"
+
+
+class InMemoryWeights:
+    """The whole model in memory: loading and freeing are no-ops."""
+
+    lazy = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def load_head(self) -> None:
+        pass
+
+    def free_head(self) -> None:
+        pass
+
+    def load_block(self, i: int) -> None:
+        pass
+
+    def free_block(self, i: int) -> None:
+        pass
 
 
 def block_shard(i: int) -> str:
@@ -91,21 +116,15 @@ def empty_model(model_dir: str | Path, dtype: str = "float32") -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from oats.algorithm.compressed import apply_manifest
+
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+        apply_manifest(model, Path(model_dir), torch_dtype(dtype), device="meta")  # compress-mode layers, if any
     model.eval()
     model.config.use_cache = False
     return model
-
-
-def blocks_prefix(model: nn.Module) -> str:
-    """Qualified name of the decoder blocks' ModuleList ('model.layers' for Llama)."""
-    blocks = get_blocks(model)
-    for name, module in model.named_modules():
-        if module is blocks:
-            return name
-    raise RuntimeError("decoder blocks not found among the model's modules")
 
 
 def _persistent_tensors(module: nn.Module) -> dict[str, Tensor]:
@@ -146,14 +165,16 @@ def pin_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
 class LazyModel:
     """A meta-device model plus the shards its weights come from; loads and frees pieces on demand."""
 
+    lazy = True
+
     def __init__(self, model: nn.Module, source: ShardedWeights, dtype: str = "float32"):
         pin_malloc_mmap_threshold()
-        self.model, self.source, self.dtype = model, source, DTYPES[dtype]
-        self.prefix = blocks_prefix(model)
+        self.model, self.source, self.dtype = model, source, torch_dtype(dtype)
+        self.prefix = blocks_path(model)
         self.n_blocks = len(get_blocks(model))
         blocks = get_blocks(model)
         blocks_ids = {id(p) for p in blocks.parameters()}
-        self.rest_names = [n for n, t in _persistent_tensors(model).items() if not n.startswith(self.prefix + ".") and id(t) not in blocks_ids]
+        self.head_names = [n for n, t in _persistent_tensors(model).items() if not n.startswith(self.prefix + ".") and id(t) not in blocks_ids]
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
 
     @classmethod
@@ -166,10 +187,10 @@ class LazyModel:
             raise RuntimeError(f"unexpected tensors {unexpected[:5]}")
         return missing
 
-    def load_rest(self) -> None:
+    def load_head(self) -> None:
         """Load everything but the blocks (embeddings, final norm, LM head)."""
-        names = [n for n in self.rest_names if n in self.source.file_of]
-        absent = [n for n in self.rest_names if n not in self.source.file_of]
+        names = [n for n in self.head_names if n in self.source.file_of]
+        absent = [n for n in self.head_names if n not in self.source.file_of]
         if absent and not (self.tied and all(n.endswith("lm_head.weight") for n in absent)):
             raise KeyError(f"{self.source.directory}: tensors {absent[:5]} are in no shard")
         tensors = self.source.load(names, self.dtype)
@@ -179,7 +200,7 @@ class LazyModel:
             if out is not None and inp is not None:
                 out.weight = inp.weight
 
-    def free_rest(self) -> None:
+    def free_head(self) -> None:
         blocks = get_blocks(self.model)
         saved = list(blocks)
         for k in range(len(blocks)):
@@ -218,11 +239,11 @@ class ShardWriter:
         tmp.replace(self.dir / block_shard(i))
 
     def write_rest_and_index(self, model_dir: Path, tokenizer: Any = None) -> None:
-        """Copy the uncompressed rest from the source, then the index, config and tokenizer."""
+        """Copy the uncompressed head from the source, then the index, config, manifest and tokenizer."""
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        names = [n for n in self.lazy.rest_names if n in self.lazy.source.file_of]
+        names = [n for n in self.lazy.head_names if n in self.lazy.source.file_of]
         save_file({k: v.contiguous() for k, v in self.lazy.source.load(names, self.lazy.dtype).items()}, str(self.dir / REST_SHARD), metadata={"format": "pt"})
         weight_map = {n: REST_SHARD for n in names}
         total = 0
@@ -237,66 +258,14 @@ class ShardWriter:
         total += (self.dir / REST_SHARD).stat().st_size
         (self.dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         self.lazy.model.config.save_pretrained(self.dir)
+        from oats.algorithm.compressed import write_manifest
+
+        write_manifest(self.lazy.model, self.dir)
         gen = Path(model_dir) / "generation_config.json"
         if gen.is_file():
             shutil.copy(gen, self.dir / gen.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.dir)
-
-
-@torch.no_grad()
-def streamed_perplexity(
-    lazy: LazyModel, tokens: Tensor, seqlen: int, max_windows: int | None, device: torch.device, batch_size: int = 1
-) -> float:
-    """Token perplexity (the protocol of ``eval.perplexity``) computed one block at a time from the shards.
-
-    All windows' hidden states go through block i before block i+1 is loaded; the head then runs per
-    batch and only the NLL is kept (never the [n, L, vocab] logits).
-    """
-    from eval.perplexity import n_windows
-    from oats.pipeline import capture_inputs, move_non_blocks, stream
-
-    n = n_windows(tokens.shape[1], seqlen, max_windows)
-    if n == 0:
-        raise ValueError(f"{tokens.shape[1]} tokens are fewer than one window of eval_seqlen={seqlen}")
-    windows = tokens[0, : n * seqlen].view(n, seqlen)
-    model = lazy.model
-    lazy.load_rest()
-    inputs = capture_inputs(model, windows, device, batch_size)
-    lazy.free_rest()
-    final = stream(model, inputs, device, "none", lambda *a: None, desc="streamed perplexity",
-                   before_block=lazy.load_block, after_block=lambda i, *a: lazy.free_block(i))
-    lazy.load_rest()
-    blocks = get_blocks(model)
-    originals = list(blocks)
-    total_nll, total_tokens = 0.0, 0
-    try:
-        move_non_blocks(model, device)
-        for j, start in enumerate(range(0, n, batch_size)):
-            for k in range(len(originals)):
-                blocks[k] = _Replay(final.hidden[j] if k == 0 else None)
-            batch = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits.float()
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-            total_nll += float(nll)
-            total_tokens += batch[:, 1:].numel()
-    finally:
-        for k, b in enumerate(originals):
-            blocks[k] = b
-        move_non_blocks(model, torch.device("cpu"))
-        lazy.free_rest()
-    return math.exp(total_nll / total_tokens)
-
-
-class _Replay(nn.Module):
-    """Stands in for a block in the head pass: block 0 returns the streamed output, the others pass it on."""
-
-    def __init__(self, output: Tensor | None):
-        super().__init__()
-        self.output = output
-
-    def forward(self, hidden_states: Tensor, *args, **kwargs):
-        return self.output if self.output is not None else hidden_states
 
 
 def local_model_dir(name: str) -> Path:
@@ -309,79 +278,3 @@ def local_model_dir(name: str) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
-
-
-def run_lazy(cfg: Any, out_root: Path) -> dict[str, Any]:
-    """``run_experiment`` for ``lazy_load=True``: the same record, at about one block's memory."""
-    from transformers import AutoTokenizer
-
-    from data import calibration_windows, eval_tokens
-    from oats.checkpoint import BlockCheckpointer, set_rng_state
-    from oats.compressor import block_sparsities, compress_model
-    from oats.config import config_hash
-    from oats.pipeline import capture_inputs
-    from oats.runner import finish_record, start_experiment
-
-    timings: dict[str, float] = {}
-    t_all, device = start_experiment(cfg)
-    exp_dir = Path(out_root) / cfg.name
-    out_dir = exp_dir / "model"
-
-    t = time.perf_counter()
-    src = local_model_dir(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    lazy = LazyModel.from_dir(src, cfg.dtype)
-    timings["load"] = time.perf_counter() - t
-    record: dict[str, Any] = {"device": str(device), "seed": cfg.seed, "lazy_load": True}
-    layers: list[dict[str, Any]] = []
-    eval_source = lazy
-    if cfg.method != "dense":
-        t = time.perf_counter()
-        ckpt = BlockCheckpointer(exp_dir, config_hash(cfg), save_blocks=False) if cfg.checkpoint_blocks else None
-        resumed = ckpt.load(device) if ckpt is not None else None
-        if resumed is not None:  # finished blocks are already in their output shards
-            set_rng_state(resumed.rng)
-            inputs, layers, sparsities, layerwise_info = resumed.inputs, resumed.records, resumed.sparsities, resumed.layerwise_info
-            start_block = record["resumed_after_block"] = resumed.last_block + 1
-        else:
-            ids = calibration_windows(tokenizer, cfg.cal_dataset, cfg.cal_nsamples, cfg.cal_seqlen, cfg.cal_sampler, cfg.seed, cfg.data_dir)
-            lazy.load_rest()
-            inputs = capture_inputs(lazy.model, ids, device, cfg.cal_batch_size)
-            lazy.free_rest()
-            sparsities = block_sparsities(lazy.model, inputs, cfg, device)  # 'uniform' only (config check)
-            layerwise_info, start_block = getattr(sparsities, "info", None), 0
-        timings["calibration"] = time.perf_counter() - t
-        t = time.perf_counter()
-        writer = ShardWriter(out_dir, lazy)
-        save = ckpt.after_block_fn(layers, sparsities, layerwise_info) if ckpt is not None else None
-
-        def after_block(i: int, block: nn.Module, next_inputs) -> None:
-            writer.write_block(i, block)  # the shard first: a checkpoint must never point past it
-            if save is not None:
-                save(i, block, next_inputs)
-            lazy.free_block(i)
-
-        layers = compress_model(lazy.model, inputs, cfg, device, sparsities, start_block=start_block,
-                                after_block=after_block, records=layers, before_block=lazy.load_block)
-        del inputs
-        writer.write_rest_and_index(src, tokenizer)
-        timings["compression"] = time.perf_counter() - t
-        record["block_sparsity"] = list(sparsities)
-        if layerwise_info:
-            record["layerwise"] = layerwise_info
-        total = sum(r["shape"][0] * r["shape"][1] for r in layers)
-        record["achieved_sparsity"] = 1.0 - sum(r["kept_params"] for r in layers) / total
-        eval_source = LazyModel.from_dir(out_dir, cfg.dtype)
-    else:
-        record["achieved_sparsity"] = 0.0
-    t = time.perf_counter()
-    metrics: dict[str, Any] = {"ppl": {}}
-    for name in cfg.eval_datasets:
-        toks = eval_tokens(tokenizer, name, cfg.data_dir)
-        metrics["ppl"][name] = streamed_perplexity(eval_source, toks, cfg.eval_seqlen, cfg.eval_max_windows, device, cfg.eval_batch_size)
-        log.info("%s: perplexity on %s (seqlen %d, streamed) = %.3f", cfg.name, name, cfg.eval_seqlen, metrics["ppl"][name])
-    record["metrics"] = metrics
-    timings["evaluation"] = time.perf_counter() - t
-    if cfg.method != "dense" and not cfg.save_model:
-        shutil.rmtree(out_dir)  # written by this run, inside the experiment's directory
-    return finish_record(record, timings, t_all, device, layers)

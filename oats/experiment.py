@@ -1,0 +1,244 @@
+"""One experiment's lifecycle, whatever holds the weights: load, resume or calibrate, allocate,
+compress block by block (checkpointing), evaluate, record.
+
+The weights come from a source (``oats.weights``): the model in memory, or its safetensors shards read
+block by block (``lazy_load``). The lifecycle is the same code for both; the lazy source only loads
+and frees around each block and writes each compressed block to its own output shard.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from oats.config import config_hash, selected_plugins
+from oats.pipeline import BlockInputs, capture_inputs, stream, streamed_outputs
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+MODEL_MARKER = "OATS_MODEL"  # written into every model folder the runner makes; only such folders are ever deleted
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        from oats import __version__
+
+        out["oats"] = __version__
+        out["git"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        ).stdout.strip()
+    except Exception:  # pragma: no cover - git missing
+        pass
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def start_experiment(cfg: Any) -> tuple[float, torch.device]:
+    """(start time, compute device) of an experiment: threads set, peak-memory counters reset, torch seeded."""
+    from oats.models import resolve_device
+
+    t_all = time.perf_counter()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(cfg.seed)
+    return t_all, device
+
+
+def finish_record(record: dict[str, Any], timings: dict[str, float], t_all: float, device: torch.device,
+                  layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Add total time, peak memory and the per-layer records to an experiment's record."""
+    timings["total"] = time.perf_counter() - t_all
+    record["timings"] = timings
+    record["peak_memory_mb"] = {"cpu_rss": peak_rss_mb()}
+    if device.type == "cuda":
+        record["peak_memory_mb"]["cuda_allocated"] = torch.cuda.max_memory_allocated() / 2**20
+    record["layers"] = layers
+    return record
+
+
+def open_weights(cfg: Any):
+    """(tokenizer, weight source, local model directory or None) for the config's model."""
+    if cfg.lazy_load:
+        from transformers import AutoTokenizer
+
+        from oats.weights import LazyModel, local_model_dir
+
+        src = local_model_dir(cfg.model)
+        return AutoTokenizer.from_pretrained(src), LazyModel.from_dir(src, cfg.dtype), src
+    from oats.models import load_model
+    from oats.weights import InMemoryWeights
+
+    model, tokenizer = load_model(cfg.model, cfg.dtype)
+    return tokenizer, InMemoryWeights(model), None
+
+
+def block_sparsities(weights: Any, inputs: BlockInputs, cfg: Any, device: torch.device) -> list[float]:
+    """Per-block target sparsity: uniform, or from the selected layerwise allocator, which streams the
+    dense model (loaded block by block when the weights are lazy)."""
+    from oats.architectures import get_blocks
+
+    n = len(get_blocks(weights.model))
+    allocator = selected_plugins(cfg).get("allocator")
+    if allocator is None:
+        return [float(cfg.sparsity)] * n
+    stats_dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
+
+    def stream_dense(kind: str, on_block: Callable[..., None], desc: str) -> None:
+        stream(weights.model, inputs, device, kind, on_block, stats_dtype, desc=desc,
+               before_block=weights.load_block, after_block=lambda i, *a: weights.free_block(i))
+
+    return allocator.allocate(stream_dense, n, cfg)
+
+
+def _token_perplexity(weights: Any, cfg: Any, device: torch.device) -> Callable[[Tensor], float]:
+    from eval.perplexity import perplexity, perplexity_of, windows_of
+
+    if not weights.lazy:
+        return lambda tokens: perplexity(weights.model, tokens, cfg.eval_seqlen, cfg.eval_max_windows, cfg.eval_batch_size, device)
+
+    def streamed(tokens: Tensor) -> float:
+        windows = windows_of(tokens, cfg.eval_seqlen, cfg.eval_max_windows)
+        return perplexity_of(streamed_outputs(weights.model, windows, device, cfg.eval_batch_size, before_block=weights.load_block,
+                                              after_block=lambda i, *a: weights.free_block(i), load_head=weights.load_head,
+                                              free_head=weights.free_head, desc="streamed perplexity"))
+
+    return streamed
+
+
+def _whole_model(weights: Any, model_dir: Path | None, device: torch.device) -> Callable[[], nn.Module]:
+    """The model lm_eval needs whole: in memory, the model itself; lazy, the (compressed) model loaded
+    from its shards, once (memory: the whole model, as lm_eval runs it)."""
+    cache: list[nn.Module] = []
+
+    def get() -> nn.Module:
+        if not cache:
+            if weights.lazy:
+                from oats.algorithm.compressed import load_compressed
+
+                log.warning("lazy_load: lm_eval needs the whole model; loading it from %s (memory: the whole model)", model_dir)
+                cache.append(load_compressed(model_dir, dtype=weights.dtype).to(device))
+            else:
+                cache.append(weights.model.to(device))
+        return cache[0]
+
+    return get
+
+
+def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
+    """Load, calibrate, compress, evaluate one experiment; returns its record (not yet written)."""
+    from data import calibration_windows, eval_tokens
+    from eval.evaluate import evaluate
+    from oats.compressor import compress_model
+
+    plugins = selected_plugins(cfg)
+    method = plugins["method"]
+    exp_dir = Path(exp_dir)
+    timings: dict[str, float] = {}
+    t_all, device = start_experiment(cfg)
+
+    t = time.perf_counter()
+    tokenizer, weights, src = open_weights(cfg)
+    timings["load"] = time.perf_counter() - t
+    record: dict[str, Any] = {"device": str(device), "seed": cfg.seed, "lazy_load": bool(cfg.lazy_load),
+                              "compresses": method.compresses, "method_label": method_label(cfg)}
+    layers: list[dict[str, Any]] = []
+    model_dir = src
+    if method.compresses:
+        from oats.checkpoint import BlockCheckpointer, set_rng_state
+
+        t = time.perf_counter()
+        ckpt = BlockCheckpointer(exp_dir, config_hash(cfg), save_blocks=not weights.lazy) if cfg.checkpoint_blocks else None
+        resumed = ckpt.load(device) if ckpt is not None else None
+        if resumed is not None:  # a killed run's checkpoint: finished blocks back in, continue after them
+            if not weights.lazy:  # lazy: the finished blocks are already in their output shards
+                ckpt.restore_blocks(weights.model, resumed.last_block)
+            set_rng_state(resumed.rng)
+            inputs, layers, sparsities, layerwise_info = resumed.inputs, resumed.records, resumed.sparsities, resumed.layerwise_info
+            start_block = record["resumed_after_block"] = resumed.last_block + 1
+        else:
+            ids = calibration_windows(tokenizer, cfg.cal_dataset, cfg.cal_nsamples, cfg.cal_seqlen, cfg.cal_sampler, cfg.seed, cfg.data_dir)
+            weights.load_head()
+            inputs = capture_inputs(weights.model, ids, device, cfg.cal_batch_size)
+            weights.free_head()
+            sparsities = block_sparsities(weights, inputs, cfg, device)
+            layerwise_info, start_block = getattr(sparsities, "info", None), 0
+        timings["calibration"] = time.perf_counter() - t
+        t = time.perf_counter()
+        writer = None
+        if weights.lazy:
+            from oats.weights import ShardWriter
+
+            model_dir = exp_dir / MODEL_DIR
+            writer = ShardWriter(model_dir, weights)
+            (model_dir / MODEL_MARKER).touch()
+        save = ckpt.after_block_fn(layers, sparsities, layerwise_info) if ckpt is not None else None
+
+        def after_block(i: int, block: nn.Module, next_inputs: BlockInputs) -> None:
+            if writer is not None:
+                writer.write_block(i, block)  # the shard first: a checkpoint must never point past it
+            if save is not None:
+                save(i, block, next_inputs)
+            weights.free_block(i)
+
+        layers = compress_model(weights.model, inputs, cfg, device, sparsities, start_block=start_block,
+                                after_block=after_block, records=layers, before_block=weights.load_block)
+        del inputs
+        if writer is not None:
+            writer.write_rest_and_index(src, tokenizer)
+            from oats.weights import LazyModel
+
+            weights = LazyModel.from_dir(model_dir, cfg.dtype)  # evaluate what was written
+        timings["compression"] = time.perf_counter() - t
+        record["block_sparsity"] = list(sparsities)
+        if layerwise_info:  # what a layerwise allocator measured (OWL: LOD per block)
+            record["layerwise"] = layerwise_info
+        total = sum(r["shape"][0] * r["shape"][1] for r in layers)
+        record["achieved_sparsity"] = 1.0 - sum(r["kept_params"] for r in layers) / total
+    else:
+        record["achieved_sparsity"] = 0.0
+    t = time.perf_counter()
+    record["metrics"] = evaluate(cfg, lambda name: eval_tokens(tokenizer, name, cfg.data_dir), tokenizer,
+                                 _token_perplexity(weights, cfg, device), _whole_model(weights, model_dir, device))
+    timings["evaluation"] = time.perf_counter() - t
+    if cfg.save_model and not weights.lazy:
+        from oats.algorithm.compressed import save_compressed  # save_pretrained + the manifest of compress-mode layers
+
+        save_compressed(weights.model, exp_dir / MODEL_DIR)
+        tokenizer.save_pretrained(exp_dir / MODEL_DIR)
+        (exp_dir / MODEL_DIR / MODEL_MARKER).touch()
+    elif weights.lazy and method.compresses and not cfg.save_model:
+        from data.files import remove_tree
+
+        remove_tree(exp_dir / MODEL_DIR, inside=exp_dir, marker=MODEL_MARKER)  # written by this run
+    return finish_record(record, timings, t_all, device, layers)
+
+
+def method_label(cfg: Any) -> str:
+    """'wanda', 'OWL + wanda', 'sparsegpt + OPTIMA', 'OATS (κ=0.3, 80 it, fast)' ... as tables name an experiment."""
+    plugins = selected_plugins(cfg)
+    m = plugins["method"]
+    label = m.label(cfg) if m.label is not None else m.name
+    if "allocator" in plugins:
+        label = f"{plugins['allocator'].name.upper()} + {label}"
+    for kind in ("update", "block_update"):
+        if kind in plugins:
+            label = f"{label} + {plugins[kind].name.upper()}"
+    return label

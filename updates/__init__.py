@@ -1,0 +1,1 @@
+"""Weight updates after a method, mask held fixed: per layer (OPTIMA's row QPs) or per block. Registered in ``oats.registry``."""
