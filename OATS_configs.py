@@ -37,8 +37,8 @@ CONFIGS = [
     experiment(name="owl-wanda-70", method="wanda", sparsity=0.7, layerwise="owl"),
     experiment(name="owl-sparsegpt-50", method="sparsegpt", sparsity=0.5, layerwise="owl"),
     experiment(name="owl-sparsegpt-70", method="sparsegpt", sparsity=0.7, layerwise="owl"),
-    experiment(name="wanda-50-optima", method="wanda", sparsity=0.5, update="optima"),
-    experiment(name="sparsegpt-50-optima", method="sparsegpt", sparsity=0.5, update="optima"),
+    experiment(name="wanda-50-optima", method="wanda", sparsity=0.5, weight_update="optima"),
+    experiment(name="sparsegpt-50-optima", method="sparsegpt", sparsity=0.5, weight_update="optima"),
 ]
 
 # Defaults for `python main.py --slurm` (the command line overrides them):

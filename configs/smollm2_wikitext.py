@@ -47,8 +47,8 @@ CONFIGS = [
     experiment(name="owl-sparsegpt-50", method="sparsegpt", sparsity=0.5, layerwise="owl"),
     experiment(name="owl-wanda-70", method="wanda", sparsity=0.7, layerwise="owl"),
     experiment(name="owl-sparsegpt-70", method="sparsegpt", sparsity=0.7, layerwise="owl"),
-    experiment(name="wanda-50-optima", method="wanda", sparsity=0.5, update="optima"),
-    experiment(name="sparsegpt-50-optima", method="sparsegpt", sparsity=0.5, update="optima"),
+    experiment(name="wanda-50-optima", method="wanda", sparsity=0.5, weight_update="optima"),
+    experiment(name="sparsegpt-50-optima", method="sparsegpt", sparsity=0.5, weight_update="optima"),
     # zero-shot (lm_eval, local task files, first 100 examples of each task on this CPU)
     experiment(name="dense-zs", method="dense", eval_datasets=[], zero_shot_tasks=ZERO_SHOT, zero_shot_limit=100, zero_shot_batch_size=16),
     experiment(name="wanda-50-zs", method="wanda", sparsity=0.5, eval_datasets=[], zero_shot_tasks=ZERO_SHOT, zero_shot_limit=100, zero_shot_batch_size=16),

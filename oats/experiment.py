@@ -108,19 +108,24 @@ def block_sparsities(weights: Any, inputs: BlockInputs, cfg: Any, device: torch.
     return allocator.allocate(stream_dense, n, cfg)
 
 
+def streamed_perplexity(weights: Any, tokens: Tensor, seqlen: int, max_windows: int | None, device: torch.device,
+                        batch_size: int = 1) -> float:
+    """Token perplexity (the protocol of ``eval.perplexity``) computed one block at a time, each block's
+    weights loaded just before and freed just after it runs (never the whole model in memory)."""
+    from eval.perplexity import perplexity_of, windows_of
+
+    windows = windows_of(tokens, seqlen, max_windows)
+    return perplexity_of(streamed_outputs(weights.model, windows, device, batch_size, before_block=weights.load_block,
+                                          after_block=lambda i, *a: weights.free_block(i), load_head=weights.load_head,
+                                          free_head=weights.free_head, desc="streamed perplexity"))
+
+
 def _token_perplexity(weights: Any, cfg: Any, device: torch.device) -> Callable[[Tensor], float]:
-    from eval.perplexity import perplexity, perplexity_of, windows_of
+    from eval.perplexity import perplexity
 
     if not weights.lazy:
         return lambda tokens: perplexity(weights.model, tokens, cfg.eval_seqlen, cfg.eval_max_windows, cfg.eval_batch_size, device)
-
-    def streamed(tokens: Tensor) -> float:
-        windows = windows_of(tokens, cfg.eval_seqlen, cfg.eval_max_windows)
-        return perplexity_of(streamed_outputs(weights.model, windows, device, cfg.eval_batch_size, before_block=weights.load_block,
-                                              after_block=lambda i, *a: weights.free_block(i), load_head=weights.load_head,
-                                              free_head=weights.free_head, desc="streamed perplexity"))
-
-    return streamed
+    return lambda tokens: streamed_perplexity(weights, tokens, cfg.eval_seqlen, cfg.eval_max_windows, device, cfg.eval_batch_size)
 
 
 def _whole_model(weights: Any, model_dir: Path | None, device: torch.device) -> Callable[[], nn.Module]:

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from oats.checkpoint import BlockCheckpointer
 from oats.config import ConfigError, resolve
+from oats.experiment import streamed_perplexity
 from oats.weights import INDEX_FILE, LazyModel, ShardedWeights, block_shard
 from oats.sweep import run_all
 from eval.perplexity import perplexity
@@ -117,8 +118,40 @@ def test_lazy_resume_after_kill(tmp_path, sharded_dir, monkeypatch):
     assert not (out / "lazy" / "checkpoint").exists()
 
 
-def test_lazy_config_rejects_unsupported_combinations(sharded_dir):
-    with pytest.raises(ConfigError, match="lazy_load"):
-        _cfg(sharded_dir, lazy_load=True, zero_shot_tasks=["boolq"])
-    with pytest.raises(ConfigError, match="lazy_load"):
-        _cfg(sharded_dir, lazy_load=True, compress=True)
+def _smollm2_cfg(**over) -> ConfigDict:
+    base = dict(model="smollm2-135m", cal_dataset="pydoc", cal_nsamples=2, cal_seqlen=32, cal_batch_size=2,
+                eval_datasets=["pydoc"], eval_seqlen=64, eval_max_windows=2, device="cpu", name="x")
+    return resolve({**base, **over})
+
+
+PARITY = {
+    "wanda": dict(method="wanda"),
+    "sparsegpt": dict(method="sparsegpt", targets=["self_attn.q_proj", "mlp.down_proj"]),
+    "oats": dict(method="oats", num_iters=2, targets=["self_attn.o_proj", "mlp.up_proj"]),
+    "oats-compress": dict(method="oats", num_iters=2, compress=True, targets=["self_attn.o_proj", "mlp.up_proj"]),
+    "owl-wanda": dict(method="wanda", layerwise="owl"),
+}
+
+
+@pytest.mark.parametrize("variant", list(PARITY))
+def test_lazy_and_in_memory_agree_on_the_embedded_model(variant, tmp_path, smollm2):
+    """One lifecycle: lazy_load gives the in-memory run's layers and metrics (compress mode and OWL included)."""
+    over = PARITY[variant]
+    assert run_all([_smollm2_cfg(**over)], tmp_path / "mem") == {"x": "ok"}
+    assert run_all([_smollm2_cfg(lazy_load=True, **over)], tmp_path / "lazy") == {"x": "ok"}
+    mem = json.loads((tmp_path / "mem" / "x" / "result.json").read_text())
+    lazy = json.loads((tmp_path / "lazy" / "x" / "result.json").read_text())
+    assert lazy["lazy_load"] and not mem["lazy_load"]
+    assert _strip(lazy["layers"]) == _strip(mem["layers"]) and lazy["block_sparsity"] == mem["block_sparsity"]
+    assert lazy["metrics"]["ppl"]["pydoc"] == pytest.approx(mem["metrics"]["ppl"]["pydoc"], rel=1e-5)
+    assert not (tmp_path / "lazy" / "x" / "model").exists()  # save_model False: the lazy shards are removed
+
+
+def test_lazy_zero_shot_matches_in_memory(tmp_path, smollm2, shared_data):
+    over = dict(method="wanda", eval_datasets=[], zero_shot_tasks=["boolq"], zero_shot_limit=4, data_dir=str(shared_data))
+    run_all([_smollm2_cfg(**over)], tmp_path / "mem")
+    run_all([_smollm2_cfg(lazy_load=True, **over)], tmp_path / "lazy")
+    mem = json.loads((tmp_path / "mem" / "x" / "result.json").read_text())
+    lazy = json.loads((tmp_path / "lazy" / "x" / "result.json").read_text())
+    assert mem["status"] == lazy["status"] == "ok", (mem.get("error"), lazy.get("error"))
+    assert lazy["metrics"]["zero_shot"] == pytest.approx(mem["metrics"]["zero_shot"])

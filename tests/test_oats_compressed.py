@@ -70,14 +70,13 @@ def test_config_rejects_impossible_nm_budget_and_layer_scope():
         resolve(dict(model="m", method="oats", mask_scope="layer"))
     with pytest.raises(ConfigError, match="svd"):
         resolve(dict(model="m", method="oats", svd="lanczos"))
-    with pytest.raises(ConfigError, match="update"):
-        resolve(dict(model="m", method="oats", update="optima"))
+    assert resolve(dict(model="m", method="oats", weight_update="optima")).weight_update == "optima"  # OATS + OPTIMA
     assert resolve(dict(model="m", method="oats", sparsity=0.5, sparsity_type="2:8")).sparsity_type == "2:8"
 
 
 def test_layer_plot_writes_file(tmp_path):
-    from oats.layer_plots import plot_layer_error_rank
+    from eval.report import plot_layers
 
-    recs = [{"layer": f"{b}.{n}", "block": b, "scaled_rel_error": 0.1 * (b + 1), "rank": 3} for b in range(2) for n in ("q", "k")]
-    out = plot_layer_error_rank(recs, tmp_path / "p.png", "t")
+    recs = [{"layer": f"{b}.{n}", "block": b, "sparsity": 0.5, "scaled_rel_error": 0.1 * (b + 1), "rank": 3} for b in range(2) for n in ("q", "k")]
+    out = plot_layers({"layers": recs, "config": {"name": "t", "method": "oats", "sparsity": 0.5}}, tmp_path / "p.png")
     assert out.stat().st_size > 1000

@@ -281,7 +281,7 @@ def test_optima_through_the_pipeline_lowers_block_output_error():
     errs, records = {}, {}
     for update in ("none", "optima"):
         model = copy.deepcopy(dense)
-        c = resolve(ConfigDict(dict(model="tiny", method="magnitude", sparsity=0.5, mask_scope="row", update=update, cal_batch_size=4)))
+        c = resolve(ConfigDict(dict(model="tiny", method="magnitude", sparsity=0.5, mask_scope="row", weight_update=update, cal_batch_size=4)))
         inputs = capture_inputs(model, ids, torch.device("cpu"), 4)
         records[update] = compress_model(model, inputs, c, torch.device("cpu"), [0.5, 0.5])
         h0 = capture_inputs(dense, ids, torch.device("cpu"), 4)
@@ -304,11 +304,12 @@ def test_config_validation_of_update_keys():
     from oats.registry import UPDATES
 
     assert "optima" in UPDATES
-    ok = resolve(ConfigDict(dict(model="m", method="wanda", update="optima")))
-    assert ok["update"] == "optima" and ok.name.endswith("-optima")
-    for bad, key in [(dict(method="dense", update="optima"), "update"), (dict(method="wanda", update="obs"), "update"),
-                     (dict(method="wanda", update="optima", optima_dtype="float16"), "optima_dtype"),
-                     (dict(method="wanda", update="optima", optima_tol=0.0), "optima_tol"),
-                     (dict(method="wanda", update="optima", optima_max_iters=0), "optima_max_iters")]:
+    ok = resolve(ConfigDict(dict(model="m", method="wanda", weight_update="optima")))
+    assert ok.weight_update == "optima" and ok.name.endswith("-optima")
+    for bad, key in [(dict(method="dense", weight_update="optima"), "weight_update"), (dict(method="wanda", weight_update="obs"), "weight_update"),
+                     (dict(method="wanda", weight_update="optima", optima_dtype="float16"), "optima_dtype"),
+                     (dict(method="wanda", weight_update="optima", optima_tol=0.0), "optima_tol"),
+                     (dict(method="wanda", weight_update="optima", optima_tol=float("inf")), "optima_tol"),
+                     (dict(method="wanda", weight_update="optima", optima_max_iters=0), "optima_max_iters")]:
         with pytest.raises(ConfigError, match=f"'{key}'"):
             resolve(ConfigDict(dict(model="m", **bad)))

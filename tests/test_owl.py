@@ -7,7 +7,9 @@ import pytest
 import torch
 from ml_collections import ConfigDict
 
-from allocators.owl import BlockSparsities, outlier_ratio, owl_layerwise, owl_sparsities
+from allocators.owl import BlockSparsities, outlier_ratio, owl_sparsities
+from oats.experiment import block_sparsities
+from oats.weights import InMemoryWeights
 from eval.report import plot_owl, plot_owl_record
 from oats.config import ConfigError, resolve
 from oats.architectures import get_blocks, linear_layers
@@ -77,7 +79,7 @@ def test_statistics_pass_leaves_inputs_and_weights_and_matches_hooks():
     hidden0 = [h.clone() for h in inputs.hidden]
     weights0 = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = _cfg()
-    s = owl_layerwise(model, inputs, cfg, torch.device("cpu"))
+    s = block_sparsities(InMemoryWeights(model), inputs, cfg, torch.device("cpu"))
     assert isinstance(s, BlockSparsities) and len(s) == 4
     assert all(torch.equal(a, b) for a, b in zip(hidden0, inputs.hidden))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights0.items())
@@ -105,13 +107,13 @@ def test_statistics_pass_leaves_inputs_and_weights_and_matches_hooks():
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
 def test_end_to_end_blocks_get_their_sparsity(method):
-    from oats.compressor import block_sparsities, compress_model
+    from oats.compressor import compress_model
 
     model = tiny_model("llama", layers=3, seed=2)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
     inputs = capture_inputs(model, ids, torch.device("cpu"), batch_size=2)
     cfg = _cfg(method=method, mask_scope="layer")
-    s = block_sparsities(model, inputs, cfg, torch.device("cpu"))
+    s = block_sparsities(InMemoryWeights(model), inputs, cfg, torch.device("cpu"))
     recs = compress_model(model, inputs, cfg, torch.device("cpu"), s)
     for r in recs:
         n = r["shape"][0] * r["shape"][1]

@@ -9,7 +9,7 @@ from eval import report as rp
 
 def _rec(name, method, sparsity, ppl, zs=None, layers=None, **cfg):
     c = {"name": name, "model": "smollm2-135m", "method": method, "sparsity": sparsity, "sparsity_type": "unstructured",
-         "layerwise": "uniform", "update": "none", "eval_seqlen": 512, **cfg}
+         "layerwise": "uniform", "weight_update": "none", "eval_seqlen": 512, **cfg}
     m = {"ppl": {"wikitext2": ppl}}
     if zs is not None:
         m["zero_shot"] = zs
@@ -86,7 +86,9 @@ def test_report_writes_tables_and_pngs(tmp_path):
 
     for r in RECORDS:
         write_record(tmp_path / r["name"], r)
-    written = rp.report(tmp_path)
+    from oats.records import report
+
+    written = report(tmp_path)
     out = tmp_path / "report"
     for kind in ("md", "csv", "tex"):
         assert written[kind] == out / f"results.{kind}" and written[kind].stat().st_size > 0
