@@ -39,9 +39,10 @@ def weight_digests(monkeypatch):
     seen: list[dict[str, str]] = []
     real = eval.evaluate.evaluate
 
-    def spy(model, tokenizer, cfg, device):
+    def spy(cfg, tokens_of, tokenizer, token_perplexity, whole_model):
+        model = whole_model()
         seen.append({k: hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest() for k, v in model.state_dict().items()})
-        return real(model, tokenizer, cfg, device)
+        return real(cfg, tokens_of, tokenizer, token_perplexity, whole_model)
 
     monkeypatch.setattr(eval.evaluate, "evaluate", spy)
     return seen
