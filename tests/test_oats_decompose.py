@@ -252,7 +252,7 @@ def test_warm_low_rank_step_matches_float64_svd(shape):
 
 def test_svd_tol_default_is_one_number():
     """The config key's default and the pure function's default are the same tolerance."""
-    from oats.config import KEYS
+    from oats.algorithm.method import KEYS
     from oats.algorithm.decompose import SVD_TOL
 
     assert KEYS["svd_tol"].default == SVD_TOL
