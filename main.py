@@ -1,8 +1,8 @@
 """oats: run the experiment list of OATS_configs.py (or --config FILE.py) and write results.
 
-    python main.py                       # every experiment of OATS_configs.py not done yet
+    python main.py                       # every experiment of OATS_configs.py not done yet -> results/OATS_configs/
     python main.py --config my.py --only oats-50 --out runs/
-    python main.py --list                # each experiment and whether it is done
+    python main.py --list                # each experiment and whether it is done (done / failed / stale / pending)
     python main.py --slurm --partition gpu --gpus 1 --time 240 --mem 64   # one SLURM array, a task per experiment
     python main.py --report --out runs/  # tables (md, csv, tex) + plots of every result under runs/report/
 """
@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="OATS_configs.py", help="Python file defining CONFIGS, a list of ConfigDicts")
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="run only the experiment(s) of this name")
     p.add_argument("--index", type=int, action="append", default=[], metavar="I", help="run only the experiment(s) at this index")
-    p.add_argument("--out", default="results", help="results root (default: results/)")
+    p.add_argument("--out", default=None, help="results root (default: results/<config file stem>/)")
     p.add_argument("--list", action="store_true", help="print the experiments and whether each is done, then exit")
     p.add_argument("--force", action="store_true", help="rerun experiments even when their result exists")
     p.add_argument("--report", action="store_true", help="write tables and plots of all results under <out>/report/, then exit")
@@ -51,10 +51,23 @@ def load_configs(path: str) -> list:
     file = Path(path)
     if not file.is_file():
         raise ConfigError("--config", f"{path!r} is not a file")
-    namespace = runpy.run_path(str(file))
+    try:
+        namespace = runpy.run_path(str(file))
+    except SyntaxError as e:
+        raise ConfigError("--config", f"{path} line {e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:
+        import traceback
+
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == str(file)), "?")
+        raise ConfigError("--config", f"{path} line {line}: {type(e).__name__}: {e}") from None
     if "CONFIGS" not in namespace:
         raise ConfigError("CONFIGS", f"{path} must define CONFIGS, a list of ml_collections.ConfigDict")
     return namespace["CONFIGS"]
+
+
+def default_out(config_path: str) -> Path:
+    """results/<config file stem>: lists of different files never share (or stale) each other's folders."""
+    return Path("results") / Path(config_path).stem
 
 
 def select(cfgs: list, only: list[str], index: list[int]) -> list:
@@ -77,12 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("urllib3", "filelock", "fsspec", "datasets", "httpx", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    out = Path(args.out) if args.out else default_out(args.config)
     if args.report:
-        from oats.records import report
-
-        for kind, path in report(Path(args.out)).items():
-            print(f"{kind:24s} {path}")
-        return 0
+        return _report(out)
     from oats.config import ConfigError, resolve_all
 
     try:
@@ -91,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    from oats.sweep import run_all, status_of
+    from oats.sweep import STATUSES, run_all, status_of
 
     if args.list:
         from oats.checkpoint import describe
@@ -101,14 +110,53 @@ def main(argv: list[str] | None = None) -> int:
             status = status_of(c, out)
             partial = describe(out / c.name) if status != "done" else None
             print(f"{i:3d}  {status:8s}  {c.name}" + (f"  ({partial})" if partial else ""))
+        print("statuses: " + "; ".join(f"{k} = {v}" for k, v in STATUSES.items()) + f" (results in {out}/)")
         return 0
+    try:
+        from oats.preflight import preflight
+
+        preflight(cfgs, out)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.slurm:
         return _submit(args, all_cfgs, cfgs, out)
-    outcome = run_all(cfgs, out, force=args.force)
+    try:
+        outcome = run_all(cfgs, out, force=args.force)
+    except KeyboardInterrupt:
+        done = sum(status_of(c, out) == "done" for c in cfgs)
+        again = " ".join(["python", "main.py", *(argv if argv is not None else sys.argv[1:])])
+        print(f"\ninterrupted: {done} of {len(cfgs)} experiments done (results in {out}/); run `{again}` again to resume "
+              f"(finished experiments are skipped{', checkpointed blocks reused' if any(c.checkpoint_blocks for c in cfgs) else ''})",
+              file=sys.stderr)
+        return 130
     failed = [n for n, s in outcome.items() if s == "failed"]
-    log.info("finished: %d ok, %d skipped, %d failed; results in %s/ (summary.md)",
-             sum(s == "ok" for s in outcome.values()), sum(s == "skipped" for s in outcome.values()), len(failed), out)
+    print_results(cfgs, out)
+    log.info("finished: %d ok, %d skipped, %d failed, %d busy; results in %s/ (summary.md; tables and plots: "
+             "python main.py --report --out %s)", sum(s == "ok" for s in outcome.values()), sum(s == "skipped" for s in outcome.values()),
+             len(failed), sum(s == "busy" for s in outcome.values()), out, out)
     return 1 if failed else 0
+
+
+def print_results(cfgs: list, out: Path) -> None:
+    """The results table of the selected experiments, on the console."""
+    from eval.report import summary_markdown
+    from oats.records import experiment_dir, read_record
+
+    records = [r for c in cfgs if (r := read_record(experiment_dir(out, c.name))) is not None]
+    if records:
+        print("\n" + summary_markdown(records))
+
+
+def _report(out: Path) -> int:
+    from oats.records import all_records, report
+
+    if not all_records(out):
+        print(f"error: no result records under {out}/ (looked for {out}/*/result.json); run the experiments first or pass --out", file=sys.stderr)
+        return 2
+    for kind, path in report(out).items():
+        print(f"{kind:24s} {path}")
+    return 0
 
 
 def _submit(args: argparse.Namespace, all_cfgs: list, cfgs: list, out: Path) -> int:
@@ -121,9 +169,8 @@ def _submit(args: argparse.Namespace, all_cfgs: list, cfgs: list, out: Path) -> 
         opts = make_options(file_options(args.config), executor=args.slurm_executor, partition=args.partition, gpus=args.gpus,
                             time=args.time, mem=args.mem, cpus=args.cpus, array_parallelism=args.array_parallelism,
                             account=args.account, qos=args.qos, constraint=args.constraint, folder=args.slurm_folder)
-        wanted = {c.name for c in cfgs if args.force or status_of(c, out) != "done"}
-        indices = [i for i, c in enumerate(all_cfgs) if c.name in wanted]
-        jobs = submit(args.config, indices, out, opts, force=args.force)
+        wanted = [c for c in cfgs if args.force or status_of(c, out) != "done"]
+        jobs = submit(args.config, wanted, out, opts, force=args.force)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -132,11 +179,11 @@ def _submit(args: argparse.Namespace, all_cfgs: list, cfgs: list, out: Path) -> 
     if not args.wait:
         return 0
     failed = 0
-    for i, job in zip(indices, jobs):
+    for c, job in zip(wanted, jobs):
         try:
             outcome = job.result()
         except Exception as e:  # the task itself died (timeout, out of memory...)
-            outcome = {all_cfgs[i].name: f"task error: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}"}
+            outcome = {c.name: f"task error: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}"}
         failed += any(v not in ("ok", "skipped") for v in outcome.values())
         log.info("job %s: %s", job.job_id, outcome)
     return 1 if failed else 0

@@ -5,21 +5,27 @@ written or deleted)::
 
     OATS_CHECKPOINT          marker: this directory is ours (``clear`` refuses to delete one without it)
     meta.json                the commit point: config hash, last finished block, the state file's name
-    block_00007.pt           compressed block 7 (the pickled module, so factored layers survive too);
-                             absent in lazy mode, where the output shard is the block's copy
+    block_00007.safetensors  compressed block 7's tensors; absent in lazy mode, where the output shard
+    block_00007.json         is the block's copy; the JSON names the block's compress-mode layers and shapes
     state_00007.pt           after block 7: the inputs of block 8 (hidden states per calibration batch
                              and the keyword arguments), per-layer records so far, block sparsities,
-                             layerwise info, RNG states
+                             layerwise info, RNG states: tensors and plain values only
 
 Every file is written to a temporary name and renamed (atomic on POSIX); ``meta.json`` is replaced
 last, so a run killed at any instant leaves either the previous complete checkpoint or the new one.
-Block files are pickled modules (``torch.load(weights_only=False)``): load only checkpoints you wrote.
+Nothing is unpickled: tensors are safetensors, the state is read with ``torch.load(weights_only=True)``
+(tensors, containers, numbers, strings), and ``meta.json`` may only name a state file of this folder
+(``state_NNNNN.pt``), so whoever can write the results folder cannot make a resume run code.
+Clearing renames the folder to ``.checkpoint-deleting-*`` first, then deletes it: a kill half way
+leaves a folder of that name, which only the runner makes and the next run removes.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +42,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 MARKER = "OATS_CHECKPOINT"
-FORMAT = 1
+FORMAT = 2
+STATE_NAME = re.compile(r"^state_\d{5}\.pt$")
+DELETING = ".checkpoint-deleting-"
 
 
 @dataclass
@@ -52,14 +60,16 @@ class ResumeState:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG a method may draw from (torch CPU and CUDA, Python, NumPy)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Every RNG a method may draw from (torch CPU and CUDA, Python, NumPy), as tensors and plain values."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
     except ImportError:  # pragma: no cover
         pass
     return state
@@ -67,17 +77,32 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _save_block(block: nn.Module, directory: Path, i: int) -> None:
+    """Block i's tensors as safetensors, and the compress-mode layers it holds as JSON."""
+    from safetensors.torch import save_file
+
+    from oats.algorithm.compressed import compressed_layers
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+    layers = {n: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank, "nnz": m.nnz,
+                  "bias": m.bias is not None} for n, m in compressed_layers(block).items()}
+    atomic_write(directory / f"block_{i:05d}.safetensors", lambda tmp: save_file(tensors, tmp))
+    atomic_write_text(directory / f"block_{i:05d}.json", json.dumps({"compressed_layers": layers}) + "\n")
 
 
 class BlockCheckpointer:
@@ -108,7 +133,7 @@ class BlockCheckpointer:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / MARKER).touch()
         if self.save_blocks:
-            _atomic_torch_save(block, self.dir / f"block_{i:05d}.pt")
+            _save_block(block, self.dir, i)
         state_name = f"state_{i:05d}.pt"
         _atomic_torch_save(
             {
@@ -142,9 +167,14 @@ class BlockCheckpointer:
     # --- reading ---------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any] | None:
         try:
-            return json.loads((self.dir / "meta.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            meta = json.loads((self.dir / "meta.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
+        if not isinstance(meta, dict) or not isinstance(meta.get("state"), str) or not STATE_NAME.match(meta["state"]):
+            log.warning("%s/meta.json is not a checkpoint of this runner (state file %r); ignored", self.dir,
+                        meta.get("state") if isinstance(meta, dict) else meta)
+            return None
+        return meta
 
     def last_block(self) -> int | None:
         """The last finished block of a checkpoint matching this config, else None (cheap: reads meta.json)."""
@@ -163,7 +193,12 @@ class BlockCheckpointer:
                         self.dir, meta.get("config_hash"), self.cfg_hash)
             self.clear()
             return None
-        state = torch.load(self.dir / meta["state"], map_location=device, weights_only=False)
+        try:
+            state = torch.load(self.dir / meta["state"], map_location=device, weights_only=True)
+        except Exception as e:  # missing, truncated, or holding more than tensors and plain values
+            log.warning("checkpoint state %s cannot be read (%s: %s); starting over", self.dir / meta["state"], type(e).__name__, e)
+            self.clear()
+            return None
         if state["last_block"] != meta["last_block"]:
             raise RuntimeError(f"{self.dir}: meta.json says block {meta['last_block']}, {meta['state']} says {state['last_block']}")
         log.info("resuming from the checkpoint after block %d in %s", state["last_block"], self.dir)
@@ -180,29 +215,48 @@ class BlockCheckpointer:
         """Put the checkpointed compressed blocks 0..last_block back into ``model`` (on the CPU)."""
         if not self.save_blocks:
             raise RuntimeError("this checkpoint keeps no block copies (lazy mode reads them from the output shards)")
+        from safetensors.torch import load_file
+
+        from oats.algorithm.compressed import SparseLowRankLinear
+        from oats.architectures import set_module
+
         blocks = get_blocks(model)
         for j in range(last_block + 1):
-            saved = torch.load(self.dir / f"block_{j:05d}.pt", map_location="cpu", weights_only=False)
-            current = blocks[j]
-            if set(saved.state_dict()) == set(current.state_dict()):
-                current.load_state_dict(saved.state_dict())  # same structure: keep the model's own module
-            else:
-                blocks[j] = saved  # layers were replaced (compress mode): take the saved module whole
+            tensors = load_file(str(self.dir / f"block_{j:05d}.safetensors"))
+            layers = json.loads((self.dir / f"block_{j:05d}.json").read_text())["compressed_layers"]
+            block = blocks[j]
+            dtype = next(block.parameters()).dtype
+            for name, spec in layers.items():  # compress mode replaced these linears
+                set_module(block, name, SparseLowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["nnz"],
+                                                            spec["bias"], dtype=dtype))
+            block.load_state_dict(tensors, strict=True)
 
     def clear(self) -> None:
-        """Delete this experiment's checkpoint directory, and only it (it must carry our marker)."""
+        """Delete this experiment's checkpoint directory, and only it (it must carry our marker): renamed
+        first (atomic), then deleted, so a kill half way leaves a folder only the runner names so."""
         d = self.dir
-        if not d.exists():
+        self.remove_leftovers()
+        if not d.exists() and not d.is_symlink():
             return
         if d.is_symlink() or d.name != CHECKPOINT_DIR or not (d / MARKER).is_file():
             raise RuntimeError(f"refusing to delete {d}: not an oats checkpoint directory")
-        shutil.rmtree(d)
+        doomed = d.parent / f"{DELETING}{os.getpid()}"
+        os.replace(d, doomed)
+        shutil.rmtree(doomed)
+
+    def remove_leftovers(self) -> None:
+        """Remove what a clear killed half way left: ``.checkpoint-deleting-*`` folders (real folders only)."""
+        for p in self.dir.parent.glob(f"{DELETING}*"):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def describe(exp_dir: Path) -> str | None:
     """'block k done' for ``--list`` when an experiment has a checkpoint (any config), else None."""
     try:
         meta = json.loads((Path(exp_dir) / CHECKPOINT_DIR / "meta.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(meta, dict):
         return None
     return f"checkpoint after block {meta.get('last_block')}"

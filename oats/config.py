@@ -255,6 +255,9 @@ def _check_combinations(out: dict[str, Any], plugins: Mapping[str, Any]) -> None
     method = plugins["method"]
     if not out["model"]:
         raise ConfigError("model", f"missing; give {' or '.join(EMBEDDED_MODELS)}, a local model directory or a hub id")
+    if not out["eval_datasets"] and not out["zero_shot_tasks"] and not out["word_perplexity"]:
+        raise ConfigError("eval_datasets", "is empty and neither zero_shot_tasks nor word_perplexity is set: the experiment "
+                                           "would record no metric; name a data set (e.g. ['pydoc']) or a task")
     if not method.compresses:
         for key in ("sparsity_type", "layerwise", "weight_update", "block_update", "targets", "ignore"):
             if out[key] != _default(key):
@@ -292,6 +295,8 @@ def resolve_all(cfgs: Sequence[Any]) -> list[ml_collections.ConfigDict]:
     """Resolve a whole experiment list; names must be unique."""
     if not isinstance(cfgs, (list, tuple)):
         raise ConfigError("CONFIGS", f"must be a list of ConfigDicts, got {type(cfgs).__name__}")
+    if not cfgs:
+        raise ConfigError("CONFIGS", "is empty: there is no experiment to run")
     resolved = [resolve(c, i) for i, c in enumerate(cfgs)]
     seen: dict[str, int] = {}
     for i, c in enumerate(resolved):

@@ -72,7 +72,7 @@ def make_options(file_options: dict[str, Any] | None = None, **cli: Any) -> Slur
 
 
 def _setup_lines(opts: SlurmOptions, cluster: bool = True) -> list[str]:
-    # The task unpickles oats.slurm.run_index, so the repository must be importable wherever it runs.
+    # The task unpickles oats.slurm.run_task, so the repository must be importable wherever it runs.
     return [f"export PYTHONPATH={REPO_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}", *(opts.setup if cluster else ())]
 
 
@@ -126,16 +126,24 @@ def make_executor(opts: SlurmOptions, folder: str | Path):
     return ex
 
 
-def run_index(config_path: str, index: int, out_root: str, force: bool = False) -> dict[str, str]:
-    """One array task: run experiment number ``index`` of the config file (what ``main.py --index`` runs)."""
-    from oats.config import resolve_all
+def run_task(config_path: str, name: str, cfg_hash: str, out_root: str, force: bool = False) -> dict[str, str]:
+    """One array task: run the experiment called ``name`` of the config file, and only if its config
+    still has the hash it had at submission. The file is read again when the task starts (it may wait
+    in the queue for days): an experiment renamed, removed or changed since is refused, never another
+    one run in its place."""
+    from oats.config import config_hash, resolve_all
     from oats.sweep import run_all
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfgs = resolve_all(runpy.run_path(config_path)["CONFIGS"])
-    cfg = cfgs[index]
-    log.info("array task: experiment #%d %s (SLURM_ARRAY_TASK_ID=%s)", index, cfg.name, os.environ.get("SLURM_ARRAY_TASK_ID"))
+    cfgs = {c.name: c for c in resolve_all(runpy.run_path(config_path)["CONFIGS"])}
+    if name not in cfgs:
+        raise ConfigError("name", f"array task for experiment {name!r}: {config_path} no longer has it (edited since submission); nothing run")
+    cfg = cfgs[name]
+    if config_hash(cfg) != cfg_hash:
+        raise ConfigError("name", f"array task for experiment {name!r}: its config in {config_path} changed since submission "
+                                  f"(hash {config_hash(cfg)}, submitted {cfg_hash}); nothing run, submit again")
+    log.info("array task: experiment %s (hash %s, SLURM_ARRAY_TASK_ID=%s)", name, cfg_hash, os.environ.get("SLURM_ARRAY_TASK_ID"))
     return run_all([cfg], Path(out_root), force=force)
 
 
@@ -147,15 +155,19 @@ def file_options(config_path: str | Path) -> dict[str, Any]:
     return opts
 
 
-def submit(config_path: str | Path, indices: Sequence[int], out_root: str | Path, opts: SlurmOptions, force: bool = False) -> list:
-    """Submit experiments ``indices`` of ``config_path`` as one array (one task each). Returns the jobs."""
-    if not indices:
+def submit(config_path: str | Path, cfgs: Sequence[Any], out_root: str | Path, opts: SlurmOptions, force: bool = False) -> list:
+    """Submit the resolved experiments ``cfgs`` of ``config_path`` as one array, one task each; each task
+    carries its experiment's name and config hash (see :func:`run_task`). Returns the jobs."""
+    from oats.config import config_hash
+
+    if not cfgs:
         return []
     config_path, out_root = Path(config_path).resolve(), Path(out_root).resolve()
     folder = Path(opts.folder).resolve() if opts.folder else out_root / "slurm"
     ex = make_executor(opts, folder)
-    n = len(indices)
-    jobs = ex.map_array(run_index, [str(config_path)] * n, list(indices), [str(out_root)] * n, [force] * n)
-    for i, job in zip(indices, jobs):
-        log.info("experiment #%d submitted as job %s (%s executor)", i, job.job_id, opts.executor)
+    n = len(cfgs)
+    jobs = ex.map_array(run_task, [str(config_path)] * n, [c.name for c in cfgs], [config_hash(c) for c in cfgs],
+                        [str(out_root)] * n, [force] * n)
+    for c, job in zip(cfgs, jobs):
+        log.info("experiment %s submitted as job %s (%s executor)", c.name, job.job_id, opts.executor)
     return jobs

@@ -2,14 +2,16 @@
 folder; a rerun skips what is done; a failure is recorded with its traceback and the sweep goes on."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from oats.config import config_hash, legacy_config_hash
-from oats.records import experiment_dir, read_record, write_record, write_summary
+from oats.records import RESULT_FILE, experiment_dir, read_record, write_record, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,13 @@ def status_of(cfg: Any, out_root: Path) -> str:
 
 
 def run_all(cfgs: Sequence[Any], out_root: Path, force: bool = False) -> dict[str, str]:
-    """Run every experiment not already done; a failure is recorded with its traceback and the run goes on."""
+    """Run every experiment not already done; a failure is recorded with its traceback and the run goes on.
+
+    Returns {name: 'ok' | 'failed' | 'skipped' | 'busy'} ('busy': another process holds its lock).
+    Each experiment runs under a lock on ``<out>/<name>/.lock``; its record is written atomically into
+    its own folder; a record that cannot be written is a failure logged here, never an abort; an
+    unreadable old record is kept aside (``result.json.unreadable-*``) before a new one replaces it.
+    """
     from oats.checkpoint import BlockCheckpointer
     from oats.experiment import run_experiment, versions
 
@@ -53,22 +61,76 @@ def run_all(cfgs: Sequence[Any], out_root: Path, force: bool = False) -> dict[st
             log.info("[%d/%d] %s: done already (config hash %s), skipped", i + 1, len(cfgs), cfg.name, h)
             outcome[cfg.name] = "skipped"
             continue
-        log.info("[%d/%d] %s: running (%s)", i + 1, len(cfgs), cfg.name, describe(cfg))
-        base = {"name": cfg.name, "config": cfg.to_dict(), "config_hash": h, "hash_version": 2, "versions": versions(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        with experiment_lock(exp_dir) as held:
+            if not held:
+                log.warning("[%d/%d] %s: another process is running it (lock %s held); skipped", i + 1, len(cfgs), cfg.name, exp_dir / LOCK_FILE)
+                outcome[cfg.name] = "busy"
+                continue
+            if not force and status_of(cfg, out_root) == "done":  # finished by another process while we waited
+                outcome[cfg.name] = "skipped"
+                continue
+            log.info("[%d/%d] %s: running (%s)", i + 1, len(cfgs), cfg.name, describe(cfg))
+            base = {"name": cfg.name, "config": cfg.to_dict(), "config_hash": h, "hash_version": 2, "versions": versions(),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            try:
+                record = {**base, "status": "ok", **run_experiment(cfg, exp_dir)}
+                outcome[cfg.name] = "ok"
+            except Exception as e:
+                log.error("%s failed: %s: %s", cfg.name, type(e).__name__, e)
+                record = {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+                outcome[cfg.name] = "failed"
+            record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            try:
+                keep_aside_unreadable(exp_dir)
+                write_record(exp_dir, record)
+            except OSError as e:
+                log.error("%s: the record could not be written to %s (%s: %s); counted as failed", cfg.name, exp_dir, type(e).__name__, e)
+                outcome[cfg.name] = "failed"
+                continue
+            if outcome[cfg.name] == "ok":  # the result is safe on disk: the block checkpoints have served
+                try:
+                    BlockCheckpointer(exp_dir, h).clear()
+                except Exception as e:  # the result stands; a left-over checkpoint is only disk space
+                    log.warning("%s: could not remove its checkpoint folder (%s: %s)", cfg.name, type(e).__name__, e)
         try:
-            record = {**base, "status": "ok", **run_experiment(cfg, exp_dir)}
-            outcome[cfg.name] = "ok"
-        except Exception as e:
-            log.error("%s failed: %s: %s", cfg.name, type(e).__name__, e)
-            record = {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-            outcome[cfg.name] = "failed"
-        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        write_record(exp_dir, record)
-        if outcome[cfg.name] == "ok":  # the result is safe on disk: the block checkpoints have served
-            BlockCheckpointer(exp_dir, h).clear()
-        write_summary(out_root)
+            write_summary(out_root)
+        except OSError as e:
+            log.error("summary.md could not be written in %s (%s: %s)", out_root, type(e).__name__, e)
     return outcome
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def experiment_lock(exp_dir: Path) -> Iterator[bool]:
+    """An exclusive, non-blocking lock on ``<exp_dir>/.lock`` (fcntl; released when the process dies).
+    Yields False when another process holds it."""
+    import fcntl
+
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    with open(exp_dir / LOCK_FILE, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def keep_aside_unreadable(exp_dir: Path) -> Path | None:
+    """Rename a result.json that exists but is not a readable record, so a new record never silently
+    replaces what may be a person's data. Returns the new name, or None when there was nothing to keep."""
+    path = exp_dir / RESULT_FILE
+    if not path.is_file() or read_record(exp_dir) is not None:
+        return None
+    aside = path.with_name(f"{RESULT_FILE}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+    os.replace(path, aside)
+    log.warning("%s was not a readable record; kept as %s", path, aside.name)
+    return aside
 
 
 def describe(cfg: Any) -> str:

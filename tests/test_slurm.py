@@ -63,7 +63,7 @@ def test_bad_options_name_the_key(bad, key):
 
 def test_slurm_submission_through_sbatch(tmp_path, config_file, monkeypatch):
     """With fake sbatch/srun on PATH, `--slurm` goes through submitit's real SlurmExecutor: the script it
-    hands sbatch is the array we asked for, and each task's pickle calls run_index on its experiment."""
+    hands sbatch is the array we asked for, and each task's pickle calls run_task with its experiment's name and hash."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     captured = tmp_path / "submitted.sh"
@@ -92,8 +92,9 @@ def test_slurm_submission_through_sbatch(tmp_path, config_file, monkeypatch):
     for p in pickles:
         with open(p, "rb") as f:
             d = pickle.load(f)
-        calls.append((d.function.__name__, d.args[1], d.args[2]))
-    assert sorted(calls) == [("run_index", 0, str(out.resolve())), ("run_index", 2, str(out.resolve()))]
+        calls.append((d.function.__name__, d.args[1], d.args[2], d.args[3]))
+    cfgs = {c.name: c for c in resolve_all(__import__("runpy").run_path(str(config_file))["CONFIGS"])}
+    assert sorted(calls) == sorted(("run_task", n, config_hash(cfgs[n]), str(out.resolve())) for n in ("first", "third"))
 
 
 def test_local_executor_runs_a_two_experiment_array(tmp_path, config_file):
@@ -109,5 +110,5 @@ def test_local_executor_runs_a_two_experiment_array(tmp_path, config_file):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main.main(["--config", str(config_file), "--out", str(out), "--list"]) == 0
-    listed = {line.split()[-1]: line.split()[1] for line in buf.getvalue().strip().splitlines()}
+    listed = {line.split()[-1]: line.split()[1] for line in buf.getvalue().strip().splitlines() if not line.startswith("statuses")}
     assert listed == {"first": "done", "second": "done", "third": "pending"}
