@@ -1,20 +1,26 @@
-"""The experiment list `python main.py` runs. Each entry is an ml_collections.ConfigDict holding any
-subset of the keys in oats/config.py (README: "Config keys"); the rest take their defaults.
+"""The experiment list `python main.py` runs: the first run, sized to finish in about 3 minutes on a
+2-core CPU from a fresh clone (model conversion included), offline, on the embedded SmolLM2-135M and
+CPython's pydoc corpus. It shows the project: the dense reference, Wanda, SparseGPT, OATS, and
+Wanda + OPTIMA (the best 50% row of the README's WikiText-2 table), all at 50%.
 
-The shipped list runs offline on the embedded SmolLM2-135M with the embedded pydoc corpus, sized for a
-2-core CPU: 16 calibration windows of 512 tokens, perplexity on the first 16 windows of 512 tokens.
+Each entry is an ml_collections.ConfigDict holding any subset of the keys in the README's "Config keys"
+table; the rest take their defaults. Other lists live in configs/ (the README's tables:
+configs/smollm2_wikitext.py; every method at 50% and 70%: configs/smollm2_pydoc_sweep.py).
 """
 from ml_collections import ConfigDict
 
-# Shared by every experiment below (CPU-sized; the papers use 128 x 2048 calibration tokens).
+# Shared by every experiment below. The papers calibrate on 128 x 2048 tokens; 8 x 256 keeps the first
+# run short (numbers are then noisier than the README's tables, which use 32 x 512 and 64 eval windows).
 BASE = dict(
     model="smollm2-135m",
     cal_dataset="pydoc",
-    cal_nsamples=16,
-    cal_seqlen=512,
+    cal_nsamples=8,
+    cal_seqlen=256,
+    cal_batch_size=8,
     eval_datasets=["pydoc"],
-    eval_seqlen=512,
-    eval_max_windows=16,
+    eval_seqlen=256,
+    eval_max_windows=8,
+    eval_batch_size=4,
     dtype="float32",
     device="auto",
 )
@@ -26,19 +32,11 @@ def experiment(**overrides) -> ConfigDict:
 
 CONFIGS = [
     experiment(name="dense", method="dense"),
-    experiment(name="magnitude-50", method="magnitude", sparsity=0.5),
-    # OATS at compression rate 0.5, rank ratio 0.3; 20 iterations instead of the paper's 80 to fit a CPU.
-    experiment(name="oats-50", method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=20),
     experiment(name="wanda-50", method="wanda", sparsity=0.5),
-    experiment(name="wanda-70", method="wanda", sparsity=0.7),
     experiment(name="sparsegpt-50", method="sparsegpt", sparsity=0.5),
-    experiment(name="sparsegpt-70", method="sparsegpt", sparsity=0.7),
-    experiment(name="owl-wanda-50", method="wanda", sparsity=0.5, layerwise="owl"),
-    experiment(name="owl-wanda-70", method="wanda", sparsity=0.7, layerwise="owl"),
-    experiment(name="owl-sparsegpt-50", method="sparsegpt", sparsity=0.5, layerwise="owl"),
-    experiment(name="owl-sparsegpt-70", method="sparsegpt", sparsity=0.7, layerwise="owl"),
+    # OATS at compression rate 0.5 (sparse nonzeros + low-rank entries), rank ratio 0.3; 40 of the paper's 80 iterations
+    experiment(name="oats-50", method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=40),
     experiment(name="wanda-50-optima", method="wanda", sparsity=0.5, weight_update="optima"),
-    experiment(name="sparsegpt-50-optima", method="sparsegpt", sparsity=0.5, weight_update="optima"),
 ]
 
 # Defaults for `python main.py --slurm` (the command line overrides them):

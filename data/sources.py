@@ -135,3 +135,16 @@ def load_docs(name: str, split: str, data_dir: str | None = None) -> list[str]:
         raise DataError(f"split {split!r}; allowed: 'train', 'test'")
     root = resolve_data_dir(data_dir) if name != "pydoc" else None
     return list(_load_docs_cached(name, split, str(root) if root else None))
+
+
+def corpus_fingerprint(name: str, split: str, data_dir: str | None = None) -> dict[str, object]:
+    """{'docs': count, 'chars': total characters, 'sha256': of the rows joined} of a split: a record keeps
+    it so that a corpus that changed under it (pydoc differs between Python versions) marks it stale."""
+    import hashlib
+
+    docs = load_docs(name, split, data_dir)
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.encode("utf-8"))
+        h.update(b"\0")
+    return {"docs": len(docs), "chars": sum(len(d) for d in docs), "sha256": h.hexdigest()[:16]}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from data.files import cache_dir, read_jsonl
+from data.files import cache_dir as data_cache_dir, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def mmlu_subject_files(data_root: Path, cache_dir: Path | None = None) -> dict[s
     if any(p is None for p in src.values()):
         raise TaskDataError(f"mmlu: need test.jsonl[.gz] and dev.jsonl[.gz] in {folder}")
     key = hashlib.sha256("|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in src.values()).encode()).hexdigest()[:12]
-    out_dir = Path(cache_dir or cache_dir("tasks")) / f"mmlu-{key}"
+    out_dir = Path(cache_dir or data_cache_dir("tasks")) / f"mmlu-{key}"
     files = {s: {sp: str(out_dir / f"{s}_{sp}.jsonl") for sp in src} for s in MMLU_SUBJECTS}
     if not (out_dir / "DONE").is_file():
         out_dir.mkdir(parents=True, exist_ok=True)

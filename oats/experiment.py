@@ -220,8 +220,17 @@ def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
     else:
         record["achieved_sparsity"] = 0.0
     t = time.perf_counter()
-    record["metrics"] = evaluate(cfg, lambda name: eval_tokens(tokenizer, name, cfg.data_dir), tokenizer,
-                                 _token_perplexity(weights, cfg, device), _whole_model(weights, model_dir, device))
+    record["data"] = data_fingerprints(cfg)
+    record["eval_tokens"] = {}
+
+    def tokens_of(name: str) -> Tensor:
+        from eval.perplexity import n_windows
+
+        tokens = eval_tokens(tokenizer, name, cfg.data_dir)
+        record["eval_tokens"][name] = n_windows(tokens.shape[1], cfg.eval_seqlen, cfg.eval_max_windows) * cfg.eval_seqlen
+        return tokens
+
+    record["metrics"] = evaluate(cfg, tokens_of, tokenizer, _token_perplexity(weights, cfg, device), _whole_model(weights, model_dir, device))
     timings["evaluation"] = time.perf_counter() - t
     if cfg.save_model and not weights.lazy:
         from oats.algorithm.compressed import save_compressed  # save_pretrained + the manifest of compress-mode layers
@@ -234,6 +243,18 @@ def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
 
         remove_tree(exp_dir / MODEL_DIR, inside=exp_dir, marker=MODEL_MARKER)  # written by this run
     return finish_record(record, timings, t_all, device, layers)
+
+
+def data_fingerprints(cfg: Any) -> dict[str, Any]:
+    """Size and hash of every corpus split the experiment reads ('cal:pydoc', 'eval:wikitext2'...)."""
+    from data import corpus_fingerprint
+
+    out = {}
+    if selected_plugins(cfg)["method"].compresses:
+        out[f"cal:{cfg.cal_dataset}"] = corpus_fingerprint(cfg.cal_dataset, "train", cfg.data_dir)
+    for d in cfg.eval_datasets:
+        out[f"eval:{d}"] = corpus_fingerprint(d, "test", cfg.data_dir)
+    return out
 
 
 def method_label(cfg: Any) -> str:

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 STATUSES = {
     "done": "a result of this very config (same config hash) is on disk",
     "failed": "the last run of this config failed; its record holds the traceback",
-    "stale": "a result is on disk, but the config changed since it was written",
+    "stale": "a result is on disk, but the config (or a corpus it read) changed since it was written",
     "pending": "no result yet",
 }
 
@@ -31,12 +31,25 @@ def is_current(cfg: Any, rec: dict[str, Any]) -> bool:
     return "hash_version" not in rec and rec.get("config_hash") is not None and rec.get("config_hash") == legacy_config_hash(cfg)
 
 
+def data_changed(cfg: Any, rec: dict[str, Any]) -> bool:
+    """The record names corpora (size + hash) that now read differently (a data set that cannot be
+    read now counts as changed)."""
+    if not rec.get("data"):
+        return False
+    from oats.experiment import data_fingerprints
+
+    try:
+        return data_fingerprints(cfg) != rec["data"]
+    except Exception:
+        return True
+
+
 def status_of(cfg: Any, out_root: Path) -> str:
     """One of :data:`STATUSES`."""
     rec = read_record(experiment_dir(out_root, cfg.name))
     if rec is None:
         return "pending"
-    if not is_current(cfg, rec):
+    if not is_current(cfg, rec) or data_changed(cfg, rec):
         return "stale"
     return "done" if rec.get("status") == "ok" else "failed"
 
