@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHARED_DATA = Path(os.environ.get("OATS_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("OATS_DATA_DIR") or ROOT.parent / "shared" / "data")  # the one data env var
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0):
 @pytest.fixture
 def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").is_file():
-        pytest.skip(f"shared evaluation data not found at {SHARED_DATA} (set OATS_SHARED_DATA)")
+        pytest.skip(f"shared evaluation data not found at {SHARED_DATA} (set OATS_DATA_DIR to a folder laid out like it)")
     return SHARED_DATA
 
 

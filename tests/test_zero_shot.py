@@ -68,7 +68,7 @@ def module_data():
     from conftest import SHARED_DATA
 
     if not (SHARED_DATA / "README.md").is_file():
-        pytest.skip(f"shared evaluation data not found at {SHARED_DATA} (set OATS_SHARED_DATA)")
+        pytest.skip(f"shared evaluation data not found at {SHARED_DATA} (set OATS_DATA_DIR to a folder laid out like it)")
     return SHARED_DATA
 
 
