@@ -75,6 +75,9 @@ def embedded_checkpoint(name: str) -> Path:
         raise ModelLoadError(f"converting {fname}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{cache_name}-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a shared cache follows the user's umask
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if target.exists():

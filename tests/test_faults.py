@@ -204,3 +204,14 @@ def test_checkpoint_meta_cannot_point_outside_its_folder(tmp_path):
     (ck.dir / "meta.json").write_text(json.dumps({"format": 2, "config_hash": "h", "last_block": 0, "state": "../../victim.pt",
                                                   "save_blocks": True}))
     assert ck.load() is None and victim.read_text() == "keep"
+
+
+def test_files_follow_the_users_umask(tmp_path):
+    from data.files import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone would give 0o600
