@@ -79,6 +79,8 @@ INITS = ("sparse", "lowrank")
 #   q_proj 70%:    optima .1708 .1665 .1651 .1650   sparsegpt .1709 .1704 .1703 .1703   OATS .1967
 #   v_proj 50%:    optima .1838 .1729 .1655 .1616   sparsegpt .1844 .1820 .1814 .1812   OATS .2115
 #   v_proj 70%:    optima .3372 .3304 .3263 .3263   sparsegpt .3299 .3290 .3290 .3290   OATS .3924
+#   o_proj 50%:    optima .1199 .1119 .1083 .1077   sparsegpt .1310 .1271 .1247 .1232   OATS .1865
+#   o_proj 70%:    optima .2330 .2259 .2240 .2238   sparsegpt .2468 .2439 .2422 .2413   OATS .3556
 #   q_proj 2:4 at 40%: optima .0851 .0796 .0758 .0736   sparsegpt .0826 .0803 .0796 .0794   OATS .0993
 # 'sparsegpt' settles within 10 iterations (after the first few, nearly every SparseGPT proposal is
 # refused and the fixed-mask QP fall-back does the work); 'optima' keeps improving and is the lower
@@ -92,7 +94,7 @@ KEYS = {
     "gram_slr_init": ("sparse", (str,), "gram_slr start: `sparse` (L = 0, the first sparse step sees W) or `lowrank` (S = 0, L = reduced-rank regression of W, as OATS)", INITS),
 }
 
-# the shared keys it reads, with the defaults of oats.config when no config is given
+# the shared keys it reads, with oats.config's defaults when no config is given (a test holds them equal)
 DEFAULTS = {
     "rank_ratio": 0.3,
     "gram_slr_iters": DEFAULT_ITERS,

@@ -243,3 +243,17 @@ def test_objective_never_increases(step, nm, init):
     # the record is the objective of what is returned
     f = math.sqrt(gram_objective(W - res.sparse - res.U @ res.V, H) / gram_objective(W, H))
     assert f == pytest.approx(obj[-1], rel=1e-9)
+
+
+def test_defaults_match_the_config_schema():
+    from baselines.gram_slr import DEFAULTS, KEYS
+    from oats.config import KEYS as SCHEMA
+
+    for key, value in DEFAULTS.items():
+        if key in KEYS:
+            assert KEYS[key][0] == value
+            assert isinstance(value, KEYS[key][1])
+            if len(KEYS[key]) > 3:
+                assert value in KEYS[key][3]
+        else:
+            assert SCHEMA[key].default == value, key
