@@ -133,4 +133,6 @@ def test_diverging_run_is_reverted_and_bad_keys_refused():
     bad = {"mlp.down_proj": CompressedWeight(dense=torch.zeros(3, 3), mask=torch.ones(3, 3, dtype=torch.bool))}
     with pytest.raises(ValueError, match="shape"):
         reconstruct_block(block, bad, inp.hidden, inp.kwargs_for, targets, CFG, "cpu")
+    out, info = reconstruct_block(block, {}, inp.hidden, inp.kwargs_for, targets, CFG, "cpu")  # nothing to train
+    assert out == {} and info["steps"] == 0 and info["loss_before"] == info["loss_after"] == pytest.approx(0.0, abs=1e-10)
     assert set(KEYS) == {"recon_lr", "recon_epochs", "recon_batch_size", "recon_schedule", "recon_norms", "recon_target"}

@@ -251,15 +251,15 @@ def reconstruct_block(
         loss_before, ref_ms = total_loss()
         windows = [(i, j) for i, h in enumerate(hidden) for j in range(h.shape[0])]
         steps_per_epoch = math.ceil(len(windows) / bs) if windows else 0
-        total_steps = steps_per_epoch * epochs
-        opt = torch.optim.Adam(params, lr=lr)
+        total_steps = steps_per_epoch * epochs if params else 0  # nothing to train: measure only
+        opt = torch.optim.Adam(params or [torch.zeros(1, requires_grad=True)], lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, (lambda s: 0.5 * (1 + math.cos(math.pi * s / max(total_steps, 1)))) if schedule == "cosine" else (lambda s: 1.0))
         gen = torch.Generator().manual_seed(SEED)
         dtype_in = hidden[0].dtype if hidden else torch.float32
         step = 0
         with torch.enable_grad(), tqdm(total=total_steps, desc="reconstruct", leave=False, disable=None) as bar:
-            for _ in range(epochs):
+            for _ in range(epochs if total_steps else 0):
                 order = torch.randperm(len(windows), generator=gen).tolist()
                 for s0 in range(0, len(order), bs):
                     pick = [windows[k] for k in order[s0 : s0 + bs]]
