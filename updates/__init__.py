@@ -1,1 +1,2 @@
-"""Weight updates after a method, mask held fixed: per layer (OPTIMA's row QPs) or per block. Registered in ``oats.registry``."""
+"""Weight updates after a method, mask held fixed: per layer (OPTIMA's row QPs) or per block (block
+reconstruction). Registered in ``oats.registry``."""
