@@ -6,7 +6,7 @@ minimise the full layer-wise objective
 
     f(S, L) = ||X (W - S - L)^T||_F^2 = tr((W - S - L) H (W - S - L)^T),   H = X^T X
 
-where OATS (``oats.decompose``) minimises the diagonal surrogate ``||(W - S - L) diag(sqrt D)||_F^2``
+where OATS (``oats.algorithm.decompose``) minimises the diagonal surrogate ``||(W - S - L) diag(sqrt D)||_F^2``
 (only ``diag H``). Both halves of the alternation use the whole Gram:
 
 * **low-rank step** (given S): reduced-rank regression. With ``H^{1/2}`` the symmetric square root,
@@ -23,7 +23,7 @@ where OATS (``oats.decompose``) minimises the diagonal surrogate ``||(W - S - L)
     its own N-of-M rule). Mask and values are chosen together, greedily: not an exact minimiser.
   - ``'optima'``: a Wanda-style mask ``|T_ij| sqrt(H_jj)`` (k per row, or N of every M), then the
     exact QP on that mask, ``S_K = H_KK^{-1} (H t)_K`` row by row, by OPTIMA's batched preconditioned
-    CG (``baselines.optima.batched``), warm-started from the previous S.
+    CG (``updates.optima.batched``), warm-started from the previous S.
 
 Start (``init``, config key ``gram_slr_init``): ``'sparse'`` (default) sets ``L = 0``, so iteration
 0's sparse step is plain SparseGPT (or Wanda + OPTIMA) on W; ``'lowrank'`` sets ``S = 0`` as OATS does,
@@ -37,10 +37,10 @@ steps, 30 iterations) the S-first loop ends 0-10% lower in 7 of the 8 cases (q_p
 
 Where we depart from the papers:
 
-* **Budget**: exactly OATS's (``oats.decompose.oats_budget``): rank ``r`` and ``keep_per_row`` k (or
+* **Budget**: exactly OATS's (``oats.algorithm.decompose.oats_budget``): rank ``r`` and ``keep_per_row`` k (or
   N:M) from ``sparsity`` and ``rank_ratio``, so the two methods keep the same parameter count.
 * **H** is ``stats.gram`` dampened like SparseGPT: ``percdamp * mean(diag H)`` added to the diagonal
-  (raised tenfold until a float64 Cholesky succeeds, ``baselines.optima.dampen``); the objective, both
+  (raised tenfold until a float64 Cholesky succeeds, ``updates.optima.dampen``); the objective, both
   steps and the reported numbers all use this dampened H.
 * **Monotone by construction**: the low-rank step never increases f (exact minimiser). A sparse step
   is not (it picks a new mask), so its result is kept only if f does not increase; otherwise the
@@ -71,10 +71,16 @@ import torch
 from torch import Tensor
 
 from baselines.masks import keep_topk_rows, nm_mask
-from baselines.optima import batched, dampen
+from baselines.sparsegpt import KEYS as SPARSEGPT_KEYS
 from baselines.sparsegpt import sparsegpt_prune
-from oats.decompose import oats_budget
-from oats.interface import Budget, CompressedWeight, InputStats
+from oats.algorithm.decompose import oats_budget
+from oats.algorithm.method import KEYS as OATS_KEYS
+from oats.algorithm.method import build_module as oats_build_module
+from oats.algorithm.method import validate as oats_validate
+from oats.interface import Budget, CompressedWeight, InputStats, Method
+from oats.keys import Key, choice, positive
+from updates.optima import KEYS as OPTIMA_KEYS
+from updates.optima import batched, dampen
 
 log = logging.getLogger(__name__)
 
@@ -95,25 +101,21 @@ INITS = ("sparse", "lowrank")
 # of the two everywhere, hence the default. 20 iterations are within 0-3% of 40 at half the cost.
 DEFAULT_ITERS = 20
 
-# The method's own config keys as plain tuples (default, types, doc[, allowed]); the config schema converts them.
-KEYS = {
-    "gram_slr_iters": (DEFAULT_ITERS, (int,), "gram_slr: alternating iterations (sparse step then exact low-rank step)"),
-    "gram_slr_sparse_step": ("optima", (str,), "gram_slr sparse step: `sparsegpt` (OBS sweep on W - L) or `optima` (Wanda-style mask + exact QP)", SPARSE_STEPS),
-    "gram_slr_init": ("sparse", (str,), "gram_slr start: `sparse` (L = 0, the first sparse step sees W) or `lowrank` (S = 0, L = reduced-rank regression of W, as OATS)", INITS),
+# Its own keys, and the keys it shares with OATS (the budget), SparseGPT (dampening, block size) and
+# OPTIMA (the QP solver), declared by their owners and reused here so the two can never differ.
+KEYS: dict[str, Key] = {
+    "rank_ratio": OATS_KEYS["rank_ratio"],
+    "compress": OATS_KEYS["compress"],
+    "gram_slr_iters": Key(DEFAULT_ITERS, (int,), "gram_slr: alternating iterations (sparse step then exact low-rank step)", positive),
+    "gram_slr_sparse_step": Key("optima", (str,), "gram_slr sparse step: `sparsegpt` (OBS sweep on W - L) or `optima` (Wanda-style mask + exact QP)", choice(*SPARSE_STEPS)),
+    "gram_slr_init": Key("sparse", (str,), "gram_slr start: `sparse` (L = 0, the first sparse step sees W) or `lowrank` (S = 0, L = reduced-rank regression of W, as OATS)", choice(*INITS)),
+    "percdamp": SPARSEGPT_KEYS["percdamp"],
+    "blocksize": SPARSEGPT_KEYS["blocksize"],
+    **{k: OPTIMA_KEYS[k] for k in ("optima_tol", "optima_max_iters", "optima_dtype")},
 }
 
-# the shared keys it reads, with oats.config's defaults when no config is given (a test holds them equal)
-DEFAULTS = {
-    "rank_ratio": 0.3,
-    "gram_slr_iters": DEFAULT_ITERS,
-    "gram_slr_sparse_step": "optima",
-    "gram_slr_init": "sparse",
-    "percdamp": 0.01,
-    "blocksize": 128,
-    "optima_tol": 1e-6,
-    "optima_max_iters": 500,
-    "optima_dtype": "float32",
-}
+# defaults when no config is given: the keys' own
+DEFAULTS = {k: spec.default for k, spec in KEYS.items()}
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -369,3 +371,13 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
         "damp_raised": raises,
     }
     return CompressedWeight(sparse=res.sparse.to(out_dtype), U=res.U.to(out_dtype), V=res.V.to(out_dtype), mask=res.mask, info=info)
+
+
+METHOD = Method(
+    "gram_slr", compress_weight, stats="gram", keys=KEYS, lowrank=True, validate=oats_validate,
+    build_module=oats_build_module,
+    doc="full-Gram sparse + low-rank at the OATS budget: alternates a sparse step (OBS sweep or mask + QP) and the "
+        "closed-form reduced-rank regression on `tr((W - S - L) H (W - S - L)ᵀ)`",
+    paper="HASSLE-free (Makni et al., CPAL 2025); 3BASiL (Makni et al., NeurIPS 2025)",
+    label=lambda cfg: f"full-Gram S+L (κ={cfg.get('rank_ratio', DEFAULTS['rank_ratio']):g}, {cfg.get('gram_slr_sparse_step', 'optima')})",
+)

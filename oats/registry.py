@@ -19,11 +19,12 @@ METHODS: dict[str, str] = {
     "wanda": "baselines.wanda",
     "sparsegpt": "baselines.sparsegpt",
     "oats": "oats.algorithm.method",
+    "gram_slr": "baselines.gram_slr",
 }
 # 'uniform' (every block gets the target) is built in, not a plugin.
 ALLOCATORS: dict[str, str] = {"owl": "allocators.owl"}
 UPDATES: dict[str, str] = {"optima": "updates.optima"}
-BLOCK_UPDATES: dict[str, str] = {}
+BLOCK_UPDATES: dict[str, str] = {"reconstruct": "updates.reconstruct"}
 
 _KINDS = {"method": (METHODS, "METHOD", Method), "allocator": (ALLOCATORS, "ALLOCATOR", Allocator),
           "update": (UPDATES, "UPDATE", Update), "block_update": (BLOCK_UPDATES, "BLOCK_UPDATE", BlockUpdate)}

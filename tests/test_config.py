@@ -35,7 +35,7 @@ def test_defaults_fill_common_and_selected_plugin_keys():
         ({"method": "oats", "rank_ratio": float("nan")}, "rank_ratio", "finite"),
         ({"method": "wanda", "rank_ratio": 0.2}, "rank_ratio", "belongs to method 'oats'"),
         ({"method": "wanda", "owl_m": 3.0}, "owl_m", "belongs to layerwise 'owl'"),
-        ({"method": "sparsegpt", "optima_tol": 1e-3}, "optima_tol", "belongs to weight_update 'optima'"),
+        ({"method": "sparsegpt", "optima_tol": 1e-3}, "optima_tol", "weight_update 'optima', which this experiment does not select"),
         ({"method": "wanda", "compress": True}, "compress", "belongs to method 'oats'"),
         ({"method": "sparsegpt", "percdamp": float("inf")}, "percdamp", "finite"),
         ({"method": "sparsegpt", "sparsity_type": "2:4", "sparsity": 0.7}, "sparsity", "removes exactly"),

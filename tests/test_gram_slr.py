@@ -16,8 +16,8 @@ from baselines.gram_slr import (
     lowrank_step,
     sparse_step,
 )
-from baselines.optima import dampen, exact_rowwise
-from oats.decompose import decompose, oats_budget
+from updates.optima import dampen, exact_rowwise
+from oats.algorithm.decompose import decompose, oats_budget
 from oats.interface import Budget, InputStats
 
 
@@ -245,15 +245,14 @@ def test_objective_never_increases(step, nm, init):
     assert f == pytest.approx(obj[-1], rel=1e-9)
 
 
-def test_defaults_match_the_config_schema():
+def test_shared_keys_are_their_owners_declarations():
+    """rank_ratio is OATS's, percdamp/blocksize SparseGPT's, the solver keys OPTIMA's: one declaration each."""
     from baselines.gram_slr import DEFAULTS, KEYS
-    from oats.config import KEYS as SCHEMA
+    from baselines.sparsegpt import KEYS as SPARSEGPT
+    from oats.algorithm.method import KEYS as OATS
+    from updates.optima import KEYS as OPTIMA
 
-    for key, value in DEFAULTS.items():
-        if key in KEYS:
-            assert KEYS[key][0] == value
-            assert isinstance(value, KEYS[key][1])
-            if len(KEYS[key]) > 3:
-                assert value in KEYS[key][3]
-        else:
-            assert SCHEMA[key].default == value, key
+    for key, owner in (("rank_ratio", OATS), ("percdamp", SPARSEGPT), ("blocksize", SPARSEGPT), ("optima_tol", OPTIMA),
+                       ("optima_max_iters", OPTIMA), ("optima_dtype", OPTIMA)):
+        assert KEYS[key] is owner[key]
+    assert all(DEFAULTS[k] == spec.default for k, spec in KEYS.items())

@@ -9,7 +9,7 @@ import torch
 
 from baselines import gram_slr, wanda
 from oats.interface import Budget, CompressedWeight
-from oats.models import get_blocks, linear_layers
+from oats.architectures import get_blocks, linear_layers
 from oats.pipeline import StatsCollector, capture_inputs, run_block
 from tests.conftest import tiny_model
 from updates.reconstruct import KEYS, reconstruct_block

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from oats.interface import CompressedWeight
+from oats.interface import BlockUpdate, CompressedWeight
+from oats.keys import Key, choice, positive
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,15 @@ SCHEDULES = ("cosine", "constant")
 TARGETS = ("dense_block",)
 
 # The module's config keys as plain tuples (default, types, doc[, allowed]); the config schema converts them.
-KEYS = {
-    "recon_lr": (1e-4, (float,), "block reconstruction: Adam learning rate"),
-    "recon_epochs": (10, (int,), "block reconstruction: passes over the calibration windows"),
-    "recon_batch_size": (4, (int,), "block reconstruction: calibration windows per Adam step"),
-    "recon_schedule": ("cosine", (str,), "block reconstruction: learning-rate schedule, `cosine` (to 0) or `constant`", SCHEDULES),
-    "recon_norms": (False, (bool,), "block reconstruction: also train the block's RMSNorm/LayerNorm weights (written back in place)"),
-    "recon_target": ("dense_block", (str,), "block reconstruction target: `dense_block` (the dense block's outputs on the same inputs)", TARGETS),
+KEYS: dict[str, Key] = {
+    "recon_lr": Key(1e-4, (float,), "block reconstruction: Adam learning rate", positive),
+    "recon_epochs": Key(10, (int,), "block reconstruction: passes over the calibration windows", positive),
+    "recon_batch_size": Key(4, (int,), "block reconstruction: calibration windows per Adam step", positive),
+    "recon_schedule": Key("cosine", (str,), "block reconstruction: learning-rate schedule, `cosine` (to 0) or `constant`", choice(*SCHEDULES)),
+    "recon_norms": Key(False, (bool,), "block reconstruction: also train the block's RMSNorm/LayerNorm weights (written back in place)"),
+    "recon_target": Key("dense_block", (str,), "block reconstruction target: `dense_block` (the dense block's outputs on the same inputs)", choice(*TARGETS)),
 }
-DEFAULTS = {k: v[0] for k, v in KEYS.items()}
+DEFAULTS = {k: spec.default for k, spec in KEYS.items()}
 SEED = 0
 
 
@@ -339,3 +340,11 @@ def reconstruct_block(
     log.info("reconstruct: block loss %.4g -> %.4g (relative %.4g -> %.4g), %d steps, %.1fs%s", loss_before, loss_after,
              info["rel_loss_before"] or 0.0, info["rel_loss_after"] or 0.0, step, seconds, " (reverted)" if reverted else "")
     return out, info
+
+
+BLOCK_UPDATE = BlockUpdate(
+    "reconstruct", reconstruct_block, keys=KEYS,
+    doc="after a block's linears are compressed, Adam on its kept weights (masks held exactly; low-rank factors and, "
+        "optionally, norms trained) to match the dense block's outputs on the compressed model's inputs",
+    paper="3BASiL (Makni et al., NeurIPS 2025), transformer-level matching",
+)
