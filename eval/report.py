@@ -176,9 +176,13 @@ def _plt():
 
 def plot_ppl_vs_compression(records: Iterable[dict[str, Any]], path: Path) -> Path | None:
     """Token perplexity against compression, one line per (model, method, pattern, data set @ seqlen);
-    the model's dense run, when present, is each line's point at 0. Log y axis. None if nothing to plot."""
+    records that differ only in their calibration seed are one point, the mean, with the sample std as
+    an error bar. The model's dense run, when present, is each line's point at 0 and a dotted line,
+    labelled at the right edge so the label never sits on a curve. Log y axis. None if nothing to plot."""
+    from eval.aggregate import summarize
+
     recs = _ok(records)
-    series: dict[str, list[tuple[float, float]]] = {}
+    points: dict[str, dict[float, list[float]]] = {}
     dense: dict[tuple[str, str], float] = {}
     for r in recs:
         c = r["config"]
@@ -189,27 +193,43 @@ def plot_ppl_vs_compression(records: Iterable[dict[str, Any]], path: Path) -> Pa
                 dense[(model, key_ds)] = v
                 continue
             pattern = "" if c.get("sparsity_type", "unstructured") == "unstructured" else f" {c['sparsity_type']}"
-            series.setdefault(f"{model} | {record_label(r)}{pattern} | {key_ds}", []).append((float(c["sparsity"]), float(v)))
-    if not series and not dense:
+            points.setdefault(f"{model} | {record_label(r)}{pattern} | {key_ds}", {}).setdefault(float(c["sparsity"]), []).append(float(v))
+    if not points and not dense:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, pts in sorted(series.items()):
+    for label, by_x in sorted(points.items()):
         model, _, key_ds = (p.strip() for p in label.split("|"))
+        xs = sorted(by_x)
+        stats = [summarize(by_x[x]) for x in xs]
+        ys, errs = [st["mean"] for st in stats], [st["std"] or 0.0 for st in stats]
         if (model, key_ds) in dense:
-            pts = pts + [(0.0, dense[(model, key_ds)])]
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            xs, ys, errs = [0.0, *xs], [dense[(model, key_ds)], *ys], [0.0, *errs]
+        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3,
+                    label=label + (" (mean ± std over seeds)" if any(errs) else ""))
     for (model, key_ds), v in sorted(dense.items()):
         ax.axhline(v, color="gray", ls=":", lw=1)
-        ax.annotate(f"dense {model} {key_ds}", (0, v), fontsize=7, color="gray")
+        ax.annotate(f"dense {model} {key_ds}", (1.0, v), xycoords=("axes fraction", "data"), xytext=(-4, 4),
+                    textcoords="offset points", ha="right", va="bottom", fontsize=7, color="gray")
     ax.set_yscale("log")
     ax.set_xlabel("compression (fraction of parameters removed)")
     ax.set_ylabel("token perplexity")
     ax.grid(alpha=0.3)
-    if series:
+    if points:
         ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def seed_table(records: Iterable[dict[str, Any]]) -> str | None:
+    """Markdown table of the experiments run over several calibration seeds: mean ± std (n) of every
+    perplexity, the zero-shot mean and the achieved sparsity; None when no experiment has two seeds."""
+    from eval.aggregate import format_rows, group_by_seed
+
+    groups = group_by_seed(_ok(records))
+    if not any(g["n"] > 1 for g in groups):
+        return None
+    metrics = sorted({k for g in groups for k in g["metrics"] if k.startswith("ppl.") or k in ("zero_shot.mean", "achieved_sparsity")})
+    return format_rows(groups, metrics) + "\n"
 
 
 def plot_task_accuracy(records: Iterable[dict[str, Any]], path: Path) -> Path | None:
@@ -340,6 +360,9 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, 
         p = out_dir / f"results.{kind}"
         atomic_write_text(p, text)
         written[kind] = p
+    if (text := seed_table(records)) is not None:
+        atomic_write_text(out_dir / "results_by_seed.md", text)
+        written["seeds"] = out_dir / "results_by_seed.md"
     if (p := plot_ppl_vs_compression(records, out_dir / "ppl_vs_compression.png")) is not None:
         written["ppl_plot"] = p
     if (p := plot_task_accuracy(records, out_dir / "zero_shot_accuracy.png")) is not None:

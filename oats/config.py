@@ -346,3 +346,16 @@ def keys_markdown() -> str:
             for k, s in registry.plugin(kind, name).keys.items():
                 rows.append(f"| `{k}` | `{s.default!r}` | {kind} `{name}` | {s.doc} |")
     return "\n".join(rows)
+
+
+def over_seeds(cfgs: Sequence[Any], seeds: Sequence[int]) -> list[ml_collections.ConfigDict]:
+    """Each experiment repeated over calibration ``seeds``, named ``<name>-s<seed>`` (the report merges
+    records that differ only by seed into mean ± std). Use in a config file:
+    ``CONFIGS = over_seeds([ConfigDict(...), ...], seeds=(0, 1, 2))``."""
+    out = []
+    for c in cfgs:
+        d = c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
+        if not d.get("name"):
+            raise ConfigError("name", "over_seeds needs every experiment named (the seed is appended to the name)")
+        out += [ml_collections.ConfigDict({**d, "seed": int(s), "name": f"{d['name']}-s{int(s)}"}) for s in seeds]
+    return out

@@ -105,3 +105,23 @@ def test_main_report_flag(tmp_path, capsys):
     write_record(tmp_path / "dense", RECORDS[1])
     assert main.main(["--report", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "report" / "results.md").read_text().startswith("| model | method |")
+
+
+def test_records_differing_only_by_seed_become_mean_and_std(tmp_path):
+    from ml_collections import ConfigDict
+
+    from oats.config import over_seeds, resolve_all
+
+    cfgs = resolve_all(over_seeds([ConfigDict(dict(model="m", method="wanda", name="w", eval_datasets=["wikitext2"]))], seeds=(0, 1, 2)))
+    assert [c.name for c in cfgs] == ["w-s0", "w-s1", "w-s2"] and [c.seed for c in cfgs] == [0, 1, 2]
+    recs = [{"name": c.name, "status": "ok", "config": c.to_dict(), "achieved_sparsity": 0.5,
+             "metrics": {"ppl": {"wikitext2": v}}} for c, v in zip(cfgs, (10.0, 12.0, 14.0))]
+    recs.append({"name": "other", "status": "ok", "config": {**cfgs[0].to_dict(), "sparsity": 0.7, "name": "other"},
+                 "achieved_sparsity": 0.7, "metrics": {"ppl": {"wikitext2": 50.0}}})
+    table = rp.seed_table(recs)
+    row = next(line for line in table.splitlines() if line.startswith("| w "))
+    assert "12.00 ± 2.00 (n=3)" in row  # mean 12, sample std 2
+    assert "50.00 (n=1)" in next(line for line in table.splitlines() if line.startswith("| other"))
+    assert rp.plot_ppl_vs_compression(recs, tmp_path / "p.png").stat().st_size > 1000
+    written = rp.write_report(recs, tmp_path / "rep")
+    assert written["seeds"].read_text() == table
