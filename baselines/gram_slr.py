@@ -75,6 +75,7 @@ from baselines.sparsegpt import KEYS as SPARSEGPT_KEYS
 from baselines.sparsegpt import sparsegpt_prune
 from oats.algorithm.decompose import oats_budget
 from oats.algorithm.method import KEYS as OATS_KEYS
+from oats.algorithm.method import budget_info
 from oats.algorithm.method import build_module as oats_build_module
 from oats.algorithm.method import validate as oats_validate
 from oats.interface import Budget, CompressedWeight, InputStats, Method
@@ -350,16 +351,8 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
         init=str(_get(cfg, "gram_slr_init")),
     )
     out_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    nnz = int(res.mask.sum())
-    kept = nnz + b.rank * (d_out + d_in)
     info = {
-        "rank": b.rank,
-        "nonzeros": nnz,
-        "keep_per_row": b.keep_per_row,
-        "kept_params": kept,
-        "achieved_compression": 1.0 - kept / (d_out * d_in),
-        "target_compression": float(budget.sparsity),
-        "lowrank_share": b.rank * (d_out + d_in) / kept if kept else 0.0,
+        **budget_info(b, int(res.mask.sum()), budget.sparsity),
         "gram_slr_sparse_step": method,
         "gram_slr_init": str(_get(cfg, "gram_slr_init")),
         "gram_slr_iters_run": len(res.objective),

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-from oats.algorithm.decompose import SVD_TOL, decompose, oats_budget
+from oats.algorithm.decompose import SVD_TOL, OatsBudget, decompose, oats_budget
 from oats.interface import Budget, CompressedWeight, InputStats, Method
 from oats.keys import ConfigError, Key, choice, interval, parse_nm, positive
 
@@ -33,6 +33,20 @@ def _get(cfg: Any, key: str) -> Any:
     return DEFAULTS[key] if value is None else value
 
 
+def budget_info(b: OatsBudget, nnz: int, target: float) -> dict[str, Any]:
+    """The record's facts about a sparse + low-rank answer under an OATS budget (rank, counts, exact compression)."""
+    kept = nnz + b.rank * (b.d_out + b.d_in)
+    return {
+        "rank": b.rank,
+        "nonzeros": nnz,
+        "keep_per_row": b.keep_per_row,
+        "kept_params": kept,
+        "achieved_compression": 1.0 - kept / (b.d_out * b.d_in),
+        "target_compression": float(target),
+        "lowrank_share": b.rank * (b.d_out + b.d_in) / kept if kept else 0.0,
+    }
+
+
 def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cfg: Any = None) -> CompressedWeight:
     """W [d_out, d_in] -> factors S [d_out, d_in] (exact zeros), U [d_out, r], V [r, d_in] with W ~ S + U V.
 
@@ -45,16 +59,8 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
     b = oats_budget(d_out, d_in, budget.sparsity, _get(cfg, "rank_ratio"), budget.nm)
     res = decompose(weight, stats.second_moment, b.rank, b.keep_per_row, int(_get(cfg, "num_iters")), b.nm, svd=_get(cfg, "svd"),
                     tol=float(_get(cfg, "svd_tol")), track_objective=False)
-    nnz = int((res.sparse != 0).sum())
-    kept = nnz + b.rank * (d_out + d_in)
     info = {
-        "rank": b.rank,
-        "nonzeros": nnz,
-        "keep_per_row": b.keep_per_row,
-        "kept_params": kept,
-        "achieved_compression": 1.0 - kept / (d_out * d_in),
-        "target_compression": float(budget.sparsity),
-        "lowrank_share": b.rank * (d_out + d_in) / kept if kept else 0.0,
+        **budget_info(b, int((res.sparse != 0).sum()), budget.sparsity),
         "oats_objective": res.objective[-1] if res.objective else None,
         "svd": _get(cfg, "svd"),
     }
