@@ -215,3 +215,26 @@ def test_files_follow_the_users_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone would give 0o600
+
+
+def test_compress_mode_resumes_from_safetensors_checkpoints(tmp_path, tiny_model_dir, monkeypatch):
+    """Factored layers survive a checkpoint without pickling: the block JSON names them, safetensors hold them."""
+    cfg = _cfg(tiny_model_dir, method="oats", num_iters=2, compress=True, checkpoint_blocks=True)
+    ref = tmp_path / "ref"
+    assert run_all([_cfg(tiny_model_dir, method="oats", num_iters=2, compress=True)], ref) == {"a": "ok"}
+    real = BlockCheckpointer.save
+
+    def save_then_die(self, i, *a, **k):
+        real(self, i, *a, **k)
+        raise _Killed
+
+    monkeypatch.setattr(BlockCheckpointer, "save", save_then_die)
+    with pytest.raises(_Killed):
+        run_all([cfg], tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "a" / CHECKPOINT_DIR / "block_00000.json").read_text())
+    assert set(meta["compressed_layers"]) >= {"self_attn.q_proj", "mlp.down_proj"}
+    monkeypatch.setattr(BlockCheckpointer, "save", real)
+    assert run_all([cfg], tmp_path / "out") == {"a": "ok"}
+    got = json.loads((tmp_path / "out" / "a" / "result.json").read_text())
+    want = json.loads((ref / "a" / "result.json").read_text())
+    assert got["resumed_after_block"] == 1 and got["metrics"] == want["metrics"]

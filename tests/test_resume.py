@@ -91,7 +91,7 @@ def test_interrupted_run_resumes_to_identical_result(tmp_path, short_smollm2, we
     ck = out / cfg.name / CHECKPOINT_DIR
     meta = json.loads((ck / "meta.json").read_text())
     assert meta["last_block"] == INTERRUPT_AFTER and (ck / MARKER).is_file()
-    assert sorted(p.name for p in ck.glob("block_*.pt")) == [f"block_{j:05d}.pt" for j in range(INTERRUPT_AFTER + 1)]
+    assert sorted(p.name for p in ck.glob("block_*.safetensors")) == [f"block_{j:05d}.safetensors" for j in range(INTERRUPT_AFTER + 1)]
     assert [p.name for p in ck.glob("state_*.pt")] == [f"state_{INTERRUPT_AFTER:05d}.pt"]  # older states removed
     assert not (out / cfg.name / "result.json").exists()
 
