@@ -75,7 +75,17 @@ def finish_record(record: dict[str, Any], timings: dict[str, float], t_all: floa
 
 
 def open_weights(cfg: Any):
-    """(tokenizer, weight source, local model directory or None) for the config's model."""
+    """(tokenizer, weight source, local model directory or None) for the config's model (an image
+    transformer has no tokenizer: None)."""
+    from oats.vision_models import is_vision_model
+
+    if is_vision_model(cfg.model):
+        if cfg.lazy_load:
+            raise ValueError("config key 'lazy_load': not supported for vision models (they fit in memory); set it False")
+        from oats.vision_models import load_vision_model
+        from oats.weights import InMemoryWeights
+
+        return None, InMemoryWeights(load_vision_model(cfg.model, cfg.dtype)), None
     if cfg.lazy_load:
         from transformers import AutoTokenizer
 
@@ -162,6 +172,7 @@ def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
     t = time.perf_counter()
     tokenizer, weights, src = open_weights(cfg)
     timings["load"] = time.perf_counter() - t
+    vision = _vision_task(cfg, weights, device)  # None for language models: the text path below is unchanged
     record: dict[str, Any] = {"device": str(device), "seed": cfg.seed, "lazy_load": bool(cfg.lazy_load),
                               "compresses": method.compresses, "method_label": method_label(cfg)}
     layers: list[dict[str, Any]] = []
@@ -179,7 +190,11 @@ def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
             inputs, layers, sparsities, layerwise_info = resumed.inputs, resumed.records, resumed.sparsities, resumed.layerwise_info
             start_block = record["resumed_after_block"] = resumed.last_block + 1
         else:
-            ids = calibration_windows(tokenizer, cfg.cal_dataset, cfg.cal_nsamples, cfg.cal_seqlen, cfg.cal_sampler, cfg.seed, cfg.data_dir)
+            if vision is not None:
+                ids = vision.calibration_inputs()  # pixel_values [n, 3, H, W]
+                vision.prepare_reference()  # dense features for fidelity, before anything is compressed
+            else:
+                ids = calibration_windows(tokenizer, cfg.cal_dataset, cfg.cal_nsamples, cfg.cal_seqlen, cfg.cal_sampler, cfg.seed, cfg.data_dir)
             weights.load_head()
             inputs = capture_inputs(weights.model, ids, device, cfg.cal_batch_size)
             weights.free_head()
@@ -220,20 +235,42 @@ def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
     else:
         record["achieved_sparsity"] = 0.0
     t = time.perf_counter()
-    record["metrics"] = evaluate(cfg, lambda name: eval_tokens(tokenizer, name, cfg.data_dir), tokenizer,
-                                 _token_perplexity(weights, cfg, device), _whole_model(weights, model_dir, device))
+    if vision is not None:
+        record["metrics"] = vision.metrics(compressed=method.compresses)
+    else:
+        record["metrics"] = evaluate(cfg, lambda name: eval_tokens(tokenizer, name, cfg.data_dir), tokenizer,
+                                     _token_perplexity(weights, cfg, device), _whole_model(weights, model_dir, device))
     timings["evaluation"] = time.perf_counter() - t
     if cfg.save_model and not weights.lazy:
         from oats.algorithm.compressed import save_compressed  # save_pretrained + the manifest of compress-mode layers
 
         save_compressed(weights.model, exp_dir / MODEL_DIR)
-        tokenizer.save_pretrained(exp_dir / MODEL_DIR)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(exp_dir / MODEL_DIR)
         (exp_dir / MODEL_DIR / MODEL_MARKER).touch()
     elif weights.lazy and method.compresses and not cfg.save_model:
         from data.files import remove_tree
 
         remove_tree(exp_dir / MODEL_DIR, inside=exp_dir, marker=MODEL_MARKER)  # written by this run
     return finish_record(record, timings, t_all, device, layers)
+
+
+def _vision_task(cfg: Any, weights: Any, device: torch.device):
+    """The vision side of the experiment when the model's adapter says ``modality == 'vision'``, else None;
+    the config's data must match the model's modality."""
+    from oats.architectures import architecture_of
+    from oats.config import is_vision_config
+
+    vision_model = architecture_of(weights.model).modality == "vision"
+    if vision_model != is_vision_config(cfg):
+        what = "an image transformer" if vision_model else "a language model"
+        want = "an image data set (photos, fashion_mnist, imagefolder)" if vision_model else "a text corpus"
+        raise ValueError(f"config key 'cal_dataset': {cfg.cal_dataset!r}, but model {cfg.model!r} is {what}; use {want}")
+    if not vision_model:
+        return None
+    from oats.vision_task import VisionTask
+
+    return VisionTask(cfg, weights.model, device)
 
 
 def method_label(cfg: Any) -> str:
