@@ -308,3 +308,20 @@ def test_modality_mismatch_is_an_error(tiny_dinov2_dir, tmp_path):
     cfg = resolve(ConfigDict({"model": str(tiny_dinov2_dir), "method": "dense", "device": "cpu"}))  # cal_dataset pydoc
     with pytest.raises(ValueError, match="image transformer"):
         run_experiment(cfg, tmp_path / "x")
+
+
+def test_attention_figure_sparse_and_lowrank_parts(tiny_dinov2_dir, shared_data, tmp_path):
+    from oats.algorithm.compressed import SparseLowRankLinear
+    from oats.vision_plot import _parts, attention_figure
+
+    out = tmp_path / "att.png"
+    cos = attention_figure("dog.jpg", str(out), str(tiny_dinov2_dir), sparsity=0.5, rank_ratio=0.2, num_iters=2,
+                           image_size=28, cal_nsamples=4, data_dir=str(shared_data))
+    assert out.is_file() and out.stat().st_size > 1000
+    assert cos["dense"] == pytest.approx(1.0) and set(cos) == {"dense", "OATS S + UV (0.5)", "sparse part S", "low-rank part UV"}
+    # the parts add up to the compressed layer
+    lin = SparseLowRankLinear.from_factors(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2, 1), torch.tensor([[0.5, -1.0]]), torch.zeros(2))
+    seq = torch.nn.Sequential(lin)
+    s, l = _parts(seq, "sparse")[0], _parts(seq, "lowrank")[0]
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(s(x) + l(x), lin(x))
