@@ -182,28 +182,39 @@ def cls_maps(attentions: Sequence[Tensor], grid: tuple[int, int], n_special: int
     return {"last": last.reshape(-1, *grid), "rollout": roll.reshape(-1, *grid)}
 
 
-def plot_attention_maps(image: Any, maps: Mapping[str, Tensor], path: str, title: str = "") -> None:
-    """One row: the photo, then each named map [gh, gw] (upsampled to the photo, overlaid)."""
+def _clip_unit(m: Tensor, q: float = 0.99) -> Tensor:
+    """Min-max to [0, 1] after clipping at the ``q`` quantile (one high-norm artefact token would
+    otherwise leave the rest of the map black)."""
+    m = m.float()
+    hi = torch.quantile(m.flatten(), q)
+    m = m.clamp(max=hi)
+    return (m - m.min()) / (m.max() - m.min() + 1e-12)
+
+
+def plot_attention_maps(image: Any, maps: Mapping[str, Any], path: str, title: str = "") -> None:
+    """The photo, then each named map [gh, gw] upsampled and overlaid (clipped at its 99th percentile).
+    ``maps`` is {column: map} for one row, or {row: {column: map}} for several."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = maps if all(isinstance(v, Mapping) for v in maps.values()) else {"": maps}
     img = np.asarray(image)
-    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(3.2 * (1 + len(maps)), 3.4))
-    axes[0].imshow(img)
-    axes[0].set_title("photo")
-    for ax, (name, m) in zip(axes[1:], maps.items()):
-        m = m.float()
-        m = (m - m.min()) / (m.max() - m.min() + 1e-12)
-        up = torch.nn.functional.interpolate(m[None, None], size=img.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-        ax.imshow(img)
-        ax.imshow(up.numpy(), cmap="inferno", alpha=0.6)
-        ax.set_title(name)
-    for ax in axes:
-        ax.axis("off")
+    n_cols = 1 + max(len(r) for r in rows.values())
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(3.0 * n_cols, 3.1 * len(rows) + 0.4), squeeze=False)
+    for ax_row, (row_name, row) in zip(axes, rows.items()):
+        ax_row[0].imshow(img)
+        ax_row[0].set_title(f"photo {row_name}".strip(), fontsize=9)
+        for ax, (name, m) in zip(ax_row[1:], row.items()):
+            up = torch.nn.functional.interpolate(_clip_unit(m)[None, None], size=img.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+            ax.imshow(img)
+            ax.imshow(up.numpy(), cmap="inferno", alpha=0.6)
+            ax.set_title(name, fontsize=9)
+        for ax in ax_row:
+            ax.axis("off")
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -8,9 +8,10 @@ part of an OATS-compressed model attend to, for one photo.
 The model is compressed with OATS (``compress: true``, every linear of every block) on random crops of
 the staged photos; then three models answer the photo: the dense one, the one whose every compressed
 layer keeps only its sparse part S (``x Sᵀ + b``) and the one keeping only its low-rank part
-(``x Vᵀ Uᵀ + b``). Each panel is the CLS token's attention over the patches, head mean: attention
-rollout over all blocks (``--map rollout``, default) or the last block's (``--map last``), upsampled
-onto the photo. The compressed model itself (S + UV) is drawn too.
+(``x Vᵀ Uᵀ + b``). Each panel is the CLS token's attention over the patches, head mean, upsampled onto the photo and
+clipped at its 99th percentile: first row attention rollout over all blocks, second row the last
+block's. The compressed model itself (S + UV) is drawn too. ``--map`` picks the map whose cosine to
+the dense one is printed.
 """
 from __future__ import annotations
 
@@ -79,16 +80,18 @@ def attention_figure(photo: str, out: str, model_name: str = "dinov2-small-imgfo
     grid = (image_size // model.config.patch_size,) * 2
     variants = {"dense": dense, f"OATS S + UV ({sparsity:g})": model, "sparse part S": _parts(model, "sparse"),
                 "low-rank part UV": _parts(model, "lowrank")}
-    maps = {}
+    maps: dict[str, dict[str, torch.Tensor]] = {"rollout": {}, "last": {}}
     for name, m in variants.items():
         att = m(pixel_values=x, output_attentions=True).attentions
         n_special = att[-1].shape[-1] - grid[0] * grid[1]
-        maps[name] = cls_maps(att, grid, n_special)[which][0]
-    ref = maps["dense"].flatten().double()
-    cos = {k: float(torch.nn.functional.cosine_similarity(v.flatten().double(), ref, dim=0)) for k, v in maps.items()}
-    title = (f"{model_name}, CLS attention ({which}), OATS rate {sparsity:g}, κ={rank_ratio:g}, {num_iters} it; "
-             + ", ".join(f"{k}: cos {c:.2f}" for k, c in cos.items() if k != "dense"))
-    plot_attention_maps(image.resize((image_size, image_size)), maps, out, title=title)
+        for kind, v in cls_maps(att, grid, n_special).items():
+            maps[kind][name] = v[0]
+    ref = maps[which]["dense"].flatten().double()
+    cos = {k: float(torch.nn.functional.cosine_similarity(v.flatten().double(), ref, dim=0)) for k, v in maps[which].items()}
+    title = (f"{model_name}, CLS attention: rows = rollout over all blocks / last block (head mean); OATS rate {sparsity:g}, "
+             f"κ={rank_ratio:g}, {num_iters} it; cosine to dense ({which}): "
+             + ", ".join(f"{k} {c:.2f}" for k, c in cos.items() if k != "dense"))
+    plot_attention_maps(image.resize((image_size, image_size)), {"(rollout)": maps["rollout"], "(last block)": maps["last"]}, out, title=title)
     return cos
 
 
