@@ -328,3 +328,57 @@ def test_attention_figure_sparse_and_lowrank_parts(tiny_dinov2_dir, shared_data,
     s, l = _parts(seq, "sparse")[0], _parts(seq, "lowrank")[0]
     x = torch.randn(3, 2)
     torch.testing.assert_close(s(x) + l(x), lin(x))
+
+
+def test_classifier_topk_experiment_on_an_image_folder(tmp_path, monkeypatch):
+    import transformers as T
+    from PIL import Image
+
+    from oats.experiment import run_experiment
+
+    monkeypatch.setenv("OATS_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("ant", "bee", "cat"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "data" / split / c / f"{i}.png")
+    torch.manual_seed(0)
+    labels = {0: "ant", 1: "bee", 2: "cat", 3: "dog"}
+    model = T.ViTForImageClassification(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                                                    image_size=SIZE, patch_size=PATCH, id2label=labels,
+                                                    label2id={v: k for k, v in labels.items()})).eval()
+    model.save_pretrained(tmp_path / "vit")
+    cfg = resolve(ConfigDict(dict(model=str(tmp_path / "vit"), method="sparsegpt", sparsity=0.5, cal_dataset="imagefolder",
+                                  cal_nsamples=6, cal_batch_size=3, image_size=SIZE, vision_eval=["topk"], eval_batch_size=4,
+                                  data_dir=str(tmp_path / "data"), device="cpu")))
+    rec = run_experiment(cfg, tmp_path / "run")
+    topk = rec["metrics"]["vision"]["topk"]
+    assert topk["n_images"] == 9 and topk["top5"] == 1.0 and 0 <= topk["top1"] <= 1  # 4 classes: top-5 always hits
+    assert rec["achieved_sparsity"] == pytest.approx(0.5)
+
+
+def test_imagefolder_topk_matches_folder_names_to_id2label(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from eval.vision import imagefolder_topk
+
+    colours = {"ant": 30, "bee": 120, "cat": 220}
+    for c, v in colours.items():
+        (tmp_path / "val" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), v, dtype=np.uint8)).save(tmp_path / "val" / c / f"{i}.png")
+    id2label = {0: "cat", 1: "ant", 2: "bee"}  # not the sorted folder order
+
+    def forward(x):  # a 'classifier' reading the brightness: dark -> ant, mid -> bee, bright -> cat
+        b = x.mean(dim=(1, 2, 3))
+        logits = torch.stack([b, -b - 1, 1 - 2 * b.abs()], dim=1)  # by id: cat, ant, bee
+        return SimpleNamespace(logits=logits)
+
+    cfg = SimpleNamespace(data_dir=str(tmp_path), topk_images=None, eval_batch_size=4, image_size=8)
+    got = imagefolder_topk(forward, cfg, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), id2label)
+    assert got == {"top1": 1.0, "top5": 1.0, "n_images": 6}
+    wrong = imagefolder_topk(forward, cfg, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), None)  # folder order: ant=0, bee=1, cat=2
+    assert wrong["top1"] < 1.0
