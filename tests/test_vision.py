@@ -382,3 +382,15 @@ def test_imagefolder_topk_matches_folder_names_to_id2label(tmp_path):
     assert got == {"top1": 1.0, "top5": 1.0, "n_images": 6}
     wrong = imagefolder_topk(forward, cfg, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), None)  # folder order: ant=0, bee=1, cat=2
     assert wrong["top1"] < 1.0
+
+
+def test_dinov2_vision_config_file_resolves():
+    import runpy
+
+    from oats.config import resolve_all
+
+    cfgs = resolve_all(runpy.run_path(str(Path(__file__).resolve().parents[1] / "configs" / "dinov2_vision.py"))["CONFIGS"])
+    assert len(cfgs) == 13 and {c.method for c in cfgs} == {"dense", "magnitude", "wanda", "sparsegpt", "oats"}
+    assert all(c.model == "dinov2-small-imgfocus" and c.image_size == 112 and c.probe_train == c.probe_test == 1000 for c in cfgs)
+    assert sorted({c.sparsity for c in cfgs if c.method != "dense"}) == [0.3, 0.4, 0.5]
+    assert all(c.rank_ratio == 0.2 for c in cfgs if c.method == "oats")
