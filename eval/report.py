@@ -328,7 +328,8 @@ def summary_markdown(records: Iterable[dict[str, Any]]) -> str:
     ppl_cols = sorted({k for r in records for k in ((r.get("metrics") or {}).get("ppl") or {})})
     extra = sorted({k for r in records for k in ((r.get("metrics") or {}).get("zero_shot") or {})}, key=_task_order)
     head = ["experiment", "model", "method", "compression", "status", "achieved"]
-    head += [f"ppl {c} (seqlen)" for c in ppl_cols] + extra + ["cal tokens", "eval tokens", "compress s", "total s"]
+    vision = [c for c in _VISION_COLS if any(_vision_value(r, c) is not None for r in records)]
+    head += [f"ppl {c} (seqlen)" for c in ppl_cols] + extra + [c[0] for c in vision] + ["cal tokens", "eval tokens", "compress s", "total s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         c = r.get("config", {})
@@ -339,11 +340,22 @@ def summary_markdown(records: Iterable[dict[str, Any]]) -> str:
         ppl = m.get("ppl") or {}
         row += [f"{_fmt(ppl[col])} ({c.get('eval_seqlen')})" if col in ppl else "–" for col in ppl_cols]
         row += [_fmt(_pct((m.get("zero_shot") or {}).get(k))) for k in extra]
+        row += [_fmt4(_vision_value(r, col)) for col in vision]
         cal = f"{c.get('cal_nsamples')} × {c.get('cal_seqlen')}" if compresses(r) else "–"
+        if compresses(r) and "image_size" in c:  # a vision experiment: images, not token windows
+            cal = f"{c.get('cal_nsamples')} images ({c.get('cal_dataset')}) @{c.get('image_size')}px"
         ev = r.get("eval_tokens") or {}
         row += [cal, ", ".join(f"{v}" for v in ev.values()) or "–", _fmt(t.get("compression")), _fmt(t.get("total"))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+_VISION_COLS = (("CLS cos", "fidelity", "cls_cos"), ("patch cos", "fidelity", "patch_cos"), ("probe top-1", "probe", "top1"),
+                ("top-1", "topk", "top1"), ("top-5", "topk", "top5"))
+
+
+def _vision_value(record: dict[str, Any], col: tuple[str, str, str]) -> Any:
+    return (((record.get("metrics") or {}).get("vision") or {}).get(col[1]) or {}).get(col[2])
 
 
 def _fmt4(v: Any) -> str:

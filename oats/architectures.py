@@ -8,7 +8,10 @@ An ``Architecture`` names
   a function of the model config giving each part's rows (Phi-3's ``qkv_proj`` = q, k, v and
   ``gate_up_proj`` = gate, up; GPT-NeoX's ``query_key_value`` interleaves q, k, v per head). Each part is
   budgeted and compressed as its own matrix and the answers are stacked back into the fused layer;
-- ``inputs``: the keyword arguments of one forward call on a batch (``input_ids`` for language models).
+- ``inputs``: the keyword arguments of one forward call on a batch (``input_ids`` for language models,
+  ``pixel_values`` for image transformers);
+- ``modality``: ``text`` (calibration windows of tokens, perplexity) or ``vision`` (calibration images,
+  ``eval.vision`` metrics); the experiment picks its data and evaluation by it.
 
 ``matrices(block, arch, config, targets, ignore)`` lists a block's logical matrices, after the
 ``targets``/``ignore`` name patterns (fnmatch, matched against ``name``, ``block.name`` and, for a part
@@ -32,6 +35,10 @@ class ArchitectureError(RuntimeError):
 
 def _lm_inputs(batch: Tensor) -> dict[str, Any]:
     return {"input_ids": batch, "use_cache": False}
+
+
+def _vision_inputs(batch: Tensor) -> dict[str, Any]:
+    return {"pixel_values": batch}
 
 
 def _contiguous(*parts: tuple[str, int]) -> Rows:
@@ -71,11 +78,26 @@ class Architecture:
     fused: dict[str, Callable[[Any], Rows]] = field(default_factory=dict)  # linear name inside a block -> parts
     inputs: Callable[[Tensor], dict[str, Any]] = _lm_inputs
     model_types: tuple[str, ...] = ()  # config.model_type values this adapter is chosen for
+    modality: str = "text"  # 'text' | 'vision'
 
+
+# Image transformers (pre-norm encoder blocks called with the hidden states and a positional attention
+# mask, returning a tensor). transformers 5.x keeps ViT/DeiT blocks at `layers`, 4.x at `encoder.layer`;
+# DINOv2 (layer scale; SwiGLU variants have separate gate/up/down linears) keeps `encoder.layer`.
+_VISION = dict(inputs=_vision_inputs, modality="vision")
+VISION_ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture("vit", ("vit.layers", "vit.encoder.layer", "layers", "encoder.layer"), model_types=("vit",), **_VISION),
+    Architecture("deit", ("deit.layers", "deit.encoder.layer", "layers", "encoder.layer"), model_types=("deit",), **_VISION),
+    Architecture("dinov2", ("dinov2.encoder.layer", "encoder.layer"), model_types=("dinov2",), **_VISION),
+    Architecture("dinov2_with_registers", ("dinov2_with_registers.encoder.layer", "encoder.layer"),
+                 model_types=("dinov2_with_registers",), **_VISION),
+)
+VISION_MODEL_TYPES: tuple[str, ...] = tuple(t for a in VISION_ARCHITECTURES for t in a.model_types)
 
 # Decoder-only language models. The generic entry (no model_types) serves any model whose blocks sit
 # at one of its paths and whose linears are all separate matrices (Llama, Mistral, Qwen2, Gemma, OPT...).
 ARCHITECTURES: tuple[Architecture, ...] = (
+    *VISION_ARCHITECTURES,
     Architecture("phi3", ("model.layers",), {"self_attn.qkv_proj": _phi3_qkv, "mlp.gate_up_proj": _phi3_gate_up}, model_types=("phi3",)),
     Architecture("gpt_neox", ("gpt_neox.layers",), {"attention.query_key_value": _neox_qkv}, model_types=("gpt_neox",)),
     Architecture("decoder", ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "model.language_model.layers")),

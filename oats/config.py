@@ -26,7 +26,7 @@ from oats.keys import ConfigError, Key, choice, interval, merge_keys, non_negati
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_MODELS = ("smollm2-135m",)
+EMBEDDED_MODELS = ("smollm2-135m", "dinov2-small-imgfocus")
 SAMPLERS = ("random_windows", "concat_docs")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -45,8 +45,16 @@ def _datasets(v: Sequence[str]) -> str | None:
 
 def _cal_dataset(v: str) -> str | None:
     from data import DATASET_NAMES
+    from data.vision import VISION_DATASETS
 
-    return choice(*DATASET_NAMES)(v)
+    return choice(*DATASET_NAMES, *VISION_DATASETS)(v)
+
+
+def _vision_evals(v: Sequence[str]) -> str | None:
+    from eval.vision import VISION_EVALS
+
+    bad = [t for t in v if t not in VISION_EVALS]
+    return f"unknown vision evaluation(s) {bad}; allowed values: {list(VISION_EVALS)}" if bad else None
 
 
 def _zero_shot_tasks(v: Sequence[str]) -> str | None:
@@ -90,7 +98,7 @@ COMMON_KEYS: dict[str, Key] = {
     "targets": Key(None, (list, tuple), "fnmatch patterns of the linear layers to compress (`self_attn.*`, `3.mlp.down_proj`, `qkv_proj:q`); None = all", nullable=True),
     "ignore": Key((), (list, tuple), "fnmatch patterns of linear layers never compressed (matched like `targets`)"),
     # --- calibration ---------------------------------------------------------------------------
-    "cal_dataset": Key("pydoc", (str,), "calibration corpus", _cal_dataset),
+    "cal_dataset": Key("pydoc", (str,), "calibration corpus; `photos`, `fashion_mnist` or `imagefolder` make a vision experiment (see `VISION_KEYS`)", _cal_dataset),
     "cal_nsamples": Key(128, (int,), "number of calibration windows", positive),
     "cal_seqlen": Key(2048, (int,), "tokens per calibration window", positive),
     "cal_sampler": Key("random_windows", (str,), "`random_windows` (Wanda/SparseGPT, seeded) or `concat_docs` (OATS/SliceGPT: consecutive documents joined and cut)", choice(*SAMPLERS)),
@@ -118,6 +126,29 @@ COMMON_KEYS: dict[str, Key] = {
     "lazy_load": Key(False, (bool,), "big-model path: read each block's weights from the safetensors shards just before it is compressed, write it to `<out>/<name>/model` shard by shard, evaluate streaming block by block (peak memory ~ one block + activations)", result=False),
     "save_model": Key(False, (bool,), "save the compressed model under `<out>/<name>/model`"),
 }
+
+# Keys of vision experiments (image transformers): accepted, validated and hashed only when `cal_dataset` is a
+# vision data set, so adding them changed no language-model experiment's hash. `cal_nsamples`, `cal_batch_size`,
+# `seed`, `eval_batch_size` and `data_dir` are the common keys; `cal_seqlen`, `cal_sampler`, `eval_datasets`... are unused.
+VISION_KEYS: dict[str, Key] = {
+    "image_size": Key(224, (int,), "vision: images are resized to image_size x image_size (calibration and evaluation)", positive),
+    "vision_eval": Key(("fidelity", "probe"), (list, tuple), "vision metrics: `fidelity` (cosine of CLS / patch features to the dense model's), `probe` (linear-probe top-1 on frozen CLS features, Fashion-MNIST), `topk` (classifier top-1/top-5 on `<data_dir>/val/<class>/`)", _vision_evals),
+    "probe_train": Key(1000, (int,), "vision: Fashion-MNIST train images (the first ones) the linear probe is fitted on", positive),
+    "probe_test": Key(1000, (int,), "vision: Fashion-MNIST test images (the first ones) for the probe's top-1 and the feature fidelity", positive),
+    "topk_images": Key(None, (int,), "vision `topk`: at most this many images of `<data_dir>/val/` (None = all)", positive, nullable=True),
+}
+
+
+def is_vision_config(raw: Mapping[str, Any]) -> bool:
+    """A vision experiment: its calibration data are images."""
+    from data.vision import VISION_DATASETS
+
+    return raw.get("cal_dataset") in VISION_DATASETS
+
+
+def task_keys(out: Mapping[str, Any]) -> dict[str, Key]:
+    return VISION_KEYS if is_vision_config(out) else {}
+
 
 # The flat key table of the code before plugins owned their keys (git 5138dc6), default by key, in
 # its order: what its config_hash covered. Only legacy_config_hash reads it.
@@ -167,7 +198,7 @@ def _owner_of(key: str) -> list[str]:
 
 
 def all_known_keys() -> list[str]:
-    keys = list(COMMON_KEYS)
+    keys = list(COMMON_KEYS) + list(VISION_KEYS)
     for kind, table in (("method", registry.METHODS), ("allocator", registry.ALLOCATORS), ("update", registry.UPDATES),
                         ("block_update", registry.BLOCK_UPDATES)):
         for name in table:
@@ -223,10 +254,12 @@ def _resolve(raw: dict[str, Any]) -> ml_collections.ConfigDict:
         value = raw.get(key, spec.default)
         out[key] = spec.validate(key, list(value) if isinstance(value, tuple) else value)
     plugins = selected_plugins(out)
-    keys = plugin_keys(plugins)
+    keys = {**plugin_keys(plugins), **task_keys(out)}
     unknown = sorted(set(raw) - set(COMMON_KEYS) - set(keys))
     if unknown:
         k = unknown[0]
+        if k in VISION_KEYS:
+            raise ConfigError(k, f"is a vision key; it applies only when cal_dataset is an image data set (photos, fashion_mnist, imagefolder), not {out['cal_dataset']!r}")
         owners = _owner_of(k)
         if owners:
             raise ConfigError(k, f"belongs to {' and '.join(owners)}, which this experiment does not select "
@@ -309,7 +342,7 @@ def resolve_all(cfgs: Sequence[Any]) -> list[ml_collections.ConfigDict]:
 def result_keys(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
     """The keys of a resolved config that can change its result (common + selected plugins')."""
     d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
-    specs = {**COMMON_KEYS, **plugin_keys(selected_plugins(d))}
+    specs = {**COMMON_KEYS, **plugin_keys(selected_plugins(d)), **task_keys(d)}
     return {k: v for k, v in d.items() if specs.get(k) is None or specs[k].result}
 
 
@@ -340,6 +373,8 @@ def keys_markdown() -> str:
     rows = ["| key | default | owner | meaning |", "|---|---|---|---|"]
     for k, s in COMMON_KEYS.items():
         rows.append(f"| `{k}` | `{s.default!r}` | common | {s.doc} |")
+    for k, s in VISION_KEYS.items():
+        rows.append(f"| `{k}` | `{s.default!r}` | vision | {s.doc} |")
     for kind, table in (("method", registry.METHODS), ("allocator", registry.ALLOCATORS), ("update", registry.UPDATES),
                         ("block_update", registry.BLOCK_UPDATES)):
         for name in table:

@@ -75,7 +75,17 @@ def finish_record(record: dict[str, Any], timings: dict[str, float], t_all: floa
 
 
 def open_weights(cfg: Any):
-    """(tokenizer, weight source, local model directory or None) for the config's model."""
+    """(tokenizer, weight source, local model directory or None) for the config's model (an image
+    transformer has no tokenizer: None)."""
+    from oats.vision_models import is_vision_model
+
+    if is_vision_model(cfg.model):
+        if cfg.lazy_load:
+            raise ValueError("config key 'lazy_load': not supported for vision models (they fit in memory); set it False")
+        from oats.vision_models import load_vision_model
+        from oats.weights import InMemoryWeights
+
+        return None, InMemoryWeights(load_vision_model(cfg.model, cfg.dtype)), None
     if cfg.lazy_load:
         from transformers import AutoTokenizer
 
@@ -162,6 +172,7 @@ def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
     t = time.perf_counter()
     tokenizer, weights, src = open_weights(cfg)
     timings["load"] = time.perf_counter() - t
+    vision = _vision_task(cfg, weights, device)  # None for language models: the text path below is unchanged
     record: dict[str, Any] = {"device": str(device), "seed": cfg.seed, "lazy_load": bool(cfg.lazy_load),
                               "compresses": method.compresses, "method_label": method_label(cfg)}
     layers: list[dict[str, Any]] = []
@@ -179,7 +190,11 @@ def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
             inputs, layers, sparsities, layerwise_info = resumed.inputs, resumed.records, resumed.sparsities, resumed.layerwise_info
             start_block = record["resumed_after_block"] = resumed.last_block + 1
         else:
-            ids = calibration_windows(tokenizer, cfg.cal_dataset, cfg.cal_nsamples, cfg.cal_seqlen, cfg.cal_sampler, cfg.seed, cfg.data_dir)
+            if vision is not None:
+                ids = vision.calibration_inputs()  # pixel_values [n, 3, H, W]
+                vision.prepare_reference()  # dense features for fidelity, before anything is compressed
+            else:
+                ids = calibration_windows(tokenizer, cfg.cal_dataset, cfg.cal_nsamples, cfg.cal_seqlen, cfg.cal_sampler, cfg.seed, cfg.data_dir)
             weights.load_head()
             inputs = capture_inputs(weights.model, ids, device, cfg.cal_batch_size)
             weights.free_head()
@@ -220,23 +235,27 @@ def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
     else:
         record["achieved_sparsity"] = 0.0
     t = time.perf_counter()
-    record["data"] = data_fingerprints(cfg)
-    record["eval_tokens"] = {}
+    if vision is not None:
+        record["metrics"] = vision.metrics(compressed=method.compresses)
+    else:
+        record["data"] = data_fingerprints(cfg)
+        record["eval_tokens"] = {}
 
-    def tokens_of(name: str) -> Tensor:
-        from eval.perplexity import n_windows
+        def tokens_of(name: str) -> Tensor:
+            from eval.perplexity import n_windows
 
-        tokens = eval_tokens(tokenizer, name, cfg.data_dir)
-        record["eval_tokens"][name] = n_windows(tokens.shape[1], cfg.eval_seqlen, cfg.eval_max_windows) * cfg.eval_seqlen
-        return tokens
+            tokens = eval_tokens(tokenizer, name, cfg.data_dir)
+            record["eval_tokens"][name] = n_windows(tokens.shape[1], cfg.eval_seqlen, cfg.eval_max_windows) * cfg.eval_seqlen
+            return tokens
 
-    record["metrics"] = evaluate(cfg, tokens_of, tokenizer, _token_perplexity(weights, cfg, device), _whole_model(weights, model_dir, device))
+        record["metrics"] = evaluate(cfg, tokens_of, tokenizer, _token_perplexity(weights, cfg, device), _whole_model(weights, model_dir, device))
     timings["evaluation"] = time.perf_counter() - t
     if cfg.save_model and not weights.lazy:
         from oats.algorithm.compressed import save_compressed  # save_pretrained + the manifest of compress-mode layers
 
         save_compressed(weights.model, exp_dir / MODEL_DIR)
-        tokenizer.save_pretrained(exp_dir / MODEL_DIR)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(exp_dir / MODEL_DIR)
         (exp_dir / MODEL_DIR / MODEL_MARKER).touch()
     elif weights.lazy and method.compresses and not cfg.save_model:
         from data.files import remove_tree
@@ -255,6 +274,26 @@ def data_fingerprints(cfg: Any) -> dict[str, Any]:
     for d in cfg.eval_datasets:
         out[f"eval:{d}"] = corpus_fingerprint(d, "test", cfg.data_dir)
     return out
+
+
+def _vision_task(cfg: Any, weights: Any, device: torch.device):
+    """The vision side of the experiment when the model's adapter says ``modality == 'vision'``, else None;
+    the config's data must match the model's modality."""
+    from oats.architectures import architecture_of
+    from oats.config import is_vision_config
+
+    vision_model = architecture_of(weights.model).modality == "vision"
+    if vision_model != is_vision_config(cfg):
+        what = "an image transformer" if vision_model else "a language model"
+        want = "an image data set (photos, fashion_mnist, imagefolder)" if vision_model else "a text corpus"
+        raise ValueError(f"config key 'cal_dataset': {cfg.cal_dataset!r}, but model {cfg.model!r} is {what}; use {want}")
+    if not vision_model:
+        return None
+    if cfg.checkpoint_blocks:
+        raise ValueError("config key 'checkpoint_blocks': not supported for vision models (a resumed run has no dense reference features); set it False")
+    from oats.vision_task import VisionTask
+
+    return VisionTask(cfg, weights.model, device)
 
 
 def method_label(cfg: Any) -> str:

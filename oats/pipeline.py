@@ -19,6 +19,7 @@ lazily from shards (``oats.weights``).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -61,12 +62,28 @@ class _Catcher(_StandIn):
         self.kwargs: dict[int, dict[str, Any]] = {}  # by batch size
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
-        if args:
-            raise RuntimeError("oats expects decoder blocks to receive all arguments but the hidden states by keyword")
+        if args:  # e.g. ViT/DINOv2 encoders call `layer(hidden_states, attention_mask)`: name them as keywords
+            kwargs = _as_keywords(self.block, hidden_states, args, kwargs)
         self.hidden.append(hidden_states)
         # Windows have equal length and no padding, so the mask/positions depend on the batch size only.
         self.kwargs.setdefault(hidden_states.shape[0], kwargs)
         raise _Caught
+
+
+def _as_keywords(block: nn.Module, hidden_states: Tensor, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional arguments after the hidden states, bound to their parameter names in ``block.forward``."""
+    try:
+        bound = inspect.signature(block.forward).bind(hidden_states, *args, **kwargs)
+    except TypeError as e:
+        raise RuntimeError(f"{type(block).__name__}: cannot name its positional arguments ({e})") from e
+    names = list(bound.arguments)
+    out = {k: v for k, v in bound.arguments.items() if k != names[0]}
+    var_kw = [p.name for p in inspect.signature(block.forward).parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    for name in var_kw:  # **kwargs come back as one dict: spread them again
+        out.update(out.pop(name, {}))
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL and p.name in out for p in inspect.signature(block.forward).parameters.values()):
+        raise RuntimeError(f"{type(block).__name__}: takes *args; oats needs every argument but the hidden states by name")
+    return out
 
 
 @dataclass

@@ -98,6 +98,10 @@ def check_experiment(cfg: Any) -> None:
     from oats.config import selected_plugins
     from oats.models import ModelLoadError
 
+    from oats.config import is_vision_config
+
+    if is_vision_config(cfg):
+        return  # images: their folders and the model are checked by oats.vision_task when it loads them
     method = selected_plugins(cfg)["method"]
     try:
         conf = _model_config(cfg.model)
