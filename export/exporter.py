@@ -148,11 +148,11 @@ def export_model(model: nn.Module, out_dir: str | Path, format: str = "bitmask",
 
     ``nm``: N:M layouts to try ("auto", None, or (N, M)); ``base_format``: for "peft", how the base
     (S) is stored, "bitmask" (small; loading needs ``trust_remote_code=True``) or "dense" (stock)."""
-    out_dir = Path(out_dir)
     if format == "compressed-tensors":
         raise ValueError(COMPRESSED_TENSORS_NOTE)
     if format not in FORMATS:
         raise ValueError(f"export format {format!r}: choose one of {FORMATS}")
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_was_training = model.training
     model.eval()
@@ -194,6 +194,8 @@ def export_from_dir(saved_model_dir: str | Path, out_dir: str | Path, format: st
     its tokenizer files, when present, are written with it."""
     from oats.compressed import load_compressed
 
+    if format not in FORMATS:
+        export_model(None, out_dir, format)  # raises the format error before loading anything
     model = load_compressed(saved_model_dir)
     tok = None
     try:
