@@ -7,7 +7,9 @@ Candidates (every one computes ``x S^T + (x V^T) U^T + b``):
 * ``torch_csr``: the layer's own forward (torch CSR @ dense, falling back to densifying S per call
   where torch has no sparse kernel for the dtype, e.g. bfloat16 on the CPU).
 * ``bitmask_kernel``: the compiled AVX-512 bitmask x vector kernel of :mod:`export.kernels` for S
-  plus two small dense products for U, V. CPU only, when it compiled.
+  plus two small dense kernel products for U, V. CPU only, when it compiled.
+* ``dense_kernel``: the dense-merged W by the compiled dense kernel (AVX-512 BF16 dot products; torch's
+  bfloat16 batch-1 product is several times slower on the CPU). CPU only, when it compiled.
 
 :func:`choose_forward` times each candidate once on the layer's own tensors for a given number of input
 rows and caches the winner per ``(device, dtype, shape, rank, density bucket, rows bucket)``, so one
@@ -30,7 +32,8 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-CANDIDATES = ("dense_merged", "torch_csr", "bitmask_kernel")
+CANDIDATES = ("dense_merged", "torch_csr", "bitmask_kernel", "dense_kernel")
+DENSE_COPY = ("dense_merged", "dense_kernel")  # the forwards that hold W = S + U V in memory
 _CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
@@ -86,7 +89,7 @@ def bitmask_matrix(layer):
 
 def drop_cached(layer, keep: Iterable[str] = ()) -> None:
     """Free the representations not named in ``keep``."""
-    if "dense_merged" not in keep and hasattr(layer, "_oats_dense"):
+    if not set(DENSE_COPY) & set(keep) and hasattr(layer, "_oats_dense"):
         del layer._oats_dense
     if "bitmask_kernel" not in keep and hasattr(layer, "_oats_bitmask"):
         del layer._oats_bitmask
@@ -109,12 +112,33 @@ def _fw_torch_csr(layer, x2: Tensor) -> Tensor:
 
 
 def _fw_bitmask_kernel(layer, x2: Tensor) -> Tensor:
-    ys = bitmask_matrix(layer).matmul(x2).to(x2.dtype)
-    return _lowrank_bias(layer, x2, ys)
+    from export.kernels import dense_matmul
+
+    xs = x2.to(layer.values.dtype)
+    y = bitmask_matrix(layer).matmul(xs)  # float32
+    if layer.rank:  # (x V^T) U^T by the same kernel family: torch's bf16 products are slow at odd ranks
+        t = dense_matmul(layer.V.detach(), xs).to(layer.values.dtype)
+        y += dense_matmul(layer.U.detach(), t)
+    if layer.bias is not None:
+        y += layer.bias
+    return y.to(x2.dtype)
+
+
+def _fw_dense_kernel(layer, x2: Tensor) -> Tensor:
+    from export.kernels import dense_matmul
+
+    y = dense_matmul(dense_merged_weight(layer), x2)
+    if layer.bias is not None:
+        y += layer.bias
+    return y.to(x2.dtype)
 
 
 FORWARDS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
-    "dense_merged": _fw_dense_merged, "torch_csr": _fw_torch_csr, "bitmask_kernel": _fw_bitmask_kernel}
+    "dense_merged": _fw_dense_merged, "torch_csr": _fw_torch_csr, "bitmask_kernel": _fw_bitmask_kernel,
+    "dense_kernel": _fw_dense_kernel}
+
+
+KERNEL_MAX_ROWS = 64  # the compiled kernels loop over input rows: never faster for prefill, not timed there
 
 
 def available_forwards(layer, x: Tensor | None = None) -> list[str]:
@@ -126,7 +150,7 @@ def available_forwards(layer, x: Tensor | None = None) -> list[str]:
         from export.kernels import available
 
         if available():
-            out.append("bitmask_kernel")
+            out += ["bitmask_kernel", "dense_kernel"]
     return out
 
 
@@ -197,11 +221,13 @@ def choose_forward(layer, rows: int = 1, candidates: Iterable[str] | None = None
         return _CACHE[key][0]
     dtype = dtype or layer.values.dtype
     x = torch.randn(rows_bucket(rows), layer.in_features, dtype=dtype, device=layer.values.device)
-    names = [c for c in (candidates or CANDIDATES) if c in available_forwards(layer, x)]
+    names = [c for c in (candidates or CANDIDATES) if c in available_forwards(layer, x)
+             and not (c.endswith("_kernel") and x.shape[0] > KERNEL_MAX_ROWS and len(candidates or CANDIDATES) > 1)]
     if not names:
         raise ValueError(f"none of {list(candidates or CANDIDATES)} can run here")
     times = {}
-    had = {n for n, attr in (("dense_merged", "_oats_dense"), ("bitmask_kernel", "_oats_bitmask")) if hasattr(layer, attr)}
+    had = set(DENSE_COPY) if hasattr(layer, "_oats_dense") else set()
+    had |= {"bitmask_kernel"} if hasattr(layer, "_oats_bitmask") else set()
     with torch.no_grad():
         for n in names:
             try:
@@ -244,12 +270,13 @@ def _auto_forward(self, x: Tensor) -> Tensor:
 def install_auto_forward(model: nn.Module, candidates: Iterable[str] | None = None, fixed: str | None = None,
                          keep_dense: bool = True) -> int:
     """Make every SparseLowRankLinear of ``model`` use the measured-fastest forward per call's row count
-    (or always ``fixed``). ``keep_dense=False`` leaves ``dense_merged`` out (no dense copies in memory).
+    (or always ``fixed``). ``keep_dense=False`` leaves ``dense_merged`` and ``dense_kernel`` out (no dense
+    copies in memory).
     Returns the number of layers. Undo with :func:`remove_auto_forward`."""
     cls = _slr_class()
     cands = tuple(candidates) if candidates is not None else CANDIDATES
     if not keep_dense:
-        cands = tuple(c for c in cands if c != "dense_merged")
+        cands = tuple(c for c in cands if c not in DENSE_COPY)
     if fixed is not None and fixed not in FORWARDS:
         raise ValueError(f"forward {fixed!r}: one of {CANDIDATES}")
     n = 0

@@ -7,6 +7,11 @@ row. For every word the AVX-512 path expands the next ``popcount`` values into t
 entry are ``density * e + 1/8`` (bfloat16 at 50%: 1.125 instead of 2). Rows are split over threads
 (``at::parallel_for``). Without AVX-512 (F, BW, VBMI2) a portable loop over set bits is compiled instead.
 
+``dense_matmul`` is the same for a dense matrix (W x in float32 FMAs, or AVX-512 BF16 dot products):
+torch 2.13's bfloat16 products on this CPU are slow for batch 1 and pathologically slow (milliseconds)
+when an inner dimension is not a multiple of 8 (OATS ranks such as 43), so the low-rank part and the
+``dense_kernel`` forward use it.
+
 Compiled at first use with ``torch.utils.cpp_extension.load_inline`` (g++ -O3 -march=native) into
 ``$OATS_CACHE_DIR/kernels`` (default ``~/.cache/oats/kernels``), keyed by the source and the CPU's
 flags. Everything is optional: :func:`kernel` returns None (logged once) when compilation fails, and
@@ -163,6 +168,93 @@ torch::Tensor bitmask_matmul(torch::Tensor values, torch::Tensor offsets, torch:
   return y;
 }
 
+// y[b, r] = sum_j W[r, j] x[b, j], W [out, in] dense (float32 or bfloat16), x [batch, in] of W's dtype.
+template <typename V>
+static void dense_rows(const V* W, const V* x, float* y, int64_t in, int64_t r0, int64_t r1) {
+#ifdef OATS_AVX512
+  if constexpr (sizeof(V) == 4) {
+    const float* Wf = reinterpret_cast<const float*>(W);
+    const float* xf = reinterpret_cast<const float*>(x);
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t j = 0; j < in; j += 16) {
+        __mmask16 k = in - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (in - j)) - 1);
+        __m512 xv = _mm512_maskz_loadu_ps(k, xf + j);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, Wf + r * in + j), xv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, Wf + (r + 1) * in + j), xv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, Wf + (r + 2) * in + j), xv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, Wf + (r + 3) * in + j), xv, a3);
+      }
+      y[r] = _mm512_reduce_add_ps(a0); y[r + 1] = _mm512_reduce_add_ps(a1);
+      y[r + 2] = _mm512_reduce_add_ps(a2); y[r + 3] = _mm512_reduce_add_ps(a3);
+    }
+    for (; r < r1; ++r) {
+      __m512 a0 = _mm512_setzero_ps();
+      for (int64_t j = 0; j < in; j += 16) {
+        __mmask16 k = in - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (in - j)) - 1);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, Wf + r * in + j), _mm512_maskz_loadu_ps(k, xf + j), a0);
+      }
+      y[r] = _mm512_reduce_add_ps(a0);
+    }
+    return;
+  } else {
+#ifdef __AVX512BF16__
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t j = 0; j < in; j += 32) {
+        __mmask32 k = in - j >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1ull << (in - j)) - 1);
+        __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(k, x + j);
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(k, W + r * in + j), xv);
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(k, W + (r + 1) * in + j), xv);
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_maskz_loadu_epi16(k, W + (r + 2) * in + j), xv);
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_maskz_loadu_epi16(k, W + (r + 3) * in + j), xv);
+      }
+      y[r] = _mm512_reduce_add_ps(a0); y[r + 1] = _mm512_reduce_add_ps(a1);
+      y[r + 2] = _mm512_reduce_add_ps(a2); y[r + 3] = _mm512_reduce_add_ps(a3);
+    }
+    for (; r < r1; ++r) {
+      __m512 a0 = _mm512_setzero_ps();
+      for (int64_t j = 0; j < in; j += 32) {
+        __mmask32 k = in - j >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1ull << (in - j)) - 1);
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(k, W + r * in + j), (__m512bh)_mm512_maskz_loadu_epi16(k, x + j));
+      }
+      y[r] = _mm512_reduce_add_ps(a0);
+    }
+    return;
+#endif
+  }
+#endif
+  for (int64_t r = r0; r < r1; ++r) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < in; ++j) {
+      if constexpr (sizeof(V) == 4) acc += reinterpret_cast<const float*>(W)[r * in + j] * reinterpret_cast<const float*>(x)[j];
+      else acc += bf16_to_f32(W[r * in + j]) * bf16_to_f32(x[j]);
+    }
+    y[r] = acc;
+  }
+}
+
+torch::Tensor dense_matmul(torch::Tensor W, torch::Tensor x) {
+  TORCH_CHECK(W.dim() == 2 && x.dim() == 2 && W.is_contiguous() && x.is_contiguous() && W.dtype() == x.dtype() && x.size(1) == W.size(1),
+              "W [out, in] and x [batch, in]: contiguous, same dtype");
+  int64_t out = W.size(0), in = W.size(1), batch = x.size(0);
+  auto y = torch::empty({batch, out}, x.options().dtype(torch::kFloat32));
+  int64_t grain = std::max<int64_t>(4, 8192 / std::max<int64_t>(1, in / 16));
+  for (int64_t b = 0; b < batch; ++b) {
+    at::parallel_for(0, out, grain, [&](int64_t r0, int64_t r1) {
+      if (W.dtype() == torch::kFloat32)
+        dense_rows<float>(W.data_ptr<float>(), x.data_ptr<float>() + b * in, y.data_ptr<float>() + b * out, in, r0, r1);
+      else if (W.dtype() == torch::kBFloat16)
+        dense_rows<uint16_t>(reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>()),
+                             reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + b * in, y.data_ptr<float>() + b * out, in, r0, r1);
+      else TORCH_CHECK(false, "float32 or bfloat16");
+    });
+  }
+  return y;
+}
+
 bool simd() {
 #ifdef OATS_AVX512
   return true;
@@ -216,7 +308,7 @@ def kernel():
 
             directory.mkdir(parents=True, exist_ok=True)
             _lg.getLogger("torch.utils.cpp_extension").setLevel(_lg.ERROR)
-            _module = load_inline(name, cpp_sources=[CPP_SOURCE], functions=["bitmask_matmul", "simd"],
+            _module = load_inline(name, cpp_sources=[CPP_SOURCE], functions=["bitmask_matmul", "dense_matmul", "simd"],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                   build_directory=str(directory), verbose=False)
             log.info("oats bitmask kernel compiled (%s, AVX-512 path: %s) in %s", name, _module.simd(), directory)
@@ -278,3 +370,12 @@ class BitmaskMatrix:
 
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.mask.numel() * 4 + self.offsets.numel() * 8
+
+
+def dense_matmul(W: Tensor, x: Tensor) -> Tensor:
+    """x [batch, in] @ W^T for a dense W [out, in] (float32/bfloat16, x cast to W's dtype) -> float32
+    [batch, out], by the compiled kernel (AVX-512 BF16 dot products for bfloat16). Needs :func:`kernel`."""
+    mod = kernel()
+    if mod is None:
+        raise RuntimeError(f"kernel unavailable: {failure()}")
+    return mod.dense_matmul(W.contiguous(), x.reshape(-1, W.shape[1]).to(W.dtype).contiguous())

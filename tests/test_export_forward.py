@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from export import forward as fw
-from export.kernels import BitmaskMatrix, available, failure
+from export.kernels import BitmaskMatrix, available, dense_matmul, failure
 from oats.compressed import SparseLowRankLinear, compressed_layers
 from oats.models import set_module
 from tests.conftest import tiny_model
@@ -75,6 +75,19 @@ def test_bitmask_kernel_matches_dense(dtype, shape, density):
         out = bm.matmul(x)
         assert out.dtype == torch.float32 and out.shape == (rows, shape[0])
         assert torch.allclose(out, ref, atol=1e-4 * max(1.0, ref.abs().max().item()), rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(43, 576), (576, 43), (7, 5), (64, 96)])
+def test_dense_kernel_matches_torch(dtype, shape):
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(*shape, generator=g).to(dtype)
+    for rows in (1, 3):
+        x = torch.randn(rows, shape[1], generator=g).to(dtype)
+        ref = x.float() @ W.float().T
+        out = dense_matmul(W, x)
+        assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-4 * max(1.0, ref.abs().max().item()), rtol=1e-4)
 
 
 def test_choice_is_cached_per_key_and_recorded():
