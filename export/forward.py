@@ -8,6 +8,8 @@ Candidates (every one computes ``x S^T + (x V^T) U^T + b``):
   where torch has no sparse kernel for the dtype, e.g. bfloat16 on the CPU).
 * ``bitmask_kernel``: the compiled AVX-512 bitmask x vector kernel of :mod:`export.kernels` for S
   plus two small dense kernel products for U, V. CPU only, when it compiled.
+* ``densify``: S scattered into a fresh dense tensor on every call, then ``F.linear`` (+ the low-rank
+  part in float32): no dense copy kept, close to dense speed for prefill where the product dominates.
 * ``dense_kernel``: the dense-merged W by the compiled dense kernel (AVX-512 BF16 dot products; torch's
   bfloat16 batch-1 product is several times slower on the CPU). CPU only, when it compiled.
 
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-CANDIDATES = ("dense_merged", "torch_csr", "bitmask_kernel", "dense_kernel")
+CANDIDATES = ("dense_merged", "torch_csr", "bitmask_kernel", "dense_kernel", "densify")
 DENSE_COPY = ("dense_merged", "dense_kernel")  # the forwards that hold W = S + U V in memory
 _CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
 
@@ -124,6 +126,31 @@ def _fw_bitmask_kernel(layer, x2: Tensor) -> Tensor:
     return y.to(x2.dtype)
 
 
+def _lowrank_f32(layer, x2: Tensor) -> Tensor:
+    """(x V^T) U^T, in float32 for bfloat16/float16 layers (torch's bf16 CPU products are slow at odd ranks)."""
+    if x2.dtype == torch.float32 or x2.device.type != "cpu":
+        return (x2 @ layer.V.T) @ layer.U.T
+    return F.linear(F.linear(x2.float(), layer.V.float()), layer.U.float()).to(x2.dtype)
+
+
+def _densify_weight(layer) -> Tensor:
+    from export.kernels import csr_to_dense
+
+    W = csr_to_dense(layer)
+    if W is None:
+        out, inp = layer.out_features, layer.in_features
+        rows = torch.repeat_interleave(torch.arange(out, device=layer.values.device), layer.crow_indices.diff())
+        W = torch.zeros(out * inp, dtype=layer.values.dtype, device=layer.values.device)
+        W.index_copy_(0, rows * inp + layer.col_indices.to(torch.int64), layer.values.detach())
+        W = W.view(out, inp)
+    return W
+
+
+def _fw_densify(layer, x2: Tensor) -> Tensor:
+    y = F.linear(x2, _densify_weight(layer), layer.bias)
+    return y + _lowrank_f32(layer, x2) if layer.rank else y
+
+
 def _fw_dense_kernel(layer, x2: Tensor) -> Tensor:
     from export.kernels import dense_matmul
 
@@ -135,7 +162,7 @@ def _fw_dense_kernel(layer, x2: Tensor) -> Tensor:
 
 FORWARDS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
     "dense_merged": _fw_dense_merged, "torch_csr": _fw_torch_csr, "bitmask_kernel": _fw_bitmask_kernel,
-    "dense_kernel": _fw_dense_kernel}
+    "dense_kernel": _fw_dense_kernel, "densify": _fw_densify}
 
 
 KERNEL_MAX_ROWS = 64  # the compiled kernels loop over input rows: never faster for prefill, not timed there
@@ -144,7 +171,7 @@ KERNEL_MAX_ROWS = 64  # the compiled kernels loop over input rows: never faster 
 def available_forwards(layer, x: Tensor | None = None) -> list[str]:
     """The candidates that can run for this layer (and input dtype/device)."""
     device = layer.values.device
-    out = ["dense_merged", "torch_csr"]
+    out = ["dense_merged", "torch_csr", "densify"]
     dtype = layer.values.dtype if x is None else x.dtype
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and layer.values.dtype == dtype:
         from export.kernels import available
@@ -275,7 +302,7 @@ def install_auto_forward(model: nn.Module, candidates: Iterable[str] | None = No
     Returns the number of layers. Undo with :func:`remove_auto_forward`."""
     cls = _slr_class()
     cands = tuple(candidates) if candidates is not None else CANDIDATES
-    if not keep_dense:
+    if not keep_dense:  # (densify builds its dense S per call and frees it)
         cands = tuple(c for c in cands if c not in DENSE_COPY)
     if fixed is not None and fixed not in FORWARDS:
         raise ValueError(f"forward {fixed!r}: one of {CANDIDATES}")

@@ -255,6 +255,28 @@ torch::Tensor dense_matmul(torch::Tensor W, torch::Tensor x) {
   return y;
 }
 
+// Dense [out, in] from CSR (values of any 16/32-bit float dtype copied as bits), rows split over threads.
+torch::Tensor csr_to_dense(torch::Tensor values, torch::Tensor crow, torch::Tensor col, int64_t out, int64_t in) {
+  TORCH_CHECK(crow.dtype() == torch::kInt64 && col.dtype() == torch::kInt32 && values.is_contiguous() && col.is_contiguous(),
+              "crow int64, col int32, contiguous");
+  auto W = torch::zeros({out, in}, values.options());
+  const int64_t* cr = crow.data_ptr<int64_t>();
+  const int32_t* cc = col.data_ptr<int32_t>();
+  int64_t es = values.element_size();
+  at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (es == 4) {
+        const float* v = reinterpret_cast<const float*>(values.data_ptr()); float* w = reinterpret_cast<float*>(W.data_ptr()) + r * in;
+        for (int64_t k = cr[r]; k < cr[r + 1]; ++k) w[cc[k]] = v[k];
+      } else {
+        const uint16_t* v = reinterpret_cast<const uint16_t*>(values.data_ptr()); uint16_t* w = reinterpret_cast<uint16_t*>(W.data_ptr()) + r * in;
+        for (int64_t k = cr[r]; k < cr[r + 1]; ++k) w[cc[k]] = v[k];
+      }
+    }
+  });
+  return W;
+}
+
 bool simd() {
 #ifdef OATS_AVX512
   return true;
@@ -308,7 +330,7 @@ def kernel():
 
             directory.mkdir(parents=True, exist_ok=True)
             _lg.getLogger("torch.utils.cpp_extension").setLevel(_lg.ERROR)
-            _module = load_inline(name, cpp_sources=[CPP_SOURCE], functions=["bitmask_matmul", "dense_matmul", "simd"],
+            _module = load_inline(name, cpp_sources=[CPP_SOURCE], functions=["bitmask_matmul", "dense_matmul", "csr_to_dense", "simd"],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                   build_directory=str(directory), verbose=False)
             log.info("oats bitmask kernel compiled (%s, AVX-512 path: %s) in %s", name, _module.simd(), directory)
@@ -379,3 +401,12 @@ def dense_matmul(W: Tensor, x: Tensor) -> Tensor:
     if mod is None:
         raise RuntimeError(f"kernel unavailable: {failure()}")
     return mod.dense_matmul(W.contiguous(), x.reshape(-1, W.shape[1]).to(W.dtype).contiguous())
+
+
+def csr_to_dense(layer) -> Tensor | None:
+    """S of a SparseLowRankLinear as a fresh dense tensor by the compiled scatter, or None without the kernel."""
+    mod = kernel()
+    if mod is None or layer.values.element_size() not in (2, 4) or layer.values.device.type != "cpu":
+        return None
+    return mod.csr_to_dense(layer.values.detach().contiguous(), layer.crow_indices.to(torch.int64).contiguous(),
+                            layer.col_indices.to(torch.int32).contiguous(), layer.out_features, layer.in_features)
