@@ -222,8 +222,10 @@ def crossover(dtypes, rounds: int) -> list[str]:
 
     if not available():
         return ["kernel unavailable: no crossover"]
-    rows = ["| dtype | layer [out, in] | caches | " + " | ".join(f"{d:g}" for d in DENSITIES) + " | crossover density |",
-            "|---|---|---|" + "---|" * len(DENSITIES) + "---|"]
+    from export.kernels import dense_matmul
+
+    rows = ["| dtype | layer [out, in] | caches | vs | " + " | ".join(f"{d:g}" for d in DENSITIES) + " | crossover density |",
+            "|---|---|---|---|" + "---|" * len(DENSITIES) + "---|"]
     g = torch.Generator().manual_seed(0)
     for dtype in dtypes:
         for shape in SHAPES:
@@ -231,22 +233,25 @@ def crossover(dtypes, rounds: int) -> list[str]:
             x = torch.randn(1, shape[1], generator=g).to(dtype)
             mats = {d: BitmaskMatrix.from_dense(W * (torch.rand(*shape, generator=g) < d)) for d in DENSITIES}
             for cold in (True, False):
-                fns = {"dense": lambda: F.linear(x, W)}
+                fns = {"dense": lambda: F.linear(x, W), "dense_kernel": lambda: dense_matmul(W, x)}
                 fns.update({d: (lambda m=m: m.matmul(x)) for d, m in mats.items()})
                 with torch.no_grad():
                     t = interleaved(fns, rounds, reps=7 if cold else 50, cold=cold)
-                ratios = [t[d] / t["dense"] for d in DENSITIES]
-                cross = None
-                for (d0, r0), (d1, r1) in zip(zip(DENSITIES, ratios), zip(DENSITIES[1:], ratios[1:])):
-                    if r0 < 1 <= r1:
-                        cross = d0 + (1 - r0) * (d1 - d0) / (r1 - r0)
-                if cross is None:
-                    cross = f"> {DENSITIES[-1]}" if ratios[-1] < 1 else (f"< {DENSITIES[0]}" if ratios[0] >= 1 else "none")
-                else:
-                    cross = f"{cross:.2f}"
-                rows.append(f"| {str(dtype).removeprefix('torch.')} | {list(shape)} | {'cold' if cold else 'hot'} | "
-                            + " | ".join(f"{r:.2f}" for r in ratios) + f" | {cross} |")
+                for ref in ("dense", "dense_kernel"):
+                    rows.append(_cross_row(dtype, shape, cold, ref, [t[d] / t[ref] for d in DENSITIES]))
     return rows
+
+
+def _cross_row(dtype, shape, cold, ref, ratios) -> str:
+    """One crossover row: the density where kernel/reference time first reaches 1 (linear interpolation)."""
+    cross = None
+    for (d0, r0), (d1, r1) in zip(zip(DENSITIES, ratios), zip(DENSITIES[1:], ratios[1:])):
+        if cross is None and r0 < 1 <= r1:
+            cross = f"{d0 + (1 - r0) * (d1 - d0) / (r1 - r0):.2f}"
+    if cross is None:
+        cross = f"> {DENSITIES[-1]}" if ratios[-1] < 1 else (f"< {DENSITIES[0]}" if ratios[0] >= 1 else "none")
+    return (f"| {str(dtype).removeprefix('torch.')} | {list(shape)} | {'cold' if cold else 'hot'} | "
+            f"{'F.linear' if ref == 'dense' else 'dense_kernel'} | " + " | ".join(f"{r:.2f}" for r in ratios) + f" | {cross} |")
 
 
 # ----------------------------------------------------------------------------------------- model
