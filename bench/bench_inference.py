@@ -328,6 +328,7 @@ def model_table(base: nn.Module, tok, dtypes, rounds: int, n_decode: int, tmp: P
             pre = f"{best_p[k]:.2f} | {best_p[k] / best_p[dk]:.2f}" if best_p[k] < float("inf") else "n/m | n/m"
             rows.append(f"| {str(dtype).removeprefix('torch.')} | {k[0]} | {k[1]} | {disk[k[0]] / 1e6:.1f} | {disk[k[0]] / disk['dense']:.3f} | "
                         f"{mem / 1e6:.0f} | {mem / mem_dense:.2f} | {pre} | {tps:.1f} | {tps / tps_d:.2f} | {rec} |")
+        print("\n".join(rows if dtype == dtypes[0] else rows[-len(models):]), flush=True)  # as each dtype finishes
         del models, dense
         gc.collect()
     return rows
@@ -341,6 +342,7 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-layers", action="store_true")
+    p.add_argument("--model-dtypes", nargs="+", default=None, help="dtypes of the whole-model table (default: --dtypes)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     dtypes = [getattr(torch, d) for d in a.dtypes]
@@ -357,13 +359,13 @@ def main() -> None:
           f"{a.decode} greedy steps after a 16-token prompt (KV cache). Layers: SmolLM2-135M block 15 MLP weights.\n")
     if not a.skip_layers:
         print("## Layers\n")
-        print("\n".join(layer_table(dtypes, a.rounds, weights)))
+        print("\n".join(layer_table(dtypes, a.rounds, weights)), flush=True)
         print("\n## Kernel vs dense at batch 1 (time ratio kernel/dense by density)\n")
-        print("\n".join(crossover(dtypes, a.rounds)))
+        print("\n".join(crossover(dtypes, a.rounds)), flush=True)
     if not a.skip_model:
         print("\n## Whole model (SmolLM2-135M)\n")
         with tempfile.TemporaryDirectory() as tmp:
-            print("\n".join(model_table(model, tok, dtypes, a.rounds, a.decode, Path(tmp))))
+            model_table(model, tok, [getattr(torch, d) for d in a.model_dtypes] if a.model_dtypes else dtypes, a.rounds, a.decode, Path(tmp))  # prints its rows per dtype
     print(f"\nLoad average at end: {load()}; wall time {time.time() - t0:.0f} s")
 
 
