@@ -1,0 +1,344 @@
+"""Choosing the forward of a SparseLowRankLinear by measurement, so compress mode is never slower than necessary.
+
+Candidates (every one computes ``x S^T + (x V^T) U^T + b``):
+
+* ``dense_merged``: ``W = S + U V`` materialised once (float32 sum, cast to the layer's dtype), then
+  ``F.linear``. Fastest for prefill; costs a dense copy of the weight in memory.
+* ``torch_csr``: the layer's own forward (torch CSR @ dense, falling back to densifying S per call
+  where torch has no sparse kernel for the dtype, e.g. bfloat16 on the CPU).
+* ``bitmask_kernel``: the compiled AVX-512 bitmask x vector kernel of :mod:`export.kernels` for S
+  plus two small dense kernel products for U, V. CPU only, when it compiled.
+* ``densify``: S scattered into a fresh dense tensor on every call, then ``F.linear`` (+ the low-rank
+  part in float32): no dense copy kept, close to dense speed for prefill where the product dominates.
+* ``dense_kernel``: the dense-merged W by the compiled dense kernel (AVX-512 BF16 dot products; torch's
+  bfloat16 batch-1 product is several times slower on the CPU). CPU only, when it compiled.
+
+:func:`choose_forward` times each candidate once on the layer's own tensors for a given number of input
+rows and caches the winner per ``(device, dtype, shape, rank, density bucket, rows bucket)``, so one
+calibration serves every layer of the same shape. :func:`install_auto_forward` makes every
+SparseLowRankLinear of a model pick, per call, the winner for the call's row count (decode and prefill
+differ), and :func:`forward_record` says what was chosen (a JSON-serialisable dict and a short string
+for the result record).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import types
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = ("dense_merged", "torch_csr", "bitmask_kernel", "dense_kernel", "densify")
+DENSE_COPY = ("dense_merged", "dense_kernel")  # the forwards that hold W = S + U V in memory
+_CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
+
+
+def _slr_class():
+    from oats.compressed import SparseLowRankLinear
+
+    return SparseLowRankLinear
+
+
+def density(layer) -> float:
+    return layer.nnz / max(1, layer.in_features * layer.out_features)
+
+
+def density_bucket(d: float) -> float:
+    """Densities share a calibration within 0.05."""
+    return round(round(d * 20) / 20, 2)
+
+
+def rows_bucket(rows: int) -> int:
+    """1, 2, 4, 8, 16, 64, 256, 1024, 4096, ... (upper bounds; decode rows are exact up to 16)."""
+    if rows <= 16:
+        return 1 << max(0, math.ceil(math.log2(max(rows, 1))))
+    return 4 ** math.ceil(math.log(rows, 4))
+
+
+def _version(layer) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in (layer.values, layer.U, layer.V, layer.col_indices))
+
+
+def dense_merged_weight(layer) -> Tensor:
+    """W = S + U V (cached on the layer until its tensors change)."""
+    cached = getattr(layer, "_oats_dense", None)
+    if cached is not None and cached[0] == _version(layer):
+        return cached[1]
+    with torch.no_grad():
+        S = layer.sparse_weight().to_dense()
+        W = (S.float() + layer.U.float() @ layer.V.float()).to(S.dtype) if layer.rank else S
+    layer._oats_dense = (_version(layer), W)
+    return W
+
+
+def bitmask_matrix(layer):
+    """The layer's S in the kernel's layout (cached on the layer until its tensors change)."""
+    from export.kernels import BitmaskMatrix
+
+    cached = getattr(layer, "_oats_bitmask", None)
+    if cached is not None and cached[0] == _version(layer):
+        return cached[1]
+    bm = BitmaskMatrix.from_layer(layer)
+    layer._oats_bitmask = (_version(layer), bm)
+    return bm
+
+
+def drop_cached(layer, keep: Iterable[str] = ()) -> None:
+    """Free the representations not named in ``keep``."""
+    if not set(DENSE_COPY) & set(keep) and hasattr(layer, "_oats_dense"):
+        del layer._oats_dense
+    if "bitmask_kernel" not in keep and hasattr(layer, "_oats_bitmask"):
+        del layer._oats_bitmask
+
+
+def _lowrank_bias(layer, x2: Tensor, y: Tensor) -> Tensor:
+    if layer.rank:
+        y = y + (x2 @ layer.V.T) @ layer.U.T
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y
+
+
+def _fw_dense_merged(layer, x2: Tensor) -> Tensor:
+    return F.linear(x2, dense_merged_weight(layer), layer.bias)
+
+
+def _fw_torch_csr(layer, x2: Tensor) -> Tensor:
+    return _slr_class().forward(layer, x2)
+
+
+def _fw_bitmask_kernel(layer, x2: Tensor) -> Tensor:
+    from export.kernels import dense_matmul
+
+    xs = x2.to(layer.values.dtype)
+    y = bitmask_matrix(layer).matmul(xs)  # float32
+    if layer.rank:  # (x V^T) U^T by the same kernel family: torch's bf16 products are slow at odd ranks
+        t = dense_matmul(layer.V.detach(), xs).to(layer.values.dtype)
+        y += dense_matmul(layer.U.detach(), t)
+    if layer.bias is not None:
+        y += layer.bias
+    return y.to(x2.dtype)
+
+
+def _lowrank_f32(layer, x2: Tensor) -> Tensor:
+    """(x V^T) U^T, in float32 for bfloat16/float16 layers (torch's bf16 CPU products are slow at odd ranks)."""
+    if x2.dtype == torch.float32 or x2.device.type != "cpu":
+        return (x2 @ layer.V.T) @ layer.U.T
+    return F.linear(F.linear(x2.float(), layer.V.float()), layer.U.float()).to(x2.dtype)
+
+
+def _densify_weight(layer) -> Tensor:
+    from export.kernels import csr_to_dense
+
+    W = csr_to_dense(layer)
+    if W is None:
+        out, inp = layer.out_features, layer.in_features
+        rows = torch.repeat_interleave(torch.arange(out, device=layer.values.device), layer.crow_indices.diff())
+        W = torch.zeros(out * inp, dtype=layer.values.dtype, device=layer.values.device)
+        W.index_copy_(0, rows * inp + layer.col_indices.to(torch.int64), layer.values.detach())
+        W = W.view(out, inp)
+    return W
+
+
+def _fw_densify(layer, x2: Tensor) -> Tensor:
+    y = F.linear(x2, _densify_weight(layer), layer.bias)
+    return y + _lowrank_f32(layer, x2) if layer.rank else y
+
+
+def _fw_dense_kernel(layer, x2: Tensor) -> Tensor:
+    from export.kernels import dense_matmul
+
+    y = dense_matmul(dense_merged_weight(layer), x2)
+    if layer.bias is not None:
+        y += layer.bias
+    return y.to(x2.dtype)
+
+
+FORWARDS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
+    "dense_merged": _fw_dense_merged, "torch_csr": _fw_torch_csr, "bitmask_kernel": _fw_bitmask_kernel,
+    "dense_kernel": _fw_dense_kernel, "densify": _fw_densify}
+
+
+KERNEL_MAX_ROWS = 64  # the compiled kernels loop over input rows: never faster for prefill, not timed there
+
+
+def available_forwards(layer, x: Tensor | None = None) -> list[str]:
+    """The candidates that can run for this layer (and input dtype/device)."""
+    device = layer.values.device
+    out = ["dense_merged", "torch_csr", "densify"]
+    dtype = layer.values.dtype if x is None else x.dtype
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and layer.values.dtype == dtype:
+        from export.kernels import available
+
+        if available():
+            out += ["bitmask_kernel", "dense_kernel"]
+    return out
+
+
+def run_forward(layer, x: Tensor, impl: str) -> Tensor:
+    """The layer's output for ``x`` [..., in] computed by forward ``impl`` (one of :data:`CANDIDATES`).
+    Only ``torch_csr`` has gradients; the others read cached copies (call under ``torch.no_grad()``)."""
+    shape = x.shape
+    y = FORWARDS[impl](layer, x.reshape(-1, layer.in_features))
+    return y.reshape(*shape[:-1], layer.out_features)
+
+
+def _llc_bytes() -> int:
+    """The last-level cache size (sysfs), 32 MiB when unknown."""
+    from pathlib import Path
+
+    best = 0
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            txt = f.read_text().strip().upper()
+            mult = {"K": 1024, "M": 1024 ** 2}.get(txt[-1], 1)
+            best = max(best, int(txt.rstrip("KM")) * mult)
+        except (OSError, ValueError):
+            continue
+    return best or 32 * 1024 ** 2
+
+
+_EVICT: list[Tensor] = []
+
+
+def evict_caches() -> None:
+    """Stream through twice the last-level cache so the next call reads its weights from memory, as in a
+    decode step of a whole model (whose weights never fit in the cache)."""
+    if not _EVICT:
+        _EVICT.append(torch.empty(2 * _llc_bytes() // 4, dtype=torch.float32))
+    _EVICT[0].fill_(time.perf_counter() % 1.0)
+
+
+def _time(fn: Callable[[], object], budget_s: float = 0.02, max_reps: int = 7, cold: bool = False) -> float:
+    fn()  # warm-up (builds the representation, first-touch)
+    best, spent, reps = float("inf"), 0.0, 0
+    while reps < max_reps and (reps < 2 or spent < budget_s):
+        if cold:
+            evict_caches()
+        t = time.perf_counter()
+        fn()
+        d = time.perf_counter() - t
+        best, spent, reps = min(best, d), spent + d, reps + 1
+    return best
+
+
+def cache_key(layer, rows: int, dtype: torch.dtype | None = None) -> tuple:
+    return (layer.values.device.type, str(dtype or layer.values.dtype), layer.out_features, layer.in_features, layer.rank,
+            layer.bias is not None, density_bucket(density(layer)), rows_bucket(rows))
+
+
+COLD_ROWS = 16  # calibrations for at most this many rows time each candidate with cold caches
+
+
+def choose_forward(layer, rows: int = 1, candidates: Iterable[str] | None = None, dtype: torch.dtype | None = None,
+                   recalibrate: bool = False) -> str:
+    """The fastest forward for ``rows`` input rows, measured once per :func:`cache_key` on this layer.
+
+    For decode-sized inputs (rows <= :data:`COLD_ROWS`, CPU) the caches are flushed before every timed
+    call (:func:`evict_caches`): a lone layer timed in a loop would sit in the cache, which is not what
+    a model's decode step sees, and would favour the dense forward."""
+    key = cache_key(layer, rows, dtype) + (tuple(candidates) if candidates is not None else None,)
+    if not recalibrate and key in _CACHE:
+        return _CACHE[key][0]
+    dtype = dtype or layer.values.dtype
+    x = torch.randn(rows_bucket(rows), layer.in_features, dtype=dtype, device=layer.values.device)
+    names = [c for c in (candidates or CANDIDATES) if c in available_forwards(layer, x)
+             and not (c.endswith("_kernel") and x.shape[0] > KERNEL_MAX_ROWS and len(candidates or CANDIDATES) > 1)]
+    if not names:
+        raise ValueError(f"none of {list(candidates or CANDIDATES)} can run here")
+    times = {}
+    had = set(DENSE_COPY) if hasattr(layer, "_oats_dense") else set()
+    had |= {"bitmask_kernel"} if hasattr(layer, "_oats_bitmask") else set()
+    with torch.no_grad():
+        for n in names:
+            try:
+                times[n] = _time(lambda n=n: FORWARDS[n](layer, x), cold=rows <= COLD_ROWS and x.device.type == "cpu")
+            except Exception as e:  # a candidate that fails here is simply not chosen
+                log.warning("forward %s failed on %s: %s", n, key, e)
+    best = min(times, key=times.get)
+    drop_cached(layer, keep=had | {best})
+    _CACHE[key] = (best, times)
+    log.info("forward for %s: %s (%s)", key, best, ", ".join(f"{k} {v * 1e6:.0f}us" for k, v in times.items()))
+    return best
+
+
+def calibration_table() -> list[dict]:
+    """Every measured calibration: key fields, the choice and each candidate's best time (seconds)."""
+    fields = ("device", "dtype", "out_features", "in_features", "rank", "bias", "density", "rows")
+    return [{**dict(zip(fields, k[:8])), "candidates": list(k[8]) if k[8] else None, "choice": c, "seconds": t}
+            for k, (c, t) in _CACHE.items()]
+
+
+def clear_calibration() -> None:
+    _CACHE.clear()
+
+
+def _auto_forward(self, x: Tensor) -> Tensor:
+    if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad and self.training):
+        return _slr_class().forward(self, x)  # training: only the layer's own forward has gradients
+    rows = x.numel() // self.in_features
+    b = rows_bucket(rows)
+    impl = self._oats_fixed_forward or self._oats_choice.get(b)
+    if impl is None:
+        impl = choose_forward(self, rows, self._oats_candidates, dtype=x.dtype)
+        self._oats_choice[b] = impl
+        keep = set(self._oats_choice.values())
+        drop_cached(self, keep=keep)
+    self._oats_used[impl] = self._oats_used.get(impl, 0) + 1
+    return run_forward(self, x, impl)
+
+
+def install_auto_forward(model: nn.Module, candidates: Iterable[str] | None = None, fixed: str | None = None,
+                         keep_dense: bool = True) -> int:
+    """Make every SparseLowRankLinear of ``model`` use the measured-fastest forward per call's row count
+    (or always ``fixed``). ``keep_dense=False`` leaves ``dense_merged`` and ``dense_kernel`` out (no dense
+    copies in memory).
+    Returns the number of layers. Undo with :func:`remove_auto_forward`."""
+    cls = _slr_class()
+    cands = tuple(candidates) if candidates is not None else CANDIDATES
+    if not keep_dense:  # (densify builds its dense S per call and frees it)
+        cands = tuple(c for c in cands if c not in DENSE_COPY)
+    if fixed is not None and fixed not in FORWARDS:
+        raise ValueError(f"forward {fixed!r}: one of {CANDIDATES}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, cls):
+            m._oats_candidates, m._oats_fixed_forward = cands, fixed
+            m._oats_choice, m._oats_used = {}, {}
+            m.forward = types.MethodType(_auto_forward, m)
+            n += 1
+    return n
+
+
+def remove_auto_forward(model: nn.Module) -> None:
+    cls = _slr_class()
+    for m in model.modules():
+        if isinstance(m, cls) and "forward" in m.__dict__:
+            del m.forward
+            drop_cached(m)
+            for a in ("_oats_candidates", "_oats_fixed_forward", "_oats_choice", "_oats_used"):
+                m.__dict__.pop(a, None)
+
+
+def forward_record(model: nn.Module) -> dict:
+    """What the installed forwards chose: ``{"summary": "rows<=1: bitmask_kernel x210; ...", "layers":
+    {name: {rows bucket: forward}}, "calls": {forward: count}}`` (JSON-serialisable; for the result record)."""
+    cls = _slr_class()
+    layers, calls, per_bucket = {}, {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, cls) and hasattr(m, "_oats_choice"):
+            layers[name] = {str(b): c for b, c in sorted(m._oats_choice.items())}
+            for c, k in m._oats_used.items():
+                calls[c] = calls.get(c, 0) + k
+            for b, c in m._oats_choice.items():
+                per_bucket.setdefault(b, {}).setdefault(c, 0)
+                per_bucket[b][c] += 1
+    summary = "; ".join(f"rows<={b}: " + ", ".join(f"{c} x{k}" for c, k in sorted(cs.items()))
+                        for b, cs in sorted(per_bucket.items()))
+    return {"summary": summary or "none", "layers": layers, "calls": calls}
