@@ -27,6 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="rerun experiments even when their result exists")
     p.add_argument("--report", action="store_true", help="write tables and plots of all results under <out>/report/, then exit")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    e = p.add_argument_group("export a finished experiment's saved model (save_model: true)")
+    e.add_argument("--export", metavar="NAME", default=None, help="the experiment to export, then exit")
+    e.add_argument("--to", metavar="DIR", default=None, help="where to write it (default <out>/<NAME>/export)")
+    e.add_argument("--format", choices=("bitmask", "peft", "dense"), default="bitmask",
+                   help="bitmask: values + 1-bit mask (stock transformers, trust_remote_code); peft: sparse base + LoRA adapter; dense")
+    e.add_argument("--base-format", choices=("bitmask", "dense"), default="bitmask", help="with --format peft: how the sparse base is stored")
     s = p.add_argument_group("cluster (submitit; defaults from a SLURM dict in the config file)")
     s.add_argument("--slurm", action="store_true", help="submit the selected, not yet done experiments as one job array (one experiment per task)")
     s.add_argument("--slurm-executor", choices=("slurm", "local", "debug"), default=None, help="slurm (sbatch, default), local (subprocesses here) or debug (this process)")
@@ -93,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else default_out(args.config)
     if args.report:
         return _report(out)
+    if args.export:
+        return _export(out / args.export, Path(args.to) if args.to else out / args.export / "export", args.format, args.base_format)
     from oats.config import ConfigError, resolve_all
 
     try:
@@ -131,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     failed = [n for n, s in outcome.items() if s == "failed"]
+    for c in cfgs:
+        if c.export_format and outcome.get(c.name) == "ok":
+            _export(out / c.name, out / c.name / "export", c.export_format, "bitmask")
     print_results(cfgs, out)
     log.info("finished: %d ok, %d skipped, %d failed, %d busy; results in %s/ (summary.md; tables and plots: "
              "python main.py --report --out %s)", sum(s == "ok" for s in outcome.values()), sum(s == "skipped" for s in outcome.values()),
@@ -146,6 +157,21 @@ def print_results(cfgs: list, out: Path) -> None:
     records = [r for c in cfgs if (r := read_record(experiment_dir(out, c.name))) is not None]
     if records:
         print("\n" + summary_markdown(records))
+
+
+def _export(exp_dir: Path, to: Path, fmt: str, base_format: str) -> int:
+    """Write the experiment's saved model in an exchange format and print its bytes against dense."""
+    model_dir = exp_dir / "model"
+    if not (model_dir / "config.json").is_file():
+        print(f"error: --export: {exp_dir} has no saved model ({model_dir}/config.json); run it with save_model: true", file=sys.stderr)
+        return 2
+    from export import export_from_dir
+
+    report = export_from_dir(model_dir, to, fmt, base_format=base_format)
+    total = report.get("total", {})
+    log.info("exported %s as %s to %s: %s bytes of tensors, %.3fx the dense checkpoint in the same dtype", exp_dir.name, fmt, to,
+             total.get("tensor_bytes"), total.get("ratio", float("nan")))
+    return 0
 
 
 def _report(out: Path) -> int:

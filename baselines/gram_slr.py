@@ -107,6 +107,7 @@ DEFAULT_ITERS = 20
 KEYS: dict[str, Key] = {
     "rank_ratio": OATS_KEYS["rank_ratio"],
     "compress": OATS_KEYS["compress"],
+    "forward": OATS_KEYS["forward"],
     "gram_slr_iters": Key(DEFAULT_ITERS, (int,), "gram_slr: alternating iterations (sparse step then exact low-rank step)", positive),
     "gram_slr_sparse_step": Key("optima", (str,), "gram_slr sparse step: `sparsegpt` (OBS sweep on W - L) or `optima` (Wanda-style mask + exact QP)", choice(*SPARSE_STEPS)),
     "gram_slr_init": Key("sparse", (str,), "gram_slr start: `sparse` (L = 0, the first sparse step sees W) or `lowrank` (S = 0, L = reduced-rank regression of W, as OATS)", choice(*INITS)),

@@ -10,10 +10,10 @@ Variants, built from SmolLM2-135M's own weights (masks by magnitude, so nothing 
 - ``wanda50``: 50% unstructured per row (magnitude masks stand in for Wanda's: same shapes and densities);
 - ``2:4``: 2 of every 4 inputs kept (magnitude);
 - ``oats50``: OATS-shaped at compression 0.5, rank_ratio 0.3: S keeps ``oats_budget(...).keep_per_row``
-  per row, U [out, r], V [r, in] random (timing only; r from ``oats.decompose.oats_budget``).
+  per row, U [out, r], V [r, in] random (timing only; r from ``oats.algorithm.decompose.oats_budget``).
 
 Sparse variants are ``SparseLowRankLinear`` layers (rank 0 for wanda50 and 2:4) run with a named forward
-(``export.forward``): ``auto`` (measured choice per call's row count; keeps a dense copy when prefill
+(``oats.algorithm.forward``): ``auto`` (measured choice per call's row count; keeps a dense copy when prefill
 chooses ``dense_merged``), ``lean`` (auto without ``dense_merged``: no dense copy), ``torch_csr`` (the
 compress-mode forward before this change; decode timed over 1/8 of the steps), ``bitmask_kernel``,
 ``dense_kernel``, ``densify`` (per layer only).
@@ -59,7 +59,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    from export.kernels import available, kernel
+    from oats.algorithm.kernels import available, kernel
 
     simd = kernel().simd() if available() else None
     return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -85,8 +85,8 @@ def nm_mask(W: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
 
 def make_layer(W: torch.Tensor, variant: str, bias=None, seed: int = 0):
     """A SparseLowRankLinear of ``variant`` built from dense W (float32 math, W's dtype)."""
-    from oats.compressed import SparseLowRankLinear
-    from oats.decompose import oats_budget
+    from oats.algorithm.compressed import SparseLowRankLinear
+    from oats.algorithm.decompose import oats_budget
 
     out, inp = W.shape
     Wf = W.float()
@@ -109,7 +109,7 @@ def make_layer(W: torch.Tensor, variant: str, bias=None, seed: int = 0):
 
 
 def compress_model(model: nn.Module, variant: str) -> nn.Module:
-    from oats.models import get_blocks, linear_layers, set_module
+    from oats.architectures import get_blocks, linear_layers, set_module
 
     with torch.no_grad():
         for block in get_blocks(model):
@@ -147,7 +147,7 @@ def resident_bytes(model: nn.Module) -> int:
 
 
 def _best(fn, reps: int, cold: bool) -> float:
-    from export.forward import evict_caches
+    from oats.algorithm.forward import evict_caches
 
     best = float("inf")
     for _ in range(reps):
@@ -171,7 +171,7 @@ def interleaved(fns: dict, rounds: int, reps: int, cold: bool) -> dict:
 
 def layer_table(dtypes, rounds: int, weights: dict) -> list[str]:
     from export.formats import bitmask_bytes, dense_bytes, nm_bytes
-    from export.forward import install_auto_forward, run_forward
+    from oats.algorithm.forward import install_auto_forward, run_forward
 
     rows = ["| dtype | layer [out, in] | variant | forward | bytes / dense | decode b=1 cold (us) | / dense | prefill 512 (ms) | / dense |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -189,7 +189,7 @@ def layer_table(dtypes, rounds: int, weights: dict) -> list[str]:
                 b += layer.rank * sum(shape) * W.element_size()
                 for impl in ("dense_merged", "torch_csr", "densify", "bitmask_kernel", "dense_kernel", "auto"):
                     if impl.endswith("_kernel"):
-                        from export.kernels import available
+                        from oats.algorithm.kernels import available
 
                         if not available():
                             continue
@@ -218,11 +218,11 @@ def layer_table(dtypes, rounds: int, weights: dict) -> list[str]:
 
 def crossover(dtypes, rounds: int) -> list[str]:
     """Kernel (S only) vs dense F.linear at batch 1 over densities; the crossover density interpolated."""
-    from export.kernels import BitmaskMatrix, available
+    from oats.algorithm.kernels import BitmaskMatrix, available
 
     if not available():
         return ["kernel unavailable: no crossover"]
-    from export.kernels import dense_matmul
+    from oats.algorithm.kernels import dense_matmul
 
     rows = ["| dtype | layer [out, in] | caches | vs | " + " | ".join(f"{d:g}" for d in DENSITIES) + " | crossover density |",
             "|---|---|---|---|" + "---|" * len(DENSITIES) + "---|"]
@@ -259,7 +259,7 @@ def _cross_row(dtype, shape, cold, ref, ratios) -> str:
 
 def model_table(base: nn.Module, tok, dtypes, rounds: int, n_decode: int, tmp: Path) -> list[str]:
     from export import export_model
-    from export.forward import forward_record, install_auto_forward
+    from oats.algorithm.forward import forward_record, install_auto_forward
 
     rows = ["| dtype | variant | forward | bytes on disk (MB) | / dense | weights in memory (MB) | / dense | prefill 512 (s) | / dense | decode tok/s | / dense | forwards chosen |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]

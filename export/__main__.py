@@ -1,5 +1,5 @@
 """``python -m export --from SAVED_DIR --to OUT_DIR --format bitmask|dense|peft``: export a model saved by
-``oats.compressed.save_compressed`` (or any plain checkpoint) and print the size report's totals."""
+``oats.algorithm.compressed.save_compressed`` (or any plain checkpoint) and print the size report's totals."""
 from __future__ import annotations
 
 import argparse

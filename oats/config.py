@@ -125,6 +125,7 @@ COMMON_KEYS: dict[str, Key] = {
     "checkpoint_blocks": Key(False, (bool,), "checkpoint after every compressed block so a killed run resumes there", result=False),
     "lazy_load": Key(False, (bool,), "big-model path: read each block's weights from the safetensors shards just before it is compressed, write it to `<out>/<name>/model` shard by shard, evaluate streaming block by block (peak memory ~ one block + activations)", result=False),
     "save_model": Key(False, (bool,), "save the compressed model under `<out>/<name>/model`"),
+    "export_format": Key(None, (str,), "after the run, export the saved model to `<out>/<name>/export` as `bitmask` (values + 1-bit mask, loadable by stock transformers with trust_remote_code), `peft` (sparse base + LoRA adapter of the low-rank part) or `dense`; needs save_model", choice("bitmask", "peft", "dense"), nullable=True, result=False),
 }
 
 # Keys of vision experiments (image transformers): accepted, validated and hashed only when `cal_dataset` is a
@@ -291,6 +292,8 @@ def _check_combinations(out: dict[str, Any], plugins: Mapping[str, Any]) -> None
     if not out["eval_datasets"] and not out["zero_shot_tasks"] and not out["word_perplexity"]:
         raise ConfigError("eval_datasets", "is empty and neither zero_shot_tasks nor word_perplexity is set: the experiment "
                                            "would record no metric; name a data set (e.g. ['pydoc']) or a task")
+    if out["export_format"] and not out["save_model"]:
+        raise ConfigError("export_format", f"{out['export_format']!r} exports the saved model: set save_model True too")
     if not method.compresses:
         for key in ("sparsity_type", "layerwise", "weight_update", "block_update", "targets", "ignore"):
             if out[key] != _default(key):

@@ -232,6 +232,8 @@ def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
             record["layerwise"] = layerwise_info
         total = sum(r["shape"][0] * r["shape"][1] for r in layers)
         record["achieved_sparsity"] = 1.0 - sum(r["kept_params"] for r in layers) / total
+        if not weights.lazy:
+            _choose_forwards(weights.model, cfg)
     else:
         record["achieved_sparsity"] = 0.0
     t = time.perf_counter()
@@ -250,6 +252,8 @@ def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
 
         record["metrics"] = evaluate(cfg, tokens_of, tokenizer, _token_perplexity(weights, cfg, device), _whole_model(weights, model_dir, device))
     timings["evaluation"] = time.perf_counter() - t
+    if not weights.lazy and (chosen := _forward_summary(weights.model)) is not None:
+        record["forward"] = chosen
     if cfg.save_model and not weights.lazy:
         from oats.algorithm.compressed import save_compressed  # save_pretrained + the manifest of compress-mode layers
 
@@ -262,6 +266,29 @@ def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
 
         remove_tree(exp_dir / MODEL_DIR, inside=exp_dir, marker=MODEL_MARKER)  # written by this run
     return finish_record(record, timings, t_all, device, layers)
+
+
+def _choose_forwards(model: nn.Module, cfg: Any) -> None:
+    """Compress mode: every SparseLowRankLinear computes with the forward the config names, or the
+    fastest one measured for its device, dtype, shape, density and rows (``forward: auto``)."""
+    from oats.algorithm.compressed import compressed_layers
+
+    if compressed_layers(model):
+        from oats.algorithm.forward import install_auto_forward
+
+        fixed = cfg.get("forward", "auto")
+        install_auto_forward(model, fixed=None if fixed == "auto" else fixed)
+
+
+def _forward_summary(model: nn.Module) -> dict[str, Any] | None:
+    from oats.algorithm.compressed import compressed_layers
+
+    if not compressed_layers(model):
+        return None
+    from oats.algorithm.forward import forward_record
+
+    rec = forward_record(model)
+    return {"summary": rec["summary"], "calls": rec["calls"]}
 
 
 def data_fingerprints(cfg: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ KEYS: dict[str, Key] = {
     "svd": Key("fast", (str,), "OATS low-rank step: `fast` (warm-started subspace iteration) or `exact` (full SVD each iteration)", choice("fast", "exact")),
     "svd_tol": Key(SVD_TOL, (float,), "OATS `svd: fast`: subspace iteration stops once the top-r Ritz residual is below this fraction of the rank-r error", interval(0.0, 1.0, lo_closed=False)),
     "compress": Key(False, (bool,), "OATS: replace linears by sparse + low-rank modules (True) or sum S + UV into dense weights (False)"),
+    "forward": Key("auto", (str,), "compress mode: how a SparseLowRankLinear computes, `auto` (the fastest measured per device, dtype, shape, density and rows) or one of `dense_merged`, `torch_csr`, `bitmask_kernel`, `dense_kernel`, `densify`; the record says which ran", choice("auto", "dense_merged", "torch_csr", "bitmask_kernel", "dense_kernel", "densify"), result=False),
 }
 
 # defaults when no config is given: the keys' own, so the two cannot drift apart

@@ -304,8 +304,9 @@ def _cpu_flags() -> str:
 
 
 def build_dir() -> Path:
-    root = Path(os.environ.get("OATS_CACHE_DIR", Path.home() / ".cache" / "oats")).expanduser()
-    return root / "kernels"
+    from data.files import cache_dir
+
+    return cache_dir("kernels")
 
 
 def kernel():
