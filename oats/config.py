@@ -359,12 +359,13 @@ def legacy_config_hash(cfg: ml_collections.ConfigDict) -> str | None:
     """The hash the code before plugin-owned keys gave this experiment, or None when that code could
     not have run it (a key it did not have is set away from its default)."""
     d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+    specs = {**COMMON_KEYS, **plugin_keys(selected_plugins(d))}
     d["update"] = d.pop("weight_update")
     for k in [k for k in d if k not in LEGACY_DEFAULTS]:
-        spec = COMMON_KEYS.get(k)
-        if spec is None or d[k] != _default(k):
-            if spec is not None and not spec.result:
-                continue
+        # a key added since: the old code behaved as its default does; any other value it could not have run
+        spec = specs.get(k)
+        default = list(spec.default) if spec is not None and isinstance(spec.default, tuple) else getattr(spec, "default", None)
+        if spec is None or (spec.result and d[k] != default):
             return None
     old = {k: d.get(k, v) for k, v in LEGACY_DEFAULTS.items() if k not in _LEGACY_NON_RESULT}
     blob = json.dumps(old, sort_keys=True, default=str)

@@ -155,19 +155,22 @@ def test_checkpoint_roundtrip_stale_hash_and_safe_clear(tmp_path):
 
 
 def test_restore_takes_blocks_whose_layers_were_replaced(tmp_path):
-    """Compress mode swaps nn.Linear for factored modules: the saved block comes back with its new structure."""
-    from torch import nn
+    """Compress mode swaps nn.Linear for SparseLowRankLinear: the saved block comes back with its new
+    structure, from safetensors and the block's JSON (nothing unpickled)."""
+    from oats.algorithm.compressed import SparseLowRankLinear
 
     model = tiny_model("llama", layers=2)
     block = model.model.layers[0]
-    block.mlp.down_proj = nn.Sequential(nn.Linear(128, 8, bias=False), nn.Linear(8, 64, bias=False))  # a rank-8 factorisation
+    W = block.mlp.down_proj.weight.detach()
+    S = W * (torch.rand_like(W) > 0.5)
+    block.mlp.down_proj = SparseLowRankLinear.from_factors(S, torch.randn(64, 8) * 0.01, torch.randn(8, 128) * 0.01)  # rank 8
     ck = BlockCheckpointer(tmp_path / "exp", "cccc")
     ck.save(0, block, _inputs(0), [], [0.5, 0.5])
     fresh = tiny_model("llama", layers=2)
     ck.restore_blocks(fresh, 0)
     restored = fresh.model.layers[0].mlp.down_proj
-    assert isinstance(restored, nn.Sequential)
-    assert torch.equal(restored[0].weight, block.mlp.down_proj[0].weight) and torch.equal(restored[1].weight, block.mlp.down_proj[1].weight)
+    assert isinstance(restored, SparseLowRankLinear) and restored.rank == 8 and restored.nnz == block.mlp.down_proj.nnz
+    assert torch.equal(restored.dense_weight(), block.mlp.down_proj.dense_weight())
     ids = torch.randint(4, 128, (1, 9))
     with torch.no_grad():
         assert torch.allclose(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
