@@ -91,7 +91,7 @@ def compress_model(
                 cw = update.apply(weight, cw, stats, cfg)
             answers.setdefault(m.linear, []).append((m, cw))
             block_records.append(_layer_record(i, m, weight, cw, budget.sparsity, stats, time.perf_counter() - t0))
-        merged = {name: _merge(layers[name], parts, arch, name) for name, parts in answers.items()}
+        merged = {name: _merge(layers[name], parts, name) for name, parts in answers.items()}
         if block_update is not None:
             t0 = time.perf_counter()
             targets = [run_block(block, h, block_inputs.kwargs_for(h)) for h in block_inputs.hidden]
@@ -112,7 +112,7 @@ def compress_model(
     return records
 
 
-def _merge(layer: nn.Linear, parts: list[tuple[Matrix, CompressedWeight]], arch: Any, name: str) -> CompressedWeight:
+def _merge(layer: nn.Linear, parts: list[tuple[Matrix, CompressedWeight]], name: str) -> CompressedWeight:
     """One answer for a linear layer from its logical matrices' answers (a fused layer's parts stacked back)."""
     if len(parts) == 1 and parts[0][0].rows is None:
         return parts[0][1]

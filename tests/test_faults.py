@@ -27,6 +27,18 @@ def _cfg(model_dir, name="a", **kw) -> ConfigDict:
     return resolve(ConfigDict({**base, **kw}))
 
 
+def _die_after_first_checkpoint(monkeypatch):
+    """Make BlockCheckpointer.save kill the run right after it committed a checkpoint; returns the real save."""
+    real = BlockCheckpointer.save
+
+    def save_then_die(self, i, *a, **k):
+        real(self, i, *a, **k)
+        raise _Killed
+
+    monkeypatch.setattr(BlockCheckpointer, "save", save_then_die)
+    return real
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
@@ -94,13 +106,7 @@ def test_kill_between_blocks_resumes(tmp_path, tiny_model_dir, monkeypatch):
     """(The bit-for-bit version on SmolLM2 is tests/test_resume.py.)"""
     out = tmp_path / "out"
     cfg = _cfg(tiny_model_dir, checkpoint_blocks=True)
-    real = BlockCheckpointer.save
-
-    def save_then_die(self, i, *a, **k):
-        real(self, i, *a, **k)
-        raise _Killed
-
-    monkeypatch.setattr(BlockCheckpointer, "save", save_then_die)
+    real = _die_after_first_checkpoint(monkeypatch)
     with pytest.raises(_Killed):
         run_all([cfg], out)
     monkeypatch.setattr(BlockCheckpointer, "save", real)
@@ -222,13 +228,7 @@ def test_compress_mode_resumes_from_safetensors_checkpoints(tmp_path, tiny_model
     cfg = _cfg(tiny_model_dir, method="oats", num_iters=2, compress=True, checkpoint_blocks=True)
     ref = tmp_path / "ref"
     assert run_all([_cfg(tiny_model_dir, method="oats", num_iters=2, compress=True)], ref) == {"a": "ok"}
-    real = BlockCheckpointer.save
-
-    def save_then_die(self, i, *a, **k):
-        real(self, i, *a, **k)
-        raise _Killed
-
-    monkeypatch.setattr(BlockCheckpointer, "save", save_then_die)
+    real = _die_after_first_checkpoint(monkeypatch)
     with pytest.raises(_Killed):
         run_all([cfg], tmp_path / "out")
     meta = json.loads((tmp_path / "out" / "a" / CHECKPOINT_DIR / "block_00000.json").read_text())
