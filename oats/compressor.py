@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from oats.architectures import Matrix, architecture_of, check_fused_rows, fused_order, get_blocks, matrices, set_module
 from oats.config import selected_plugins
-from oats.interface import STATS_KINDS, Budget, CompressedWeight, InputStats
+from oats.interface import BLOCK_TARGETS, STATS_KINDS, Budget, CompressedWeight, InputStats
 from oats.keys import parse_nm
 from oats.pipeline import BlockInputs, StatsCollector, run_block, stream
 
@@ -73,8 +73,20 @@ def compress_model(
     nm = parse_nm(cfg.sparsity_type)
     records = [] if records is None else records
     stats_dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
+    target = block_update.target(cfg) if block_update is not None and block_update.target is not None else "dense_block"
+    if target not in BLOCK_TARGETS:
+        raise ValueError(f"block update {block_update.name!r} asks for targets {target!r}; allowed: {BLOCK_TARGETS}")
+    # 'dense_model': the dense model's own activations, streamed beside the compressed ones (block i still
+    # holds its dense weights when on_block runs, so one more forward per batch gives its dense outputs)
+    dense_hidden: list[Tensor] | None = None
+    if target == "dense_model":
+        if start_block > 0:
+            raise ValueError("a block update matching the dense model's activations cannot resume from a block checkpoint "
+                             "(the dense stream is not saved); set checkpoint_blocks False")
+        dense_hidden = list(inputs.hidden)
 
     def on_block(i: int, block: nn.Module, layers: dict[str, nn.Linear], collector: StatsCollector | None, block_inputs: BlockInputs) -> None:
+        nonlocal dense_hidden
         budget = Budget(sparsity=sparsities[i], nm=nm, scope=cfg.mask_scope)
         chosen = matrices(i, block, arch, model.config, cfg.targets, cfg.ignore)
         answers: dict[str, list[tuple[Matrix, CompressedWeight]]] = {}
@@ -92,9 +104,14 @@ def compress_model(
             answers.setdefault(m.linear, []).append((m, cw))
             block_records.append(_layer_record(i, m, weight, cw, budget.sparsity, stats, time.perf_counter() - t0))
         merged = {name: _merge(layers[name], parts, name) for name, parts in answers.items()}
+        if dense_hidden is not None:
+            dense_hidden = [run_block(block, h, block_inputs.kwargs_for(h)) for h in dense_hidden]
         if block_update is not None:
             t0 = time.perf_counter()
-            targets = [run_block(block, h, block_inputs.kwargs_for(h)) for h in block_inputs.hidden]
+            if dense_hidden is not None:
+                targets = dense_hidden
+            else:
+                targets = [run_block(block, h, block_inputs.kwargs_for(h)) for h in block_inputs.hidden]
             updated, info = block_update.apply(block, dict(merged), block_inputs.hidden, block_inputs.kwargs_for, targets, cfg, device)
             kept = _check_masks_kept(merged, updated, {n: len(p) > 1 for n, p in answers.items()})
             merged = updated

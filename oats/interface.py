@@ -220,14 +220,22 @@ class Update:
     supports_factored: bool = True
 
 
+BLOCK_TARGETS = ("dense_block", "dense_model")  # what a BlockUpdate's targets hold (BlockUpdate.target)
+
+
 @dataclass(frozen=True)
 class BlockUpdate:
     """An update of a whole block after all its linears are compressed, masks held fixed.
 
     apply(block, answers {linear name: CompressedWeight}, hidden [batches of [B, L, d]], kwargs_for,
-    targets [the dense block's outputs per batch], cfg, device) -> (answers with the same masks, info).
+    targets [per batch, [B, L, d]], cfg, device) -> (answers with the same masks, info).
     The block still holds its dense weights when called and must be left so; the framework writes
     the returned answers back.
+
+    target(cfg) says what ``targets`` hold (None: always 'dense_block'): 'dense_block', the dense
+    block's outputs on the same (compressed model's) inputs ``hidden``; or 'dense_model', the dense
+    model's own activations at the block's output (the framework streams the dense model beside the
+    compressed one for it: one more block forward per batch).
     """
 
     name: str
@@ -236,3 +244,4 @@ class BlockUpdate:
     paper: str = ""
     keys: Mapping[str, Key] = field(default_factory=dict)
     validate: Validate | None = None
+    target: Callable[[Any], str] | None = None

@@ -67,3 +67,45 @@ def test_oats_plus_optima_from_configs():
     for r in recs:
         b = oats_budget(r["shape"][0], r["shape"][1], 0.5, 0.3)
         assert r["kept_params"] <= b.kept_params
+
+
+def test_dense_model_target_is_the_dense_models_own_activations(monkeypatch):
+    """recon_target 'dense_model': block i is fitted to the dense model's activations after block i
+    (the dense blocks run in sequence on the dense inputs), not to the dense block on compressed inputs."""
+    import dataclasses
+
+    import updates.reconstruct as rec
+    from oats import registry
+
+    dense, inputs = _setup()
+    seen: list[list[torch.Tensor]] = []
+
+    def spy(block, answers, hidden, kwargs_for, targets, cfg, device):
+        seen.append([t.clone() for t in targets])
+        return rec.reconstruct_block(block, answers, hidden, kwargs_for, targets, cfg, device)
+
+    monkeypatch.setattr(rec, "BLOCK_UPDATE", dataclasses.replace(rec.BLOCK_UPDATE, apply=spy))
+    registry.plugin.cache_clear()
+    try:
+        model = copy.deepcopy(dense)
+        recs = compress_model(model, inputs, _cfg(method="wanda", block_update="reconstruct", recon_target="dense_model",
+                                                  recon_epochs=2, recon_lr=1e-3), torch.device("cpu"), [0.5, 0.5])
+    finally:
+        monkeypatch.undo()
+        registry.plugin.cache_clear()
+    expected, h = [], list(inputs.hidden)
+    for block in get_blocks(dense):
+        h = [run_block(block, x, inputs.kwargs_for(x)) for x in h]
+        expected.append(h)
+    assert len(seen) == 2
+    for got, want in zip(seen, expected):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    assert any(r.get("block_update", {}).get("target") == "dense_model" for r in recs)
+
+
+def test_dense_model_target_refuses_block_checkpoints():
+    from oats.keys import ConfigError
+
+    with pytest.raises(ConfigError, match="recon_target"):
+        _cfg(method="wanda", block_update="reconstruct", recon_target="dense_model", checkpoint_blocks=True)

@@ -8,9 +8,11 @@ by Adam so that the compressed block reproduces the dense block's outputs on the
 
     minimise  sum over windows  || block_c(h) - block_dense(h) ||^2 / numel
 
-where ``h`` are the block's calibration inputs and the targets ``block_dense(h)`` are computed by the
-caller (``recon_target 'dense_block'``: the dense block on the *same* inputs, i.e. on the outputs of
-the already compressed earlier blocks; the only target implemented).
+where ``h`` are the block's calibration inputs and the targets are computed by the caller: with
+``recon_target 'dense_block'`` (default) ``block_dense(h)``, the dense block on the *same* inputs, i.e.
+on the outputs of the already compressed earlier blocks; with ``'dense_model'`` the dense model's own
+activations at this block's output, ``block_dense(h_dense)`` (the framework streams the dense model
+beside the compressed one), so the block also learns to undo the error its inputs carry.
 
 How (pure PyTorch, no model-specific code):
 
@@ -46,13 +48,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from oats.interface import BlockUpdate, CompressedWeight
-from oats.keys import Key, choice, positive
+from oats.interface import BLOCK_TARGETS, BlockUpdate, CompressedWeight
+from oats.keys import ConfigError, Key, choice, positive
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "constant")
-TARGETS = ("dense_block",)
+TARGETS = BLOCK_TARGETS
 
 # The module's config keys as plain tuples (default, types, doc[, allowed]); the config schema converts them.
 KEYS: dict[str, Key] = {
@@ -61,7 +63,7 @@ KEYS: dict[str, Key] = {
     "recon_batch_size": Key(4, (int,), "block reconstruction: calibration windows per Adam step", positive),
     "recon_schedule": Key("cosine", (str,), "block reconstruction: learning-rate schedule, `cosine` (to 0) or `constant`", choice(*SCHEDULES)),
     "recon_norms": Key(False, (bool,), "block reconstruction: also train the block's RMSNorm/LayerNorm weights (written back in place)"),
-    "recon_target": Key("dense_block", (str,), "block reconstruction target: `dense_block` (the dense block's outputs on the same inputs)", choice(*TARGETS)),
+    "recon_target": Key("dense_block", (str,), "block reconstruction target: `dense_block` (the dense block's outputs on the same, compressed-model inputs) or `dense_model` (the dense model's own activations at the block's output)", choice(*TARGETS)),
 }
 DEFAULTS = {k: spec.default for k, spec in KEYS.items()}
 SEED = 0
@@ -342,8 +344,19 @@ def reconstruct_block(
     return out, info
 
 
+def target(cfg: Any) -> str:
+    """What the framework passes as ``targets``: the value of ``recon_target``."""
+    return str(_get(cfg, "recon_target"))
+
+
+def validate(cfg: Any) -> None:
+    if target(cfg) == "dense_model" and cfg.get("checkpoint_blocks"):
+        raise ConfigError("recon_target", "'dense_model' streams the dense model beside the compressed one and that stream "
+                                          "is not checkpointed; set checkpoint_blocks False or recon_target 'dense_block'")
+
+
 BLOCK_UPDATE = BlockUpdate(
-    "reconstruct", reconstruct_block, keys=KEYS,
+    "reconstruct", reconstruct_block, keys=KEYS, target=target, validate=validate,
     doc="after a block's linears are compressed, Adam on its kept weights (masks held exactly; low-rank factors and, "
         "optionally, norms trained) to match the dense block's outputs on the compressed model's inputs",
     paper="3BASiL (Makni et al., NeurIPS 2025), transformer-level matching",
