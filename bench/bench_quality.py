@@ -30,6 +30,10 @@ scaled weight, gram_slr = row-scoped SparseGPT), no ``-k`` variants.
 
 $OATS_BENCH_ROWS: comma-separated shell patterns (fnmatch) on the names; only matching rows are listed.
 $OATS_BENCH_DEVICE: 'auto' (default), 'cpu' or 'cuda'.
+$OATS_BENCH_ZS: comma-separated patterns; matching rows also run the zero-shot suite (``ZERO_SHOT``, lm_eval,
+the first $OATS_BENCH_ZS_LIMIT examples per task, default 100; 'none' = full files) after WikiText-2, on the
+same compressed model. Zero-shot keys do not change the compressed model, so the quality report groups
+such a row with its other seeds (``bench/report_quality.py``).
 """
 import fnmatch
 import os
@@ -40,6 +44,7 @@ from ml_collections import ConfigDict
 DATA = os.environ.get("OATS_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 SEEDS = (1, 2, 3)
 RATIOS = (0.0, 0.1, 0.2, 0.3)
+ZERO_SHOT = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
 RECON = [r for r in os.environ.get("OATS_BENCH_RECON", "sparsegpt-optima,oats-optima-k0.3,gram_slr-k0.3").split(",") if r]
 
 BASE = dict(
@@ -108,6 +113,13 @@ def build() -> list[ConfigDict]:
             for row, over in _methods(label):
                 cfgs.append(ConfigDict({**BASE, "name": _name(row, label, seed), "sparsity": sparsity, "sparsity_type": stype,
                                         "seed": seed, **over}))
+    zs = [p for p in os.environ.get("OATS_BENCH_ZS", "").split(",") if p]
+    limit = os.environ.get("OATS_BENCH_ZS_LIMIT", "100")
+    for c in cfgs:
+        if any(fnmatch.fnmatchcase(c.name, p) for p in zs):
+            c.zero_shot_tasks = list(ZERO_SHOT)
+            c.zero_shot_limit = None if limit == "none" else int(limit)
+            c.zero_shot_batch_size = 16
     patterns = [p for p in os.environ.get("OATS_BENCH_ROWS", "").split(",") if p]
     if patterns:
         cfgs = [c for c in cfgs if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]

@@ -43,3 +43,34 @@ def test_row_filters(monkeypatch):
     assert len(names) == 1 + 3 * 4
     cfgs = _configs(monkeypatch, OATS_BENCH_ROWS="*-recon-*", OATS_BENCH_RECON="wanda")
     assert sorted({base_name(c.name) for c in cfgs}) == ["wanda-24-recon", "wanda-50-recon", "wanda-70-recon"]
+
+
+def test_zero_shot_rows(monkeypatch):
+    cfgs = _configs(monkeypatch, OATS_BENCH_ROWS="sparsegpt-50-s*", OATS_BENCH_ZS="sparsegpt-50-s1", OATS_BENCH_ZS_LIMIT="100")
+    by = {c.name: c for c in cfgs}
+    assert by["sparsegpt-50-s1"].zero_shot_limit == 100 and "boolq" in by["sparsegpt-50-s1"].zero_shot_tasks
+    assert list(by["sparsegpt-50-s2"].get("zero_shot_tasks", [])) == []
+
+
+def _record(name, seed, ppl, zs=None, **cfg):
+    config = {"name": name, "seed": seed, "method": "sparsegpt", "sparsity": 0.5, "sparsity_type": "unstructured",
+              "zero_shot_tasks": ["boolq"] if zs is not None else [], "zero_shot_limit": 100 if zs is not None else None, **cfg}
+    metrics = {"ppl": {"wikitext2": ppl}, **({"zero_shot": {"boolq": zs, "mean": zs}} if zs is not None else {})}
+    return {"name": name, "status": "ok", "config": config, "metrics": metrics, "achieved_sparsity": 0.5,
+            "timings": {"compress": 10.0 * seed}, "compresses": True, "method_label": "SparseGPT"}
+
+
+def test_report_groups_a_zero_shot_seed_with_its_other_seeds():
+    import runpy as _r
+
+    rep = _r.run_path(str(BENCH.parent / "report_quality.py"), run_name="report_quality")
+    recs = [_record("sparsegpt-50-s1", 1, 60.0, zs=0.5), _record("sparsegpt-50-s2", 2, 62.0), _record("sparsegpt-50-s3", 3, 64.0),
+            _record("sparsegpt-70-s1", 1, 300.0, sparsity=0.7)]
+    rows = rep["quality_rows"](recs)
+    assert [r["name"] for r in rows] == ["sparsegpt-50", "sparsegpt-70"]
+    ppl = rows[0]["metrics"]["ppl.wikitext2"]
+    assert ppl["n"] == 3 and abs(ppl["mean"] - 62.0) < 1e-12 and abs(ppl["std"] - 2.0) < 1e-12
+    assert rows[0]["metrics"]["zero_shot.boolq"]["n"] == 1
+    md = rep["quality_markdown"](rows)
+    assert "62.00 ± 2.00 (n=3)" in md and "60.00, 62.00, 64.00" in md and "| 20 |" in md
+    assert "| `sparsegpt-50` | 50.0 | 50.0 |" in rep["zero_shot_markdown"](rows)
