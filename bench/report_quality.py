@@ -96,7 +96,7 @@ def quality_csv(rows: Sequence[dict[str, Any]]) -> str:
         m = r["metrics"]
         p = m.get("ppl.wikitext2") or {"mean": None, "std": None, "n": 0, "values": []}
         w.writerow([r["name"], r["label"], r["setting"], _mean(m.get("achieved_sparsity"), 4), p["mean"], p["std"], p["n"],
-                    " ".join(f"{v:.4f}" for v in p["values"]), _mean(m.get("timings.compress"), 1)])
+                    " ".join(f"{v:.4f}" for v in p["values"]), _mean(m.get("timings.compression"), 1)])
     return buf.getvalue()
 
 

@@ -57,7 +57,7 @@ def _record(name, seed, ppl, zs=None, **cfg):
               "zero_shot_tasks": ["boolq"] if zs is not None else [], "zero_shot_limit": 100 if zs is not None else None, **cfg}
     metrics = {"ppl": {"wikitext2": ppl}, **({"zero_shot": {"boolq": zs, "mean": zs}} if zs is not None else {})}
     return {"name": name, "status": "ok", "config": config, "metrics": metrics, "achieved_sparsity": 0.5,
-            "timings": {"compress": 10.0 * seed}, "compresses": True, "method_label": "SparseGPT"}
+            "timings": {"compression": 10.0 * seed}, "compresses": True, "method_label": "SparseGPT"}
 
 
 def test_report_groups_a_zero_shot_seed_with_its_other_seeds():
