@@ -65,7 +65,7 @@ def quality_markdown(rows: Sequence[dict[str, Any]]) -> str:
         m = r["metrics"]
         lines.append(f"| `{r['name']}` | {r['label']} | {r['setting']} | {_mean(m.get('achieved_sparsity'), 4)} | "
                      f"{mean_std(m['ppl.wikitext2']) if 'ppl.wikitext2' in m else 'n/a'} | {_values(m.get('ppl.wikitext2'))} | "
-                     f"{_mean(m.get('timings.compress'))} |")
+                     f"{_mean(m.get('timings.compression'))} |")
     return "\n".join(lines) + "\n"
 
 
