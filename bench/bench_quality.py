@@ -22,7 +22,9 @@ compression '50', '70' or '24'):
   ``gram_slr-k0.3-d0.1`` (percdamp 0.1 instead of 0.01; unstructured only);
 * ``<row>-recon``: block_update 'reconstruct' on the rows named in $OATS_BENCH_RECON (comma-separated
   row names without compression and seed, default the three expected best:
-  ``sparsegpt-optima,oats-optima-k0.3,gram_slr-k0.3``; pick the measured best three after a first pass).
+  ``sparsegpt-optima,oats-optima-k0.3,gram_slr-k0.3``; pick the measured best three after a first pass);
+* ``<row>-recon-dm``: the same with ``recon_target 'dense_model'`` (fit each block to the dense model's own
+  activations) on the rows in $OATS_BENCH_RECON_DM (default ``sparsegpt``).
 
 At 2:4 the N:M part takes the whole 50% budget, so OATS and gram_slr get rank 0 there (rank_ratio is
 unused for N:M): a single ``oats-24`` / ``gram_slr-24`` row each (OATS = Wanda-like thresholding of the
@@ -46,6 +48,7 @@ SEEDS = (1, 2, 3)
 RATIOS = (0.0, 0.1, 0.2, 0.3)
 ZERO_SHOT = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
 RECON = [r for r in os.environ.get("OATS_BENCH_RECON", "sparsegpt-optima,oats-optima-k0.3,gram_slr-k0.3").split(",") if r]
+RECON_DM = [r for r in os.environ.get("OATS_BENCH_RECON_DM", "sparsegpt").split(",") if r]
 
 BASE = dict(
     model="smollm2-135m",
@@ -94,6 +97,9 @@ def _methods(label: str) -> list[tuple[str, dict]]:
     # at 2:4 the rank-0 rows have no '-k' in their names: 'oats-optima-k0.3' selects 'oats-optima' there
     wanted = RECON if not structured else [r.split("-k")[0] for r in RECON]
     recon = [(f"{name}-recon", {**over, "block_update": "reconstruct"}) for name, over in rows if name in wanted]
+    wanted_dm = RECON_DM if not structured else [r.split("-k")[0] for r in RECON_DM]
+    recon += [(f"{name}-recon-dm", {**over, "block_update": "reconstruct", "recon_target": "dense_model"})
+              for name, over in rows if name in wanted_dm]
     return rows + recon
 
 
@@ -101,8 +107,9 @@ def _name(row: str, label: str, seed: int) -> str:
     method, _, rest = row.partition("-k")
     if rest:  # 'oats-k0.3' -> 'oats-50-k0.3'; 'oats-optima-k0.3-recon' -> 'oats-optima-50-k0.3-recon'
         return f"{method}-{label}-k{rest}-s{seed}"
-    if row.endswith("-recon"):
-        return f"{row[: -len('-recon')]}-{label}-recon-s{seed}"
+    for suffix in ("-recon-dm", "-recon"):
+        if row.endswith(suffix):
+            return f"{row[: -len(suffix)]}-{label}{suffix}-s{seed}"
     return f"{row}-{label}-s{seed}"
 
 

@@ -41,8 +41,11 @@ def test_row_filters(monkeypatch):
     names = [c.name for c in cfgs]
     assert names[0] == "dense" and all(n == "dense" or n.startswith("oats-50-") for n in names)
     assert len(names) == 1 + 3 * 4
-    cfgs = _configs(monkeypatch, OATS_BENCH_ROWS="*-recon-*", OATS_BENCH_RECON="wanda")
+    cfgs = _configs(monkeypatch, OATS_BENCH_ROWS="*-recon-*", OATS_BENCH_RECON="wanda", OATS_BENCH_RECON_DM="")
     assert sorted({base_name(c.name) for c in cfgs}) == ["wanda-24-recon", "wanda-50-recon", "wanda-70-recon"]
+    cfgs = _configs(monkeypatch, OATS_BENCH_ROWS="*-recon-dm-*", OATS_BENCH_RECON="", OATS_BENCH_RECON_DM="sparsegpt")
+    assert sorted({base_name(c.name) for c in cfgs}) == ["sparsegpt-24-recon-dm", "sparsegpt-50-recon-dm", "sparsegpt-70-recon-dm"]
+    assert {c.recon_target for c in cfgs} == {"dense_model"}
 
 
 def test_zero_shot_rows(monkeypatch):
