@@ -14,28 +14,19 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.files import atomic_write_text  # noqa: E402
 from eval.aggregate import IGNORED_KEYS, group_by_seed, mean_std  # noqa: E402
 from eval.report import compression_label, record_label  # noqa: E402
+from oats.records import all_records  # noqa: E402
 
 ZERO_SHOT_KEYS = ("zero_shot_tasks", "zero_shot_limit", "zero_shot_batch_size", "zero_shot_fewshot")
 SETTING_ORDER = {"0": 0, "0.5": 1, "0.7": 2, "0.5 (2:4)": 3}
-
-
-def load_records(root: Path) -> list[dict[str, Any]]:
-    out = []
-    for p in sorted(root.glob("*/result.json")):
-        try:
-            out.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            print(f"skipping {p}: {e}", file=sys.stderr)
-    return out
 
 
 def quality_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -82,10 +73,8 @@ def zero_shot_markdown(rows: Sequence[dict[str, Any]]) -> str | None:
 
 
 def _pct(m: dict[str, Any] | None) -> str:
-    if not m or m["mean"] is None:
-        return ""
-    scale = 100.0 if m["mean"] <= 1.0 else 1.0
-    return f"{m['mean'] * scale:.1f}"
+    """A zero-shot accuracy (a fraction in the record) as a percentage."""
+    return f"{100.0 * m['mean']:.1f}" if m and m["mean"] is not None else ""
 
 
 def quality_csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -102,13 +91,11 @@ def quality_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str]) -> None:
     root = Path(argv[0] if argv else "results/quality")
-    rows = quality_rows(load_records(root))
-    out = root / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    rows = quality_rows(all_records(root))
     md = quality_markdown(rows)
     zs = zero_shot_markdown(rows)
-    (out / "quality.md").write_text(md + ("\n" + zs if zs else ""))
-    (out / "quality.csv").write_text(quality_csv(rows))
+    atomic_write_text(root / "report" / "quality.md", md + ("\n" + zs if zs else ""))
+    atomic_write_text(root / "report" / "quality.csv", quality_csv(rows))
     print(md)
     if zs:
         print(zs)

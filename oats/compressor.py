@@ -108,10 +108,7 @@ def compress_model(
             dense_hidden = [run_block(block, h, block_inputs.kwargs_for(h)) for h in dense_hidden]
         if block_update is not None:
             t0 = time.perf_counter()
-            if dense_hidden is not None:
-                targets = dense_hidden
-            else:
-                targets = [run_block(block, h, block_inputs.kwargs_for(h)) for h in block_inputs.hidden]
+            targets = dense_hidden if dense_hidden is not None else [run_block(block, h, block_inputs.kwargs_for(h)) for h in block_inputs.hidden]
             updated, info = block_update.apply(block, dict(merged), block_inputs.hidden, block_inputs.kwargs_for, targets, cfg, device)
             kept = _check_masks_kept(merged, updated, {n: len(p) > 1 for n, p in answers.items()})
             merged = updated

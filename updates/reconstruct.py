@@ -358,6 +358,7 @@ def validate(cfg: Any) -> None:
 BLOCK_UPDATE = BlockUpdate(
     "reconstruct", reconstruct_block, keys=KEYS, target=target, validate=validate,
     doc="after a block's linears are compressed, Adam on its kept weights (masks held exactly; low-rank factors and, "
-        "optionally, norms trained) to match the dense block's outputs on the compressed model's inputs",
+        "optionally, norms trained) to match the dense block's outputs on the compressed model's inputs "
+        "(or, recon_target 'dense_model', the dense model's own activations)",
     paper="3BASiL (Makni et al., NeurIPS 2025), transformer-level matching",
 )
