@@ -1,1 +1,2 @@
-"""Baseline methods on the oats pipeline: one file each, registered in ``oats.registry``."""
+"""Pure-sparse methods on the oats pipeline (dense, magnitude, Wanda, SparseGPT): one file each,
+registered in ``oats.registry``."""

@@ -13,4 +13,4 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
 
 
 METHOD = Method("dense", compress_weight, stats="none", doc="no compression (the reference row)", compresses=False,
-                produces_mask=False, supports_allocators=False, label=lambda cfg: "dense")
+                produces_mask=False, supports_layerwise=False, label=lambda cfg: "dense")

@@ -37,22 +37,17 @@ import torch
 from torch import Tensor
 
 from oats.interface import Budget, CompressedWeight, InputStats, Method
-from oats.keys import Key, non_negative, positive
+from oats.keys import Key, KeyTable, non_negative, positive
 
 log = logging.getLogger(__name__)
 
 MAX_DAMP_RETRIES = 12
 
 # percdamp is OPTIMA's key too, declared there identically.
-KEYS: dict[str, Key] = {
+KEYS = KeyTable({
     "percdamp": Key(0.01, (float, int), "SparseGPT/OPTIMA dampening: fraction of the mean Hessian diagonal added to it", non_negative),
     "blocksize": Key(128, (int,), "SparseGPT column block size (mask chosen per block)", positive),
-}
-
-
-def _get(cfg: Any, key: str) -> Any:
-    value = None if cfg is None else (cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None))
-    return KEYS[key].default if value is None else value
+})
 
 
 def hessian_inverse_factor(H: Tensor, percdamp: float) -> tuple[Tensor, dict[str, Any]]:
@@ -176,8 +171,8 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
         H,
         budget.sparsity,
         nm=budget.nm,
-        blocksize=int(_get(cfg, "blocksize")),
-        percdamp=float(_get(cfg, "percdamp")),
+        blocksize=int(KEYS.value(cfg, "blocksize")),
+        percdamp=float(KEYS.value(cfg, "percdamp")),
         scope=budget.scope or "layer",
     )
     return CompressedWeight(dense=pruned, mask=mask, info=info)

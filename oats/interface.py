@@ -1,5 +1,5 @@
 """The plugin contracts: what the pipeline hands a method and what it gets back, and how each plugin
-(method, layerwise allocator, weight update, block update) describes itself.
+(method, layerwise, weight update, block update) describes itself.
 
 A method is a pure function of tensors::
 
@@ -8,6 +8,8 @@ A method is a pure function of tensors::
 unaware of models, files and devices. The pipeline computes the statistics once per input (layers
 reading the same input share them) and writes back whatever the method returns.
 
+Four kinds of plugin, each named like the config key that selects it: ``Method`` (``method``),
+``Layerwise`` (``layerwise``), ``WeightUpdate`` (``weight_update``) and ``BlockUpdate`` (``block_update``).
 Every plugin declares its own config keys (``oats.keys.Key``), its cross-key checks (``validate``:
 raise ``oats.keys.ConfigError`` naming the key) and the statistics it needs. The framework merges the
 common keys with those of the selected plugins, validates and hashes exactly those, and never names
@@ -156,11 +158,13 @@ class Method:
     validate:     cross-key checks on the resolved config (common keys + selected plugins' keys).
     compresses:   False for the reference row ('dense'): no calibration, no compressing pass.
     produces_mask: its answer has a mask a weight update (OPTIMA, block reconstruction) may keep.
-    supports_allocators: a layerwise allocator (OWL) may hand it a per-block sparsity.
+    supports_layerwise: a layerwise plugin (OWL) may hand it a per-block sparsity.
     lowrank:      its answers carry a low-rank part, and ``sparsity`` is a compression rate counting it;
                   with N:M the sparse part is fixed and the rank takes the rest of the budget.
     build_module: optional; given (answer, the original nn.Linear, cfg) returns the module to put in the
-                  linear's place (OATS's compress mode), or None to write the dense weight back.
+                  linear's place, or None to write the dense weight back. A method that has one gets
+                  compress mode's keys (``compress``, ``forward``); the framework calls it only when
+                  ``compress`` is true.
     label:        optional; the name tables give an experiment of this method (cfg -> str).
     """
 
@@ -173,7 +177,7 @@ class Method:
     validate: Validate | None = None
     compresses: bool = True
     produces_mask: bool = True
-    supports_allocators: bool = True
+    supports_layerwise: bool = True
     lowrank: bool = False
     build_module: Callable[[CompressedWeight, nn.Linear, Any], "nn.Module | None"] | None = None
     label: Callable[[Any], str] | None = None
@@ -185,16 +189,31 @@ StreamDense = Callable[[str, Callable[..., None], str], None]
 
 
 @dataclass(frozen=True)
-class Allocator:
-    """A layerwise allocator: turns the target sparsity into one sparsity per block.
+class Allocation:
+    """A layerwise plugin's answer: one target sparsity per block, and what it measured.
 
-    allocate(stream_dense, n_blocks, cfg) -> list of per-block sparsities; it may carry an ``info``
-    attribute (a JSON-serialisable dict of what it measured) for the result record. It never sees a
-    model, a file or a device: ``stream_dense`` runs the dense model for it.
+    sparsities: [n_blocks] floats, block i's target sparsity.
+    info:       JSON-serialisable facts for the result record (OWL: LOD per block, its hyperparameters).
+    """
+
+    sparsities: list[float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def uniform(cls, sparsity: float, n_blocks: int) -> "Allocation":
+        return cls([float(sparsity)] * n_blocks)
+
+
+@dataclass(frozen=True)
+class Layerwise:
+    """A layerwise plugin (config key ``layerwise``): turns the target sparsity into one sparsity per block.
+
+    allocate(stream_dense, n_blocks, cfg) -> Allocation. It never sees a model, a file or a device:
+    ``stream_dense`` runs the dense model for it.
     """
 
     name: str
-    allocate: Callable[[StreamDense, int, Any], list]
+    allocate: Callable[[StreamDense, int, Any], Allocation]
     doc: str = ""
     paper: str = ""
     keys: Mapping[str, Key] = field(default_factory=dict)
@@ -203,8 +222,8 @@ class Allocator:
 
 
 @dataclass(frozen=True)
-class Update:
-    """A weight update after a method: keeps the method's mask, improves its kept values.
+class WeightUpdate:
+    """A weight update (config key ``weight_update``) after a method: keeps the method's mask, improves its kept values.
 
     apply(weight [out, in], answer, stats, cfg) -> CompressedWeight with the same mask.
     supports_factored: it can take a sparse + low-rank answer (re-solving the sparse part, U V fixed).
@@ -225,7 +244,7 @@ BLOCK_TARGETS = ("dense_block", "dense_model")  # what a BlockUpdate's targets h
 
 @dataclass(frozen=True)
 class BlockUpdate:
-    """An update of a whole block after all its linears are compressed, masks held fixed.
+    """A block update (config key ``block_update``): an update of a whole block after all its linears are compressed, masks held fixed.
 
     apply(block, answers {linear name: CompressedWeight}, hidden [batches of [B, L, d]], kwargs_for,
     targets [per batch, [B, L, d]], cfg, device) -> (answers with the same masks, info).

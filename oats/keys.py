@@ -98,14 +98,6 @@ def non_negative(v: Any) -> str | None:
     return None if v >= 0 else f"got {v!r}; must be >= 0"
 
 
-def subset_of(allowed: Sequence[str], what: str) -> Check:
-    def check(v: Sequence[str]) -> str | None:
-        bad = [x for x in v if x not in allowed]
-        return f"unknown {what} {bad}; allowed values: {list(allowed)}" if bad else None
-
-    return check
-
-
 def parse_nm(sparsity_type: str) -> tuple[int, int] | None:
     """'2:4' -> (2, 4) (N kept of every M); 'unstructured' -> None."""
     m = NM_PATTERN.match(sparsity_type)
@@ -122,6 +114,19 @@ def sparsity_type_check(v: str) -> str | None:
     if not (0 < n < mm):
         return f"got {v!r}; N:M needs 0 < N < M (N weights kept in every M along the input dimension)"
     return None
+
+
+class KeyTable(dict):
+    """A plugin's (or the framework's) keys, ``{name: Key}``, that can also read a config:
+    ``KEYS.value(cfg, "rank_ratio")`` is the config's value, or the key's declared default when the
+    config is None (a plugin's math called directly) or holds None / lacks the key."""
+
+    def value(self, cfg: Any, key: str) -> Any:
+        spec = self[key]
+        value = None if cfg is None else (cfg.get(key, None) if hasattr(cfg, "get") else getattr(cfg, key, None))
+        if value is None:
+            return list(spec.default) if isinstance(spec.default, tuple) else spec.default
+        return value
 
 
 def merge_keys(tables: Mapping[str, Mapping[str, Key]]) -> dict[str, Key]:

@@ -1,9 +1,11 @@
-"""The tables of plugins: methods, layerwise allocators, weight updates and block updates.
+"""The tables of plugins, one per config key that selects a plugin: ``method``, ``layerwise``,
+``weight_update`` and ``block_update``.
 
-A new plugin is one file that defines its declaration (``METHOD = Method(...)``, ``ALLOCATOR``,
-``UPDATE`` or ``BLOCK_UPDATE``; see ``oats.interface``) and one line here naming that module. Modules
-are imported on first use, so the framework never imports a plugin package at load time (no import
-cycles) and a broken plugin fails only the experiments that select it.
+A new plugin is one file that defines its declaration (``METHOD = Method(...)``, ``LAYERWISE =
+Layerwise(...)``, ``WEIGHT_UPDATE = WeightUpdate(...)`` or ``BLOCK_UPDATE = BlockUpdate(...)``; see
+``oats.interface``) and one line here naming that module. Modules are imported on first use, so the
+framework never imports a plugin package at load time (no import cycles) and a broken plugin fails
+only the experiments that select it.
 """
 from __future__ import annotations
 
@@ -11,36 +13,43 @@ import importlib
 from functools import lru_cache
 from typing import Any
 
-from oats.interface import Allocator, BlockUpdate, Method, Update
+from oats.interface import BlockUpdate, Layerwise, Method, WeightUpdate
 
 METHODS: dict[str, str] = {
     "dense": "baselines.dense",
     "magnitude": "baselines.magnitude",
     "wanda": "baselines.wanda",
     "sparsegpt": "baselines.sparsegpt",
-    "oats": "oats.algorithm.method",
-    "gram_slr": "baselines.gram_slr",
+    "oats": "sparse_lowrank.oats",
+    "gram_slr": "sparse_lowrank.gram_slr",
 }
 # 'uniform' (every block gets the target) is built in, not a plugin.
-ALLOCATORS: dict[str, str] = {"owl": "allocators.owl"}
-UPDATES: dict[str, str] = {"optima": "updates.optima"}
-BLOCK_UPDATES: dict[str, str] = {"reconstruct": "updates.reconstruct"}
+LAYERWISE: dict[str, str] = {"owl": "layerwise.owl"}
+WEIGHT_UPDATES: dict[str, str] = {"optima": "weight_updates.optima"}
+BLOCK_UPDATES: dict[str, str] = {"reconstruct": "block_updates.reconstruct"}
 
-_KINDS = {"method": (METHODS, "METHOD", Method), "allocator": (ALLOCATORS, "ALLOCATOR", Allocator),
-          "update": (UPDATES, "UPDATE", Update), "block_update": (BLOCK_UPDATES, "BLOCK_UPDATE", BlockUpdate)}
+# kind (= the config key that selects it) -> (table, declaration attribute, declaration class)
+KINDS: dict[str, tuple[dict[str, str], str, type]] = {
+    "method": (METHODS, "METHOD", Method),
+    "layerwise": (LAYERWISE, "LAYERWISE", Layerwise),
+    "weight_update": (WEIGHT_UPDATES, "WEIGHT_UPDATE", WeightUpdate),
+    "block_update": (BLOCK_UPDATES, "BLOCK_UPDATE", BlockUpdate),
+}
+BUILTIN = {"layerwise": "uniform", "weight_update": "none", "block_update": "none"}  # the value that selects no plugin
 
 
 def register(kind: str, name: str, module: str) -> None:
     """Add a plugin at run time (tests, or a user's own file): ``register('method', 'toy', 'my_pkg.toy')``."""
-    table = _KINDS[kind][0]
-    table[name] = module
+    KINDS[kind][0][name] = module
     plugin.cache_clear()
 
 
 @lru_cache(maxsize=None)
 def plugin(kind: str, name: str) -> Any:
-    """The declaration of plugin ``name`` of ``kind`` ('method', 'allocator', 'update', 'block_update')."""
-    table, attr, cls = _KINDS[kind]
+    """The declaration of plugin ``name`` of ``kind`` ('method', 'layerwise', 'weight_update', 'block_update')."""
+    if kind not in KINDS:
+        raise KeyError(f"no plugin kind {kind!r}; kinds: {sorted(KINDS)}")
+    table, attr, cls = KINDS[kind]
     if name not in table:
         raise KeyError(f"no {kind} {name!r}; registered: {sorted(table)}")
     decl = getattr(importlib.import_module(table[name]), attr, None)
@@ -53,13 +62,12 @@ def method(name: str) -> Method:
     return plugin("method", name)
 
 
-def allocator(name: str) -> Allocator:
-    return plugin("allocator", name)
-
-
-def update(name: str) -> Update:
-    return plugin("update", name)
-
-
-def block_update(name: str) -> BlockUpdate:
-    return plugin("block_update", name)
+def declared(kind: str) -> dict[str, Any]:
+    """Every registered plugin of ``kind`` that imports, by name (a broken plugin is left out)."""
+    out = {}
+    for name in KINDS[kind][0]:
+        try:
+            out[name] = plugin(kind, name)
+        except Exception:  # a broken plugin fails only the experiments that select it
+            continue
+    return out

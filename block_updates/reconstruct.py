@@ -48,32 +48,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from factored.module import set_module
 from oats.interface import BLOCK_TARGETS, BlockUpdate, CompressedWeight
-from oats.keys import ConfigError, Key, choice, positive
+from oats.keys import ConfigError, Key, KeyTable, choice, positive
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "constant")
 TARGETS = BLOCK_TARGETS
 
-# The module's config keys as plain tuples (default, types, doc[, allowed]); the config schema converts them.
-KEYS: dict[str, Key] = {
+# Its config keys (validated and hashed only when block_update is 'reconstruct').
+KEYS = KeyTable({
     "recon_lr": Key(1e-4, (float,), "block reconstruction: Adam learning rate", positive),
     "recon_epochs": Key(10, (int,), "block reconstruction: passes over the calibration windows", positive),
     "recon_batch_size": Key(4, (int,), "block reconstruction: calibration windows per Adam step", positive),
     "recon_schedule": Key("cosine", (str,), "block reconstruction: learning-rate schedule, `cosine` (to 0) or `constant`", choice(*SCHEDULES)),
     "recon_norms": Key(False, (bool,), "block reconstruction: also train the block's RMSNorm/LayerNorm weights (written back in place)"),
     "recon_target": Key("dense_block", (str,), "block reconstruction target: `dense_block` (the dense block's outputs on the same, compressed-model inputs) or `dense_model` (the dense model's own activations at the block's output)", choice(*TARGETS)),
-}
-DEFAULTS = {k: spec.default for k, spec in KEYS.items()}
+})
 SEED = 0
-
-
-def _get(cfg: Any, key: str) -> Any:
-    if cfg is None:
-        return DEFAULTS[key]
-    value = cfg.get(key, None) if hasattr(cfg, "get") else getattr(cfg, key, None)
-    return DEFAULTS[key] if value is None else value
 
 
 class MaskedLinear(nn.Module):
@@ -137,12 +130,6 @@ def _output(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 def _norm_modules(block: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in block.named_modules()
             if type(m).__name__.endswith("Norm") and isinstance(getattr(m, "weight", None), nn.Parameter)}
@@ -181,16 +168,16 @@ def reconstruct_block(
     """
     t0 = time.time()
     device = torch.device(device)
-    target_kind = str(_get(cfg, "recon_target"))
+    target_kind = str(KEYS.value(cfg, "recon_target"))
     if target_kind not in TARGETS:
         raise ValueError(f"config key 'recon_target': got {target_kind!r}; allowed values: {', '.join(map(repr, TARGETS))}")
-    schedule = str(_get(cfg, "recon_schedule"))
+    schedule = str(KEYS.value(cfg, "recon_schedule"))
     if schedule not in SCHEDULES:
         raise ValueError(f"config key 'recon_schedule': got {schedule!r}; allowed values: {', '.join(map(repr, SCHEDULES))}")
-    lr, epochs, bs = float(_get(cfg, "recon_lr")), int(_get(cfg, "recon_epochs")), int(_get(cfg, "recon_batch_size"))
+    lr, epochs, bs = float(KEYS.value(cfg, "recon_lr")), int(KEYS.value(cfg, "recon_epochs")), int(KEYS.value(cfg, "recon_batch_size"))
     if bs < 1 or epochs < 0 or not lr > 0:
         raise ValueError(f"recon_batch_size ({bs}) must be >= 1, recon_epochs ({epochs}) >= 0, recon_lr ({lr}) > 0")
-    train_norms = bool(_get(cfg, "recon_norms"))
+    train_norms = bool(KEYS.value(cfg, "recon_norms"))
     if len(hidden) != len(targets):
         raise ValueError(f"{len(hidden)} input batches but {len(targets)} target batches")
 
@@ -216,7 +203,7 @@ def reconstruct_block(
         p.requires_grad_(False)
     for name, m in swapped.items():
         m.to(device)
-        _set_module(block, name, m)
+        set_module(block, name, m)
     try:
         norm_master = {n: m.weight.detach().to(torch.float32).clone().requires_grad_(True) for n, m in norms.items()}
         for m in norms.values():
@@ -316,7 +303,7 @@ def reconstruct_block(
                     m.weight.data.copy_(norm_saved[n].to(m.weight.device))
     finally:
         for name, lin in originals.items():
-            _set_module(block, name, lin)
+            set_module(block, name, lin)
         for n, p in block.named_parameters():
             p.requires_grad_(requires.get(n, p.requires_grad))
             p.grad = None
@@ -346,7 +333,7 @@ def reconstruct_block(
 
 def target(cfg: Any) -> str:
     """What the framework passes as ``targets``: the value of ``recon_target``."""
-    return str(_get(cfg, "recon_target"))
+    return str(KEYS.value(cfg, "recon_target"))
 
 
 def validate(cfg: Any) -> None:

@@ -6,7 +6,7 @@ Candidates (every one computes ``x S^T + (x V^T) U^T + b``):
   ``F.linear``. Fastest for prefill; costs a dense copy of the weight in memory.
 * ``torch_csr``: the layer's own forward (torch CSR @ dense, falling back to densifying S per call
   where torch has no sparse kernel for the dtype, e.g. bfloat16 on the CPU).
-* ``bitmask_kernel``: the compiled AVX-512 bitmask x vector kernel of :mod:`oats.algorithm.kernels` for S
+* ``bitmask_kernel``: the compiled AVX-512 bitmask x vector kernel of :mod:`factored.kernels` for S
   plus two small dense kernel products for U, V. CPU only, when it compiled.
 * ``densify``: S scattered into a fresh dense tensor on every call, then ``F.linear`` (+ the low-rank
   part in float32): no dense copy kept, close to dense speed for prefill where the product dominates.
@@ -40,7 +40,7 @@ _CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
 def _slr_class():
-    from oats.algorithm.compressed import SparseLowRankLinear
+    from factored.module import SparseLowRankLinear
 
     return SparseLowRankLinear
 
@@ -79,7 +79,7 @@ def dense_merged_weight(layer) -> Tensor:
 
 def bitmask_matrix(layer):
     """The layer's S in the kernel's layout (cached on the layer until its tensors change)."""
-    from oats.algorithm.kernels import BitmaskMatrix
+    from factored.kernels import BitmaskMatrix
 
     cached = getattr(layer, "_oats_bitmask", None)
     if cached is not None and cached[0] == _version(layer):
@@ -97,14 +97,6 @@ def drop_cached(layer, keep: Iterable[str] = ()) -> None:
         del layer._oats_bitmask
 
 
-def _lowrank_bias(layer, x2: Tensor, y: Tensor) -> Tensor:
-    if layer.rank:
-        y = y + (x2 @ layer.V.T) @ layer.U.T
-    if layer.bias is not None:
-        y = y + layer.bias
-    return y
-
-
 def _fw_dense_merged(layer, x2: Tensor) -> Tensor:
     return F.linear(x2, dense_merged_weight(layer), layer.bias)
 
@@ -114,7 +106,7 @@ def _fw_torch_csr(layer, x2: Tensor) -> Tensor:
 
 
 def _fw_bitmask_kernel(layer, x2: Tensor) -> Tensor:
-    from oats.algorithm.kernels import dense_matmul
+    from factored.kernels import dense_matmul
 
     xs = x2.to(layer.values.dtype)
     y = bitmask_matrix(layer).matmul(xs)  # float32
@@ -134,7 +126,7 @@ def _lowrank_f32(layer, x2: Tensor) -> Tensor:
 
 
 def _densify_weight(layer) -> Tensor:
-    from oats.algorithm.kernels import csr_to_dense
+    from factored.kernels import csr_to_dense
 
     W = csr_to_dense(layer)
     if W is None:
@@ -152,7 +144,7 @@ def _fw_densify(layer, x2: Tensor) -> Tensor:
 
 
 def _fw_dense_kernel(layer, x2: Tensor) -> Tensor:
-    from oats.algorithm.kernels import dense_matmul
+    from factored.kernels import dense_matmul
 
     y = dense_matmul(dense_merged_weight(layer), x2)
     if layer.bias is not None:
@@ -174,7 +166,7 @@ def available_forwards(layer, x: Tensor | None = None) -> list[str]:
     out = ["dense_merged", "torch_csr", "densify"]
     dtype = layer.values.dtype if x is None else x.dtype
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and layer.values.dtype == dtype:
-        from oats.algorithm.kernels import available
+        from factored.kernels import available
 
         if available():
             out += ["bitmask_kernel", "dense_kernel"]

@@ -23,6 +23,13 @@ from torch import Tensor, nn
 MANIFEST = "oats_compressed.json"
 
 
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` of ``root``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
 class SparseLowRankLinear(nn.Module):
     """y = x S^T + (x V^T) U^T + bias. S [out, in] in CSR, U [out, r], V [r, in]."""
 
@@ -113,7 +120,6 @@ def write_manifest(model: nn.Module, directory: str | Path) -> Path | None:
 def apply_manifest(model: nn.Module, directory: str | Path, dtype: torch.dtype, device: str | torch.device | None = None) -> int:
     """Swap the layers a saved model's :data:`MANIFEST` names for empty SparseLowRankLinear modules
     (on ``device``; 'meta' for a lazily loaded skeleton). Returns how many; 0 without a manifest."""
-    from oats.architectures import set_module
 
     path = Path(directory) / MANIFEST
     if not path.is_file():

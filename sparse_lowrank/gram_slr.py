@@ -6,7 +6,7 @@ minimise the full layer-wise objective
 
     f(S, L) = ||X (W - S - L)^T||_F^2 = tr((W - S - L) H (W - S - L)^T),   H = X^T X
 
-where OATS (``oats.algorithm.decompose``) minimises the diagonal surrogate ``||(W - S - L) diag(sqrt D)||_F^2``
+where OATS (``sparse_lowrank.decompose``) minimises the diagonal surrogate ``||(W - S - L) diag(sqrt D)||_F^2``
 (only ``diag H``). Both halves of the alternation use the whole Gram:
 
 * **low-rank step** (given S): reduced-rank regression. With ``H^{1/2}`` the symmetric square root,
@@ -23,7 +23,7 @@ where OATS (``oats.algorithm.decompose``) minimises the diagonal surrogate ``||(
     its own N-of-M rule). Mask and values are chosen together, greedily: not an exact minimiser.
   - ``'optima'``: a Wanda-style mask ``|T_ij| sqrt(H_jj)`` (k per row, or N of every M), then the
     exact QP on that mask, ``S_K = H_KK^{-1} (H t)_K`` row by row, by OPTIMA's batched preconditioned
-    CG (``updates.optima.batched``), warm-started from the previous S.
+    CG (``weight_updates.optima.batched``), warm-started from the previous S.
 
 Start (``init``, config key ``gram_slr_init``): ``'sparse'`` (default) sets ``L = 0``, so iteration
 0's sparse step is plain SparseGPT (or Wanda + OPTIMA) on W; ``'lowrank'`` sets ``S = 0`` as OATS does,
@@ -37,10 +37,10 @@ steps, 30 iterations) the S-first loop ends 0-10% lower in 7 of the 8 cases (q_p
 
 Where we depart from the papers:
 
-* **Budget**: exactly OATS's (``oats.algorithm.decompose.oats_budget``): rank ``r`` and ``keep_per_row`` k (or
+* **Budget**: exactly OATS's (``sparse_lowrank.common.oats_budget``): rank ``r`` and ``keep_per_row`` k (or
   N:M) from ``sparsity`` and ``rank_ratio``, so the two methods keep the same parameter count.
 * **H** is ``stats.gram`` dampened like SparseGPT: ``percdamp * mean(diag H)`` added to the diagonal
-  (raised tenfold until a float64 Cholesky succeeds, ``updates.optima.dampen``); the objective, both
+  (raised tenfold until a float64 Cholesky succeeds, ``weight_updates.optima.dampen``); the objective, both
   steps and the reported numbers all use this dampened H.
 * **Monotone by construction**: the low-rank step never increases f (exact minimiser). A sparse step
   is not (it picks a new mask), so its result is kept only if f does not increase; otherwise the
@@ -73,15 +73,11 @@ from torch import Tensor
 from baselines.masks import keep_topk_rows, nm_mask
 from baselines.sparsegpt import KEYS as SPARSEGPT_KEYS
 from baselines.sparsegpt import sparsegpt_prune
-from oats.algorithm.decompose import oats_budget
-from oats.algorithm.method import KEYS as OATS_KEYS
-from oats.algorithm.method import budget_info
-from oats.algorithm.method import build_module as oats_build_module
-from oats.algorithm.method import validate as oats_validate
 from oats.interface import Budget, CompressedWeight, InputStats, Method
-from oats.keys import Key, choice, positive
-from updates.optima import KEYS as OPTIMA_KEYS
-from updates.optima import batched, dampen
+from oats.keys import Key, KeyTable, choice, positive
+from sparse_lowrank.common import RANK_RATIO, budget_info, build_module, oats_budget, validate
+from weight_updates.optima import KEYS as OPTIMA_KEYS
+from weight_updates.optima import batched, dampen
 
 log = logging.getLogger(__name__)
 
@@ -104,30 +100,15 @@ DEFAULT_ITERS = 20
 
 # Its own keys, and the keys it shares with OATS (the budget), SparseGPT (dampening, block size) and
 # OPTIMA (the QP solver), declared by their owners and reused here so the two can never differ.
-KEYS: dict[str, Key] = {
-    "rank_ratio": OATS_KEYS["rank_ratio"],
-    "compress": OATS_KEYS["compress"],
-    "forward": OATS_KEYS["forward"],
+KEYS = KeyTable({
+    "rank_ratio": RANK_RATIO,
     "gram_slr_iters": Key(DEFAULT_ITERS, (int,), "gram_slr: alternating iterations (sparse step then exact low-rank step)", positive),
     "gram_slr_sparse_step": Key("optima", (str,), "gram_slr sparse step: `sparsegpt` (OBS sweep on W - L) or `optima` (Wanda-style mask + exact QP)", choice(*SPARSE_STEPS)),
     "gram_slr_init": Key("sparse", (str,), "gram_slr start: `sparse` (L = 0, the first sparse step sees W) or `lowrank` (S = 0, L = reduced-rank regression of W, as OATS)", choice(*INITS)),
     "percdamp": SPARSEGPT_KEYS["percdamp"],
     "blocksize": SPARSEGPT_KEYS["blocksize"],
     **{k: OPTIMA_KEYS[k] for k in ("optima_tol", "optima_max_iters", "optima_dtype")},
-}
-
-# defaults when no config is given: the keys' own
-DEFAULTS = {k: spec.default for k, spec in KEYS.items()}
-
-
-def _get(cfg: Any, key: str) -> Any:
-    if cfg is None:
-        return DEFAULTS[key]
-    if hasattr(cfg, "get"):
-        value = cfg.get(key, None)
-    else:
-        value = getattr(cfg, key, None)
-    return DEFAULTS[key] if value is None else value
+})
 
 
 def gram_objective(E: Tensor, H: Tensor) -> float:
@@ -336,26 +317,26 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
     if stats is None or stats.gram is None:
         raise ValueError("gram_slr needs the Gram matrix of its inputs (the registry asks the pipeline for stats='gram')")
     d_out, d_in = weight.shape
-    b = oats_budget(d_out, d_in, budget.sparsity, _get(cfg, "rank_ratio"), budget.nm)
-    method = str(_get(cfg, "gram_slr_sparse_step"))
+    b = oats_budget(d_out, d_in, budget.sparsity, KEYS.value(cfg, "rank_ratio"), budget.nm)
+    method = str(KEYS.value(cfg, "gram_slr_sparse_step"))
     if method not in SPARSE_STEPS:
         raise ValueError(f"config key 'gram_slr_sparse_step': got {method!r}; allowed values: {', '.join(map(repr, SPARSE_STEPS))}")
-    Hd, _, lam, raises = dampen(stats.gram.to(weight.device), float(_get(cfg, "percdamp")), torch.float64)
+    Hd, _, lam, raises = dampen(stats.gram.to(weight.device), float(KEYS.value(cfg, "percdamp")), torch.float64)
     res = gram_slr(
         weight, Hd, b.rank, b.keep_per_row, b.nm,
-        iters=int(_get(cfg, "gram_slr_iters")),
+        iters=int(KEYS.value(cfg, "gram_slr_iters")),
         sparse_step_method=method,
-        blocksize=int(_get(cfg, "blocksize")),
-        optima_tol=float(_get(cfg, "optima_tol")),
-        optima_max_iters=int(_get(cfg, "optima_max_iters")),
-        optima_dtype=torch.float64 if _get(cfg, "optima_dtype") == "float64" else torch.float32,
-        init=str(_get(cfg, "gram_slr_init")),
+        blocksize=int(KEYS.value(cfg, "blocksize")),
+        optima_tol=float(KEYS.value(cfg, "optima_tol")),
+        optima_max_iters=int(KEYS.value(cfg, "optima_max_iters")),
+        optima_dtype=torch.float64 if KEYS.value(cfg, "optima_dtype") == "float64" else torch.float32,
+        init=str(KEYS.value(cfg, "gram_slr_init")),
     )
     out_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     info = {
         **budget_info(b, int(res.mask.sum()), budget.sparsity),
         "gram_slr_sparse_step": method,
-        "gram_slr_init": str(_get(cfg, "gram_slr_init")),
+        "gram_slr_init": str(KEYS.value(cfg, "gram_slr_init")),
         "gram_slr_iters_run": len(res.objective),
         "gram_slr_objective_first": res.objective[0],
         "gram_slr_objective": res.objective[-1],
@@ -368,10 +349,10 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
 
 
 METHOD = Method(
-    "gram_slr", compress_weight, stats="gram", keys=KEYS, lowrank=True, validate=oats_validate,
-    build_module=oats_build_module,
+    "gram_slr", compress_weight, stats="gram", keys=KEYS, lowrank=True, validate=validate,
+    build_module=build_module,
     doc="full-Gram sparse + low-rank at the OATS budget: alternates a sparse step (OBS sweep or mask + QP) and the "
         "closed-form reduced-rank regression on `tr((W - S - L) H (W - S - L)ᵀ)`",
     paper="HASSLE-free (Makni et al., CPAL 2025); 3BASiL (Makni et al., NeurIPS 2025)",
-    label=lambda cfg: f"full-Gram S+L (κ={cfg.get('rank_ratio', DEFAULTS['rank_ratio']):g}, {cfg.get('gram_slr_sparse_step', 'optima')})",
+    label=lambda cfg: f"full-Gram S+L (κ={KEYS.value(cfg, 'rank_ratio'):g}, {KEYS.value(cfg, 'gram_slr_sparse_step')})",
 )

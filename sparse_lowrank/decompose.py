@@ -1,6 +1,6 @@
-"""OATS's math (Zhang & Papyan, ICLR 2025, Algorithms 1-2): the budget split and alternating
-thresholding of a weight scaled by the square root of its inputs' second moments. Pure tensor
-functions: no model, no I/O.
+"""OATS's math (Zhang & Papyan, ICLR 2025, Algorithm 1): alternating thresholding of a weight scaled
+by the square root of its inputs' second moments. Pure tensor functions: no model, no I/O. The budget
+split (rank and nonzeros per row) is ``sparse_lowrank.common.oats_budget``.
 
 Notation: ``W`` is [d_out, d_in]; ``D`` [d_in] the mean of x_j^2 over calibration tokens; the scaled
 weight is ``W_s = W diag(sqrt D)``. Alternating thresholding from ``S = 0``, ``num_iters`` times:
@@ -39,10 +39,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 from torch import Tensor
+
+from sparse_lowrank.common import OatsBudgetError, keep_per_row_for
 
 # D is floored at EPS_REL * max(D) (and at the smallest normal float32 when D is all zero or
 # denormal): unscaling divides by sqrt(D), so an input that never fires (D = 0) must not produce
@@ -63,100 +64,6 @@ OVERSAMPLE = 8
 # 0.3% at all three tolerances; WikiText-2 perplexities 61.96, 59.95, 63.63 scatter around the exact
 # loop's own 62.76 and 58.89 (one and two threads: runs that differ only in float summation order).
 SVD_TOL = 1e-2
-
-
-class OatsBudgetError(ValueError):
-    """The compression rate cannot be met with the requested sparsity pattern."""
-
-
-def _exact(x: float | int) -> Fraction:
-    """A config number as the exact decimal it was written as (0.3 -> 3/10), so floors are exact."""
-    return Fraction(repr(float(x))) if not isinstance(x, int) else Fraction(x)
-
-
-@dataclass(frozen=True)
-class OatsBudget:
-    """How one [d_out, d_in] layer's kept parameters split between the sparse and low-rank parts.
-
-    rank:          r, columns of U / rows of V.
-    keep_per_row:  k, nonzeros of the sparse part in every row.
-    nm:            (N, M) when the sparse part is N:M, else None.
-    allowed:       floor((1 - rho) d_out d_in), the most parameters the compression rate allows.
-    """
-
-    d_out: int
-    d_in: int
-    compression: float
-    rank: int
-    keep_per_row: int
-    nm: tuple[int, int] | None
-    allowed: int
-
-    @property
-    def nonzeros(self) -> int:
-        return self.d_out * self.keep_per_row
-
-    @property
-    def kept_params(self) -> int:
-        """Nonzeros of S plus the entries of U [d_out, r] and V [r, d_in]."""
-        return self.nonzeros + self.rank * (self.d_out + self.d_in)
-
-    @property
-    def achieved_compression(self) -> float:
-        """Fraction of the d_out*d_in parameters removed, exactly as kept (never below ``compression``)."""
-        return 1.0 - self.kept_params / (self.d_out * self.d_in)
-
-    @property
-    def row_sparsity(self) -> float:
-        """Fraction of every row of S that is zero."""
-        return 1.0 - self.keep_per_row / self.d_in
-
-
-def oats_budget(d_out: int, d_in: int, compression: float, rank_ratio: float, nm: tuple[int, int] | None = None) -> OatsBudget:
-    """Split the parameters a compression rate ``rho`` leaves to one layer.
-
-    Unstructured (paper, Sec. 3): ``r = floor(kappa (1-rho) d_out d_in / (d_out + d_in))`` and
-    ``k = floor((1-kappa)(1-rho) d_in)`` kept per row, so ``d_out k + r (d_out + d_in) <= (1-rho) d_out d_in``.
-
-    N:M (``nm=(N, M)``, N kept of every M inputs): the sparse part holds ``d_out d_in N / M`` nonzeros
-    and the rank takes the rest, ``r = floor((floor((1-rho) d_out d_in) - d_out d_in N/M) / (d_out + d_in))``;
-    ``rank_ratio`` is unused. Raises :class:`OatsBudgetError` when ``1 - rho < N/M`` or M does not divide d_in.
-    Numbers are taken as the exact decimals written (0.3 is 3/10), so the floors never drift.
-    """
-    if d_out <= 0 or d_in <= 0:
-        raise ValueError(f"layer shape ({d_out}, {d_in}) must be positive")
-    rho, kappa = _exact(compression), _exact(rank_ratio)
-    if not (0 <= rho < 1):
-        raise OatsBudgetError(f"compression rate (config key 'sparsity') {compression!r} must lie in [0, 1)")
-    if not (0 <= kappa < 1):
-        raise OatsBudgetError(f"rank ratio (config key 'rank_ratio') {rank_ratio!r} must lie in [0, 1)")
-    total = d_out * d_in
-    allowed = math.floor((1 - rho) * total)
-    if nm is None:
-        rank = math.floor(kappa * (1 - rho) * Fraction(total, d_out + d_in))
-        keep = math.floor((1 - kappa) * (1 - rho) * d_in)
-    else:
-        n, m = nm
-        if not (0 < n < m):
-            raise OatsBudgetError(f"N:M {n}:{m} needs 0 < N < M (config key 'sparsity_type')")
-        if d_in % m:
-            raise OatsBudgetError(f"N:M {n}:{m} needs the input dimension ({d_in}) to be a multiple of M={m} (config key 'sparsity_type')")
-        keep = d_in // m * n
-        nnz = d_out * keep
-        if nnz > allowed:
-            raise OatsBudgetError(
-                f"compression rate {compression!r} (config key 'sparsity') keeps at most {allowed} of {total} parameters, "
-                f"fewer than the {nnz} nonzeros of an {n}:{m} sparse part (config key 'sparsity_type'); "
-                f"N:M needs sparsity <= 1 - N/M = {float(1 - Fraction(n, m)):g}"
-            )
-        rank = (allowed - nnz) // (d_out + d_in)
-    rank = min(rank, d_out, d_in)
-    return OatsBudget(d_out, d_in, float(compression), rank, keep, nm, allowed)
-
-
-def keep_per_row_for(d_in: int, row_sparsity: float) -> int:
-    """Entries kept per row at a per-row sparsity: ``floor((1 - s) d_in)``, with s as the exact decimal written."""
-    return math.floor((1 - _exact(row_sparsity)) * d_in)
 
 
 def safe_second_moment(second_moment: Tensor, eps_rel: float = EPS_REL) -> Tensor:

@@ -19,7 +19,7 @@ Two solvers, both pure functions of tensors:
   matmul followed by masking, and per-row scalars. Rows stop counting once their relative residual
   is below ``tol``. GPU-friendly, float32 or float64, warm-started from any feasible point.
 
-:func:`update` is the pipeline's entry (``UPDATES["optima"]``): dampens H as SparseGPT does
+:func:`update` is the pipeline's entry (``WEIGHT_UPDATES["optima"]``): dampens H as SparseGPT does
 (``percdamp`` times the mean diagonal on the diagonal, raised tenfold and logged until a Cholesky
 factorisation in the solver's precision succeeds), warm-starts from the better of the selector's
 own weights and the plainly masked ones, runs :func:`batched` with the ``P_i H⁻¹ P_i``
@@ -33,19 +33,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from oats.interface import CompressedWeight, InputStats, Update
-from oats.keys import Key, choice, non_negative, positive
+from oats.interface import CompressedWeight, InputStats, WeightUpdate
+from oats.keys import Key, KeyTable, choice, non_negative, positive
 
 log = logging.getLogger(__name__)
 
 PRECONDITIONERS = ("jacobi", "hinv")
 
-KEYS: dict[str, Key] = {
+KEYS = KeyTable({
     "percdamp": Key(0.01, (float, int), "SparseGPT/OPTIMA dampening: fraction of the mean Hessian diagonal added to it", non_negative),
     "optima_tol": Key(1e-6, (float,), "OPTIMA batched solver: relative residual tolerance", positive),
     "optima_max_iters": Key(500, (int,), "OPTIMA batched solver: iteration cap", positive),
     "optima_dtype": Key("float32", (str,), "OPTIMA solver precision", choice("float32", "float64")),
-}
+})
 
 
 def row_objective(W: Tensor, W0: Tensor, H: Tensor) -> Tensor:
@@ -194,7 +194,7 @@ def _mask_of(cw: CompressedWeight) -> Tensor:
 
 
 def update(weight: Tensor, cw: CompressedWeight, stats: InputStats | None, cfg: Any) -> CompressedWeight:
-    """``UPDATES['optima']``: keep ``cw``'s mask, re-solve its kept weights (see the module docstring).
+    """``WEIGHT_UPDATES['optima']``: keep ``cw``'s mask, re-solve its kept weights (see the module docstring).
 
     weight: [out, in] original dense weight; cw: the selector's answer (dense, or OATS factors: then
     the sparse part is re-solved with ``U V`` fixed, i.e. against the target ``weight - U V``);
@@ -244,7 +244,7 @@ def update(weight: Tensor, cw: CompressedWeight, stats: InputStats | None, cfg: 
     return CompressedWeight(dense=W, info=out_info, mask=mask)
 
 
-UPDATE = Update("optima", update, stats="gram", keys=KEYS,
-                doc="keep the mask, re-solve the kept weights of every row as a QP on the calibration Gram "
-                    "(for sparse + low-rank answers: the sparse part, U V fixed)",
-                paper="OPTIMA")
+WEIGHT_UPDATE = WeightUpdate("optima", update, stats="gram", keys=KEYS,
+                             doc="keep the mask, re-solve the kept weights of every row as a QP on the calibration Gram "
+                                 "(for sparse + low-rank answers: the sparse part, U V fixed)",
+                             paper="OPTIMA")

@@ -17,7 +17,7 @@ exactly lambda. The allocation then is still linear in the LOD, ordered the same
 still the target; whenever the reference already stays within +-lambda the two are identical
 (``owl_sparsities(..., bounded=False)`` gives the reference's numbers unchanged).
 
-The allocator returns the per-block sparsities; the compressing pass then starts again from the same
+``owl_layerwise`` returns the per-block sparsities (an ``Allocation``); the compressing pass then starts again from the same
 captured block-0 inputs (streaming never mutates them) and hands each block's sparsity to the method
 through ``Budget.sparsity`` (for OATS: the block's compression rate).
 """
@@ -25,25 +25,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from baselines.wanda import wanda_scores
-from oats.interface import Allocator, StreamDense
-from oats.keys import ConfigError, Key, interval, positive
+from oats.interface import Allocation, Layerwise, StreamDense
+from oats.keys import ConfigError, Key, KeyTable, interval, positive
 
 log = logging.getLogger(__name__)
-
-
-class BlockSparsities(list):
-    """Per-block sparsities (a plain list of floats) carrying ``info``: what the allocator measured
-    (LOD per block, hyperparameters), for the result record."""
-
-    def __init__(self, values: Iterable[float], info: dict[str, Any]):
-        super().__init__(float(v) for v in values)
-        self.info = info
 
 
 def outlier_ratio(scores: Sequence[Tensor], m: float) -> float:
@@ -85,8 +76,8 @@ def block_lod(layers: dict[str, nn.Linear], collector: Any, m: float) -> float:
     return outlier_ratio(scores, m)
 
 
-def owl_layerwise(stream_dense: StreamDense, n_blocks: int, cfg: Any) -> BlockSparsities:
-    """The ``owl`` allocator: stream the dense model once, measure each block's LOD, allocate sparsities."""
+def owl_layerwise(stream_dense: StreamDense, n_blocks: int, cfg: Any) -> Allocation:
+    """``layerwise: owl``: stream the dense model once, measure each block's LOD, allocate sparsities."""
     t0 = time.perf_counter()
     lod: list[float] = []
 
@@ -99,20 +90,20 @@ def owl_layerwise(stream_dense: StreamDense, n_blocks: int, cfg: Any) -> BlockSp
     sparsities = owl_sparsities(lod, float(cfg.sparsity), float(cfg.owl_lambda))
     log.info("OWL: LOD %s -> block sparsities %s", [round(x, 4) for x in lod], [round(s, 4) for s in sparsities])
     info = {
-        "allocator": "owl",
+        "name": "owl",
         "owl_m": float(cfg.owl_m),
         "owl_lambda": float(cfg.owl_lambda),
         "lod": lod,
         "reference_sparsity": owl_sparsities(lod, float(cfg.sparsity), float(cfg.owl_lambda), bounded=False),
         "seconds": time.perf_counter() - t0,  # the dense statistics pass (the runner counts it under calibration)
     }
-    return BlockSparsities(sparsities, info)
+    return Allocation(sparsities, info)
 
 
-KEYS: dict[str, Key] = {
+KEYS = KeyTable({
     "owl_m": Key(5.0, (float, int), "OWL outlier threshold M: a Wanda score is an outlier above M times its layer's mean", positive),
     "owl_lambda": Key(0.08, (float, int), "OWL: per-block sparsities spread within +-lambda of the target", interval(0.0, 1.0)),
-}
+})
 
 
 def validate(cfg: Any) -> None:
@@ -124,5 +115,5 @@ def validate(cfg: Any) -> None:
         raise ConfigError("owl_lambda", f"sparsity {cfg['sparsity']} +- owl_lambda {lam} must stay inside [0, 1)")
 
 
-ALLOCATOR = Allocator("owl", owl_layerwise, stats="diag", keys=KEYS, validate=validate,
+LAYERWISE = Layerwise("owl", owl_layerwise, stats="diag", keys=KEYS, validate=validate,
                       doc="per-block sparsities from each block's outlier share (unstructured)", paper="Yin et al. 2024 (OWL)")

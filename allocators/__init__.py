@@ -1,1 +1,0 @@
-"""Layerwise allocators: a target sparsity -> one sparsity per block (OWL). Registered in ``oats.registry``."""
