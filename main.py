@@ -5,10 +5,12 @@
     python main.py --list                # each experiment and whether it is done (done / failed / stale / pending)
     python main.py --slurm --partition gpu --gpus 1 --time 240 --mem 64   # one SLURM array, a task per experiment
     python main.py --report --out runs/  # tables (md, csv, tex) + plots of every result under runs/report/
+    python main.py --export oats-50 --format peft   # a saved experiment (save_model: true) as PEFT, bitmask or dense
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import runpy
 import sys
@@ -27,12 +29,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="rerun experiments even when their result exists")
     p.add_argument("--report", action="store_true", help="write tables and plots of all results under <out>/report/, then exit")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
-    e = p.add_argument_group("export a finished experiment's saved model (save_model: true)")
-    e.add_argument("--export", metavar="NAME", default=None, help="the experiment to export, then exit")
-    e.add_argument("--to", metavar="DIR", default=None, help="where to write it (default <out>/<NAME>/export)")
+    e = p.add_argument_group("export a saved model (an experiment run with save_model: true, or any saved model folder)")
+    e.add_argument("--export", metavar="NAME|DIR", default=None,
+                   help="the experiment under --out to export (or a folder holding a saved model's config.json), then exit")
+    e.add_argument("--to", metavar="DIR", default=None, help="where to write it (default <out>/<NAME>/export; required for a folder)")
     e.add_argument("--format", choices=("bitmask", "peft", "dense"), default="bitmask",
                    help="bitmask: values + 1-bit mask (stock transformers, trust_remote_code); peft: sparse base + LoRA adapter; dense")
     e.add_argument("--base-format", choices=("bitmask", "dense"), default="bitmask", help="with --format peft: how the sparse base is stored")
+    e.add_argument("--no-nm", action="store_true", help="never store a weight in the N:M layout (bitmask or dense only)")
     s = p.add_argument_group("cluster (submitit; defaults from a SLURM dict in the config file)")
     s.add_argument("--slurm", action="store_true", help="submit the selected, not yet done experiments as one job array (one experiment per task)")
     s.add_argument("--slurm-executor", choices=("slurm", "local", "debug"), default=None, help="slurm (sbatch, default), local (subprocesses here) or debug (this process)")
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         return _report(out)
     if args.export:
-        return _export(out / args.export, Path(args.to) if args.to else out / args.export / "export", args.format, args.base_format)
+        return _export(args, out)
     from oats.config import ConfigError, resolve_all
 
     try:
@@ -139,9 +143,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     failed = [n for n, s in outcome.items() if s == "failed"]
-    for c in cfgs:
-        if c.export_format and outcome.get(c.name) == "ok":
-            _export(out / c.name, out / c.name / "export", c.export_format, "bitmask")
     print_results(cfgs, out)
     log.info("finished: %d ok, %d skipped, %d failed, %d busy; results in %s/ (summary.md; tables and plots: "
              "python main.py --report --out %s)", sum(s == "ok" for s in outcome.values()), sum(s == "skipped" for s in outcome.values()),
@@ -159,18 +160,32 @@ def print_results(cfgs: list, out: Path) -> None:
         print("\n" + summary_markdown(records))
 
 
-def _export(exp_dir: Path, to: Path, fmt: str, base_format: str) -> int:
-    """Write the experiment's saved model in an exchange format and print its bytes against dense."""
-    model_dir = exp_dir / "model"
-    if not (model_dir / "config.json").is_file():
-        print(f"error: --export: {exp_dir} has no saved model ({model_dir}/config.json); run it with save_model: true", file=sys.stderr)
-        return 2
+def _export(args: argparse.Namespace, out: Path) -> int:
+    """Write a saved model in an exchange format and print its bytes against dense."""
+    given = Path(args.export)
+    if (given / "config.json").is_file():  # a saved model folder
+        if not args.to:
+            print(f"error: --to: exporting the folder {given} needs --to DIR", file=sys.stderr)
+            return 2
+        model_dir, to, name = given, Path(args.to), str(given)
+    else:  # an experiment under --out
+        model_dir, name = out / args.export / "model", args.export
+        to = Path(args.to) if args.to else out / args.export / "export"
+        if not (model_dir / "config.json").is_file():
+            print(f"error: --export: {out / args.export} has no saved model ({model_dir}/config.json) and {given} is no saved "
+                  "model folder; run the experiment with save_model: true", file=sys.stderr)
+            return 2
     from export import export_from_dir
 
-    report = export_from_dir(model_dir, to, fmt, base_format=base_format)
+    try:
+        report = export_from_dir(model_dir, to, args.format, nm=None if args.no_nm else "auto", base_format=args.base_format)
+    except ValueError as e:
+        print(f"error: --export: {e}", file=sys.stderr)
+        return 2
     total = report.get("total", {})
-    log.info("exported %s as %s to %s: %s bytes of tensors, %.3fx the dense checkpoint in the same dtype", exp_dir.name, fmt, to,
+    log.info("exported %s as %s to %s: %s bytes of tensors, %.3fx the dense checkpoint in the same dtype", name, args.format, to,
              total.get("tensor_bytes"), total.get("ratio", float("nan")))
+    print(json.dumps(total, indent=1))
     return 0
 
 

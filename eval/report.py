@@ -316,7 +316,8 @@ def plot_owl_record(record: dict[str, Any], path: str | Path) -> Path | None:
     """The OWL figure of one result record (``record['layerwise']``, ``record['block_sparsity']``);
     None when the record has no OWL allocation."""
     info = record.get("layerwise") or {}
-    if info.get("allocator") != "owl" or "block_sparsity" not in record:
+    name = info.get("name", info.get("allocator"))  # records written by older versions name it under 'allocator'
+    if name != "owl" or "block_sparsity" not in record:
         return None
     return plot_owl(info["lod"], record["block_sparsity"], float(record["config"]["sparsity"]), path, title=str(record.get("name", "")))
 

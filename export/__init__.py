@@ -5,7 +5,7 @@
 * :mod:`export.peft_adapter`: the low-rank part of OATS layers as a PEFT LoRA adapter.
 * :mod:`export.oats_bitmask`: the standalone reader copied next to every bitmask export.
 * (the forward a SparseLowRankLinear runs, chosen by measurement, and the compiled kernel live beside
-  it: ``oats.algorithm.forward``, ``oats.algorithm.kernels``).
+  it: ``factored.forward``, ``factored.kernels``).
 """
 from export.exporter import COMPRESSED_TENSORS_NOTE, FORMATS, export_from_dir, export_model, plain_state_dict, size_report
 from export.formats import (bitmask_bytes, choose_layout, dense_bytes, is_nm, nm_bytes, pack_bitmask, pack_nm,

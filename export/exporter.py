@@ -45,7 +45,7 @@ COMPRESSED_TENSORS_NOTE = (
 
 
 def _slr_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from oats.algorithm.compressed import compressed_layers
+    from factored.module import compressed_layers
 
     return compressed_layers(model)
 
@@ -90,7 +90,7 @@ def plain_state_dict(model: nn.Module, merge: bool) -> tuple[dict[str, Tensor], 
 @contextmanager
 def _as_linear(model: nn.Module, merge: bool):
     """Temporarily replace every SparseLowRankLinear by an nn.Linear (weight S + UV, or S)."""
-    from oats.architectures import set_module
+    from factored.module import set_module
 
     layers = _slr_layers(model)
     try:
@@ -190,9 +190,9 @@ def export_model(model: nn.Module, out_dir: str | Path, format: str = "bitmask",
 
 
 def export_from_dir(saved_model_dir: str | Path, out_dir: str | Path, format: str = "bitmask", **kwargs) -> dict:
-    """Export a model saved by ``oats.algorithm.compressed.save_compressed`` (or any plain checkpoint directory);
+    """Export a model saved by ``factored.module.save_compressed`` (or any plain checkpoint directory);
     its tokenizer files, when present, are written with it."""
-    from oats.algorithm.compressed import load_compressed
+    from factored.module import load_compressed
 
     if format not in FORMATS:
         export_model(None, out_dir, format)  # raises the format error before loading anything

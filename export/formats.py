@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from export.oats_bitmask import METADATA_KEY, WEIGHTS_NAME, index_bits, unpack_bitmask, unpack_nm  # noqa: F401
+from export.oats_bitmask import METADATA_KEY, WEIGHTS_NAME, index_bits, unpack_bitmask, unpack_nm  # noqa: F401 (unpack_*: re-exported)
 
 # N:M layouts tried when a weight is encoded with ``nm="auto"`` (N kept of every M inputs).
 NM_CANDIDATES = ((2, 4), (4, 8), (1, 4), (2, 8), (1, 2))
@@ -112,15 +112,6 @@ def encode_tensor(name: str, w: Tensor, layout: dict) -> dict[str, Tensor]:
         v, ix = pack_nm(w, layout["n"], layout["m"])
         return {f"{name}.nm_values": v, f"{name}.nm_indices": ix}
     return {name: w.detach().cpu().contiguous()}
-
-
-def decode_tensor(name: str, tensors: dict[str, Tensor], layout: dict) -> Tensor:
-    """Inverse of :func:`encode_tensor`."""
-    if layout["format"] == "bitmask":
-        return unpack_bitmask(tensors[f"{name}.bitmask_values"], tensors[f"{name}.bitmask"], layout["shape"])
-    if layout["format"] == "nm":
-        return unpack_nm(tensors[f"{name}.nm_values"], tensors[f"{name}.nm_indices"], layout["shape"], layout["n"], layout["m"])
-    return tensors[name]
 
 
 def write_encoded(state: dict[str, Tensor], directory: str | Path, lowrank: dict[str, tuple[Tensor, Tensor]] | None = None,

@@ -137,13 +137,6 @@ def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
-def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name`` of ``root``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 @dataclass(frozen=True)
 class Matrix:
     """One logical matrix of a block: ``name`` (``q_proj``, or ``qkv_proj:q`` for a part of a fused

@@ -96,7 +96,7 @@ def _save_block(block: nn.Module, directory: Path, i: int) -> None:
     """Block i's tensors as safetensors, and the compress-mode layers it holds as JSON."""
     from safetensors.torch import save_file
 
-    from oats.algorithm.compressed import compressed_layers
+    from factored.module import compressed_layers
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
     layers = {n: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank, "nnz": m.nnz,
@@ -217,8 +217,8 @@ class BlockCheckpointer:
             raise RuntimeError("this checkpoint keeps no block copies (lazy mode reads them from the output shards)")
         from safetensors.torch import load_file
 
-        from oats.algorithm.compressed import SparseLowRankLinear
-        from oats.architectures import set_module
+        from factored.module import SparseLowRankLinear
+        from factored.module import set_module
 
         blocks = get_blocks(model)
         for j in range(last_block + 1):

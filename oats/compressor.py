@@ -11,11 +11,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from oats.architectures import Matrix, architecture_of, check_fused_rows, fused_order, get_blocks, matrices, set_module
+from factored.module import set_module
+from oats.architectures import Matrix, architecture_of, check_fused_rows, fused_order, matrices
 from oats.config import selected_plugins
 from oats.interface import BLOCK_TARGETS, STATS_KINDS, Budget, CompressedWeight, InputStats
 from oats.keys import parse_nm
-from oats.pipeline import BlockInputs, StatsCollector, run_block, stream
+from oats.pipeline import BlockInputs, StatsCollector, WeightSource, run_block, stream
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,15 @@ def compress_model(
     start_block: int = 0,
     after_block: Callable[[int, nn.Module, BlockInputs], None] | None = None,
     records: list[dict[str, Any]] | None = None,
-    before_block: Callable[[int], None] | None = None,
+    weights: WeightSource | None = None,
 ) -> list[dict[str, Any]]:
     """Compress every selected matrix of every block from ``start_block`` on, in place. Returns per-matrix records.
 
     ``records``: a list the per-matrix records are appended to as each block finishes (a checkpoint
-    saved from ``after_block`` reads it); ``before_block(i)`` runs before block i is touched (lazy loading).
+    saved from ``after_block`` reads it); ``weights`` loads and frees blocks read lazily (``oats.pipeline.stream``).
     """
     plugins = selected_plugins(cfg)
-    method, update, block_update = plugins["method"], plugins.get("update"), plugins.get("block_update")
+    method, update, block_update = plugins["method"], plugins.get("weight_update"), plugins.get("block_update")
     arch = architecture_of(model)
     nm = parse_nm(cfg.sparsity_type)
     records = [] if records is None else records
@@ -122,7 +123,7 @@ def compress_model(
         records.extend(block_records)
 
     stream(model, inputs, device, stats_kind_for(cfg), on_block, stats_dtype, start_block, after_block,
-           desc=f"compress ({cfg.method})", before_block=before_block)
+           desc=f"compress ({cfg.method})", weights=weights)
     return records
 
 
@@ -162,12 +163,10 @@ def _check_masks_kept(before: dict[str, CompressedWeight], after: dict[str, Comp
 
 
 def _write_back(block: nn.Module, name: str, layer: nn.Linear, cw: CompressedWeight, method: Any, cfg: Any) -> None:
-    module = method.build_module(cw, layer, cfg) if method.build_module is not None else None
+    """Compress mode (``compress: true`` for a method with a factored module): the method's module takes
+    the linear's place; otherwise the dense weight is written back into the linear."""
+    module = method.build_module(cw, layer, cfg) if method.build_module is not None and cfg.get("compress") else None
     if module is not None:
         set_module(block, name, module)
     else:
         layer.weight.data.copy_(cw.to_dense().to(layer.weight.dtype))
-
-
-def uniform_sparsities(model: nn.Module, cfg: Any) -> list[float]:
-    return [float(cfg.sparsity)] * len(get_blocks(model))

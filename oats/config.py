@@ -1,7 +1,7 @@
 """Experiment configuration: the common keys, merged with the keys of the plugins an experiment selects.
 
 An experiment is an ``ml_collections.ConfigDict`` holding any subset of the keys in :data:`COMMON_KEYS`
-plus those of its method, layerwise allocator and updates (each plugin declares its own, see
+plus those of its method, layerwise plugin and updates (each plugin declares its own, see
 ``oats.interface``). :func:`resolve` fills in the defaults and validates everything *before* any model
 is loaded, raising ``ConfigError`` with a message naming the key and the allowed values; a key that
 belongs to a plugin the experiment does not select is an error naming that plugin.
@@ -23,6 +23,7 @@ import ml_collections
 
 from oats import registry
 from oats.keys import ConfigError, Key, choice, interval, merge_keys, non_negative, parse_nm, positive, sparsity_type_check  # noqa: F401
+from factored.forward import CANDIDATES as FORWARDS
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,8 @@ COMMON_KEYS: dict[str, Key] = {
     "sparsity": Key(0.5, (float, int), "fraction of each layer's parameters removed (for OATS: the compression rate)", interval(0.0, 1.0)),
     "sparsity_type": Key("unstructured", (str,), "`unstructured` or `N:M` (N kept in every M consecutive inputs, e.g. `2:4`)", sparsity_type_check),
     "mask_scope": Key(None, (str,), "where weights compete for survival: `row` (per output row) or `layer`; None = the method's own default", choice("row", "layer"), nullable=True),
-    "layerwise": Key("uniform", (str,), "per-block sparsity allocation: `uniform` or an allocator (`owl`: outlier-weighted, Yin et al. 2024)", _plugin_name(registry.ALLOCATORS, ("uniform",))),
-    "weight_update": Key("none", (str,), "per-layer weight update after the method, mask kept: `none` or `optima` (row-wise QP reconstruction); old name `update`", _plugin_name(registry.UPDATES, ("none",))),
+    "layerwise": Key("uniform", (str,), "per-block sparsity allocation: `uniform` or a layerwise plugin (`owl`: outlier-weighted, Yin et al. 2024)", _plugin_name(registry.LAYERWISE, ("uniform",))),
+    "weight_update": Key("none", (str,), "per-layer weight update after the method, mask kept: `none` or `optima` (row-wise QP reconstruction); old name `update`", _plugin_name(registry.WEIGHT_UPDATES, ("none",))),
     "block_update": Key("none", (str,), "per-block update after a block's layers are compressed, masks kept: `none` or a registered block update", _plugin_name(registry.BLOCK_UPDATES, ("none",))),
     "targets": Key(None, (list, tuple), "fnmatch patterns of the linear layers to compress (`self_attn.*`, `3.mlp.down_proj`, `qkv_proj:q`); None = all", nullable=True),
     "ignore": Key((), (list, tuple), "fnmatch patterns of linear layers never compressed (matched like `targets`)"),
@@ -128,6 +129,13 @@ COMMON_KEYS: dict[str, Key] = {
     "export_format": Key(None, (str,), "after the run, export the saved model to `<out>/<name>/export` as `bitmask` (values + 1-bit mask, loadable by stock transformers with trust_remote_code), `peft` (sparse base + LoRA adapter of the low-rank part) or `dense`; needs save_model", choice("bitmask", "peft", "dense"), nullable=True, result=False),
 }
 
+# Compress mode: accepted, validated and hashed only when the selected method builds its own module for a
+# compressed layer (``Method.build_module``: the sparse + low-rank methods), so they change no other method's hash.
+COMPRESS_KEYS: dict[str, Key] = {
+    "compress": Key(False, (bool,), "compress mode: replace linears by sparse + low-rank modules (True) or sum S + UV into dense weights (False)"),
+    "forward": Key("auto", (str,), "compress mode: how a SparseLowRankLinear computes, `auto` (the fastest measured per device, dtype, shape, density and rows) or one of `dense_merged`, `torch_csr`, `bitmask_kernel`, `dense_kernel`, `densify`; the record says which ran", choice("auto", *FORWARDS), result=False),
+}
+
 # Keys of vision experiments (image transformers): accepted, validated and hashed only when `cal_dataset` is a
 # vision data set, so adding them changed no language-model experiment's hash. `cal_nsamples`, `cal_batch_size`,
 # `seed`, `eval_batch_size` and `data_dir` are the common keys; `cal_seqlen`, `cal_sampler`, `eval_datasets`... are unused.
@@ -151,8 +159,13 @@ def task_keys(out: Mapping[str, Any]) -> dict[str, Key]:
     return VISION_KEYS if is_vision_config(out) else {}
 
 
-# The flat key table of the code before plugins owned their keys (git 5138dc6), default by key, in
-# its order: what its config_hash covered. Only legacy_config_hash reads it.
+def mode_keys(plugins: Mapping[str, Any]) -> dict[str, Key]:
+    """The compress-mode keys when the selected method has a compress mode, else none."""
+    return COMPRESS_KEYS if plugins["method"].build_module is not None else {}
+
+
+# The flat key table of records without a hash_version (written before plugins owned their keys),
+# default by key, in its order: what their hash covered. Only legacy_config_hash reads it.
 LEGACY_DEFAULTS: dict[str, Any] = {
     "name": None, "model": None, "method": "dense", "sparsity": 0.5, "sparsity_type": "unstructured", "mask_scope": None,
     "layerwise": "uniform", "owl_m": 5.0, "owl_lambda": 0.08, "update": "none", "rank_ratio": 0.3, "num_iters": 80,
@@ -167,15 +180,12 @@ _LEGACY_NON_RESULT = ("checkpoint_blocks", "lazy_load")
 
 
 def selected_plugins(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """{'method': Method, 'allocator': Allocator?, 'update': Update?, 'block_update': BlockUpdate?} of a
-    resolved (or at least type-checked) config."""
+    """{'method': Method, 'layerwise': Layerwise?, 'weight_update': WeightUpdate?, 'block_update': BlockUpdate?}
+    of a resolved (or at least type-checked) config: each kind under the key that selects it."""
     out: dict[str, Any] = {"method": registry.method(raw["method"])}
-    if raw["layerwise"] != "uniform":
-        out["allocator"] = registry.allocator(raw["layerwise"])
-    if raw["weight_update"] != "none":
-        out["update"] = registry.update(raw["weight_update"])
-    if raw["block_update"] != "none":
-        out["block_update"] = registry.block_update(raw["block_update"])
+    for kind, none in registry.BUILTIN.items():
+        if raw[kind] != none:
+            out[kind] = registry.plugin(kind, raw[kind])
     return out
 
 
@@ -183,31 +193,27 @@ def plugin_keys(plugins: Mapping[str, Any]) -> dict[str, Key]:
     return merge_keys({f"{kind} {p.name!r}": p.keys for kind, p in plugins.items()})
 
 
+def key_owners() -> dict[str, tuple[Key, list[str]]]:
+    """Every key any config may hold: {key: (its declaration, its owners)}, in declaration order. Owners
+    are 'common', 'vision', 'compress mode' or "<kind> '<name>'" for each registered plugin declaring it."""
+    out: dict[str, tuple[Key, list[str]]] = {}
+    for owner, table in (("common", COMMON_KEYS), ("vision", VISION_KEYS), ("compress mode", COMPRESS_KEYS)):
+        for k, spec in table.items():
+            out[k] = (spec, [owner])
+    for kind in registry.KINDS:
+        for name, p in registry.declared(kind).items():
+            for k, spec in p.keys.items():
+                out.setdefault(k, (spec, []))[1].append(f"{kind} {name!r}")
+    return out
+
+
 def _owner_of(key: str) -> list[str]:
-    """'method 'oats'' ... for every registered plugin that declares ``key`` (for the error message)."""
-    owners = []
-    for kind, table in (("method", registry.METHODS), ("layerwise", registry.ALLOCATORS), ("weight_update", registry.UPDATES),
-                        ("block_update", registry.BLOCK_UPDATES)):
-        for name in table:
-            try:
-                p = registry.plugin({"layerwise": "allocator", "weight_update": "update"}.get(kind, kind), name)
-            except Exception:  # a broken plugin must not hide the real error
-                continue
-            if key in p.keys:
-                owners.append(f"{kind} {name!r}")
-    return owners
+    """"method 'oats'" ... for every registered plugin that declares ``key`` (for the error message)."""
+    return [o for o in key_owners().get(key, (None, []))[1] if o not in ("common", "vision", "compress mode")]
 
 
 def all_known_keys() -> list[str]:
-    keys = list(COMMON_KEYS) + list(VISION_KEYS)
-    for kind, table in (("method", registry.METHODS), ("allocator", registry.ALLOCATORS), ("update", registry.UPDATES),
-                        ("block_update", registry.BLOCK_UPDATES)):
-        for name in table:
-            try:
-                keys += [k for k in registry.plugin(kind, name).keys if k not in keys]
-            except Exception:
-                continue
-    return keys
+    return list(key_owners())
 
 
 def default_name(cfg: Mapping[str, Any], compresses: bool = True) -> str:
@@ -255,12 +261,15 @@ def _resolve(raw: dict[str, Any]) -> ml_collections.ConfigDict:
         value = raw.get(key, spec.default)
         out[key] = spec.validate(key, list(value) if isinstance(value, tuple) else value)
     plugins = selected_plugins(out)
-    keys = {**plugin_keys(plugins), **task_keys(out)}
+    keys = {**plugin_keys(plugins), **mode_keys(plugins), **task_keys(out)}
     unknown = sorted(set(raw) - set(COMMON_KEYS) - set(keys))
     if unknown:
         k = unknown[0]
         if k in VISION_KEYS:
             raise ConfigError(k, f"is a vision key; it applies only when cal_dataset is an image data set (photos, fashion_mnist, imagefolder), not {out['cal_dataset']!r}")
+        if k in COMPRESS_KEYS:
+            raise ConfigError(k, f"is a compress-mode key; it applies only to methods with a compress mode "
+                                 f"({', '.join(sorted(n for n, m in registry.declared('method').items() if m.build_module is not None))}), not {out['method']!r}")
         owners = _owner_of(k)
         if owners:
             raise ConfigError(k, f"belongs to {' and '.join(owners)}, which this experiment does not select "
@@ -298,13 +307,11 @@ def _check_combinations(out: dict[str, Any], plugins: Mapping[str, Any]) -> None
         for key in ("sparsity_type", "layerwise", "weight_update", "block_update", "targets", "ignore"):
             if out[key] != _default(key):
                 raise ConfigError(key, f"got {out[key]!r}, but method {method.name!r} compresses nothing; leave it at {_default(key)!r}")
-    if "allocator" in plugins and not method.supports_allocators:
+    if "layerwise" in plugins and not method.supports_layerwise:
         raise ConfigError("layerwise", f"{out['layerwise']!r} does not apply to method {method.name!r}")
-    if "update" in plugins:
-        if not method.produces_mask:
-            raise ConfigError("weight_update", f"{out['weight_update']!r} needs a method whose answer has a mask; {method.name!r} has none")
-    if "block_update" in plugins and not method.produces_mask:
-        raise ConfigError("block_update", f"{out['block_update']!r} needs a method whose answer has a mask; {method.name!r} has none")
+    for kind in ("weight_update", "block_update"):
+        if kind in plugins and not method.produces_mask:
+            raise ConfigError(kind, f"{out[kind]!r} needs a method whose answer has a mask; {method.name!r} has none")
 
 
 def _default(key: str) -> Any:
@@ -345,8 +352,13 @@ def resolve_all(cfgs: Sequence[Any]) -> list[ml_collections.ConfigDict]:
 def result_keys(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
     """The keys of a resolved config that can change its result (common + selected plugins')."""
     d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
-    specs = {**COMMON_KEYS, **plugin_keys(selected_plugins(d)), **task_keys(d)}
-    return {k: v for k, v in d.items() if specs.get(k) is None or specs[k].result}
+    return {k: v for k, v in d.items() if (spec := selected_keys(d).get(k)) is None or spec.result}
+
+
+def selected_keys(cfg: Mapping[str, Any]) -> dict[str, Key]:
+    """Every key a resolved config may hold: the common keys, the selected plugins', compress mode's and the task's."""
+    plugins = selected_plugins(cfg)
+    return {**COMMON_KEYS, **plugin_keys(plugins), **mode_keys(plugins), **task_keys(cfg)}
 
 
 def config_hash(cfg: ml_collections.ConfigDict) -> str:
@@ -359,7 +371,7 @@ def legacy_config_hash(cfg: ml_collections.ConfigDict) -> str | None:
     """The hash the code before plugin-owned keys gave this experiment, or None when that code could
     not have run it (a key it did not have is set away from its default)."""
     d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
-    specs = {**COMMON_KEYS, **plugin_keys(selected_plugins(d))}
+    specs = selected_keys(d)
     d["update"] = d.pop("weight_update")
     for k in [k for k in d if k not in LEGACY_DEFAULTS]:
         # a key added since: the old code behaved as its default does; any other value it could not have run
@@ -373,18 +385,20 @@ def legacy_config_hash(cfg: ml_collections.ConfigDict) -> str | None:
 
 
 def keys_markdown() -> str:
-    """The config keys table for the README: common keys, then each plugin's."""
-    rows = ["| key | default | owner | meaning |", "|---|---|---|---|"]
-    for k, s in COMMON_KEYS.items():
-        rows.append(f"| `{k}` | `{s.default!r}` | common | {s.doc} |")
-    for k, s in VISION_KEYS.items():
-        rows.append(f"| `{k}` | `{s.default!r}` | vision | {s.doc} |")
-    for kind, table in (("method", registry.METHODS), ("allocator", registry.ALLOCATORS), ("update", registry.UPDATES),
-                        ("block_update", registry.BLOCK_UPDATES)):
-        for name in table:
-            for k, s in registry.plugin(kind, name).keys.items():
-                rows.append(f"| `{k}` | `{s.default!r}` | {kind} `{name}` | {s.doc} |")
-    return "\n".join(rows)
+    """The config keys page (docs/config-keys.md): every key once, with its default, owners and doc line."""
+    lines = ["# Config keys", "",
+             "Generated from the key tables by `oats.config.keys_markdown()` (a test fails when this page and the code differ);",
+             "regenerate with `python -c \"import oats.config as c; print(c.keys_markdown(), end='')\" > docs/config-keys.md`.",
+             "An experiment accepts the common keys plus the keys of what it selects: its method, `layerwise`, `weight_update`",
+             "and `block_update` plugins, compress mode (methods with a compress mode) and the vision keys (image data sets).",
+             "Keys marked *not hashed* change how a run goes, never what it computes. Back to the [README](../README.md).", "",
+             "| key | default | owners | meaning |", "|---|---|---|---|"]
+    for k, (spec, owners) in key_owners().items():
+        default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
+        note = "" if spec.result else " *(not hashed)*"
+        doc = spec.doc.replace("|", "\\|")
+        lines.append(f"| `{k}` | `{default!r}` | {', '.join(owners)} | {doc}{note} |")
+    return "\n".join(lines) + "\n"
 
 
 def over_seeds(cfgs: Sequence[Any], seeds: Sequence[int]) -> list[ml_collections.ConfigDict]:

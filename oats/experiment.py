@@ -1,5 +1,6 @@
-"""One experiment's lifecycle, whatever holds the weights: load, resume or calibrate, allocate,
-compress block by block (checkpointing), evaluate, record.
+"""One experiment's lifecycle, whatever holds the weights and whatever the modality: load, resume or
+calibrate and allocate (``calibrate``), compress block by block with checkpoints (``compress``),
+evaluate (the modality's task, ``oats.tasks``), keep the model and export it (``keep_model``), record.
 
 The weights come from a source (``oats.weights``): the model in memory, or its safetensors shards read
 block by block (``lazy_load``). The lifecycle is the same code for both; the lazy source only loads
@@ -12,18 +13,22 @@ import platform
 import resource
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from oats.config import config_hash, selected_plugins
-from oats.pipeline import BlockInputs, capture_inputs, stream, streamed_outputs
+from oats.interface import Allocation
+from oats.pipeline import BlockInputs, capture_inputs, stream
+from oats.tasks import Task
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
+EXPORT_DIR = "export"
 MODEL_MARKER = "OATS_MODEL"  # written into every model folder the runner makes; only such folders are ever deleted
 
 
@@ -100,71 +105,132 @@ def open_weights(cfg: Any):
     return tokenizer, InMemoryWeights(model), None
 
 
-def block_sparsities(weights: Any, inputs: BlockInputs, cfg: Any, device: torch.device) -> list[float]:
-    """Per-block target sparsity: uniform, or from the selected layerwise allocator, which streams the
+def block_sparsities(weights: Any, inputs: BlockInputs, cfg: Any, device: torch.device) -> Allocation:
+    """Per-block target sparsity: uniform, or from the selected layerwise plugin, which streams the
     dense model (loaded block by block when the weights are lazy)."""
     from oats.architectures import get_blocks
 
     n = len(get_blocks(weights.model))
-    allocator = selected_plugins(cfg).get("allocator")
-    if allocator is None:
-        return [float(cfg.sparsity)] * n
+    layerwise = selected_plugins(cfg).get("layerwise")
+    if layerwise is None:
+        return Allocation.uniform(cfg.sparsity, n)
     stats_dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
 
     def stream_dense(kind: str, on_block: Callable[..., None], desc: str) -> None:
-        stream(weights.model, inputs, device, kind, on_block, stats_dtype, desc=desc,
-               before_block=weights.load_block, after_block=lambda i, *a: weights.free_block(i))
+        stream(weights.model, inputs, device, kind, on_block, stats_dtype, desc=desc, weights=weights)
 
-    return allocator.allocate(stream_dense, n, cfg)
-
-
-def streamed_perplexity(weights: Any, tokens: Tensor, seqlen: int, max_windows: int | None, device: torch.device,
-                        batch_size: int = 1) -> float:
-    """Token perplexity (the protocol of ``eval.perplexity``) computed one block at a time, each block's
-    weights loaded just before and freed just after it runs (never the whole model in memory)."""
-    from eval.perplexity import perplexity_of, windows_of
-
-    windows = windows_of(tokens, seqlen, max_windows)
-    return perplexity_of(streamed_outputs(weights.model, windows, device, batch_size, before_block=weights.load_block,
-                                          after_block=lambda i, *a: weights.free_block(i), load_head=weights.load_head,
-                                          free_head=weights.free_head, desc="streamed perplexity"))
+    allocation = layerwise.allocate(stream_dense, n, cfg)
+    if not isinstance(allocation, Allocation) or len(allocation.sparsities) != n:
+        raise TypeError(f"layerwise {layerwise.name!r} must return an Allocation of {n} block sparsities")
+    return allocation
 
 
-def _token_perplexity(weights: Any, cfg: Any, device: torch.device) -> Callable[[Tensor], float]:
-    from eval.perplexity import perplexity
+@dataclass
+class Calibrated:
+    """Where compression starts: block ``start_block``'s inputs, the records of the blocks already done
+    (a resumed run) and the per-block allocation."""
 
-    if not weights.lazy:
-        return lambda tokens: perplexity(weights.model, tokens, cfg.eval_seqlen, cfg.eval_max_windows, cfg.eval_batch_size, device)
-    return lambda tokens: streamed_perplexity(weights, tokens, cfg.eval_seqlen, cfg.eval_max_windows, device, cfg.eval_batch_size)
+    inputs: BlockInputs
+    layers: list[dict[str, Any]]
+    allocation: Allocation
+    start_block: int = 0
 
 
-def _whole_model(weights: Any, model_dir: Path | None, device: torch.device) -> Callable[[], nn.Module]:
-    """The model lm_eval needs whole: in memory, the model itself; lazy, the (compressed) model loaded
-    from its shards, once (memory: the whole model, as lm_eval runs it)."""
-    cache: list[nn.Module] = []
+def calibrate(cfg: Any, task: Task, weights: Any, device: torch.device, ckpt: Any) -> Calibrated:
+    """A killed run's checkpoint (finished blocks back in), else the calibration inputs of block 0 and
+    the allocation."""
+    from oats.checkpoint import set_rng_state
 
-    def get() -> nn.Module:
-        if not cache:
-            if weights.lazy:
-                from oats.algorithm.compressed import load_compressed
+    resumed = ckpt.load(device) if ckpt is not None else None
+    if resumed is not None:
+        if not weights.lazy:  # lazy: the finished blocks are already in their output shards
+            ckpt.restore_blocks(weights.model, resumed.last_block)
+        set_rng_state(resumed.rng)
+        return Calibrated(resumed.inputs, resumed.records, Allocation(list(resumed.sparsities), resumed.layerwise_info or {}),
+                          resumed.last_block + 1)
+    ids = task.calibration_inputs()
+    task.prepare_reference()  # on the dense model, before anything is compressed
+    weights.load_head()
+    inputs = capture_inputs(weights.model, ids, device, cfg.cal_batch_size)
+    weights.free_head()
+    return Calibrated(inputs, [], block_sparsities(weights, inputs, cfg, device))
 
-                log.warning("lazy_load: lm_eval needs the whole model; loading it from %s (memory: the whole model)", model_dir)
-                cache.append(load_compressed(model_dir, dtype=weights.dtype).to(device))
-            else:
-                cache.append(weights.model.to(device))
-        return cache[0]
 
-    return get
+def compress(cfg: Any, weights: Any, cal: Calibrated, ckpt: Any, exp_dir: Path, src: Path | None, tokenizer: Any,
+             device: torch.device) -> tuple[Any, Path | None]:
+    """Compress every block from ``cal.start_block`` on (records appended to ``cal.layers``). Lazy
+    weights: each block is written to its own output shard as it finishes. Returns the weights to
+    evaluate and the model's local directory (the written shards when lazy)."""
+    from oats.compressor import compress_model
+
+    writer, model_dir = None, src
+    if weights.lazy:
+        from oats.weights import ShardWriter
+
+        model_dir = exp_dir / MODEL_DIR
+        writer = ShardWriter(model_dir, weights)
+        (model_dir / MODEL_MARKER).touch()
+    save = ckpt.after_block_fn(cal.layers, cal.allocation.sparsities, cal.allocation.info) if ckpt is not None else None
+
+    def after_block(i: int, block: nn.Module, next_inputs: BlockInputs) -> None:
+        if writer is not None:
+            writer.write_block(i, block)  # the shard first: a checkpoint must never point past it
+        if save is not None:
+            save(i, block, next_inputs)
+
+    compress_model(weights.model, cal.inputs, cfg, device, cal.allocation.sparsities, start_block=cal.start_block,
+                   after_block=after_block, records=cal.layers, weights=weights)
+    if writer is None:
+        _choose_forwards(weights.model, cfg)
+        return weights, model_dir
+    writer.write_rest_and_index(src, tokenizer)
+    from oats.weights import LazyModel
+
+    return LazyModel.from_dir(model_dir, cfg.dtype), model_dir  # evaluate what was written
+
+
+def compression_record(cal: Calibrated) -> dict[str, Any]:
+    """The record's allocation and the sparsity achieved over every compressed matrix."""
+    out: dict[str, Any] = {"block_sparsity": list(cal.allocation.sparsities)}
+    if cal.allocation.info:  # what a layerwise plugin measured (OWL: LOD per block)
+        out["layerwise"] = cal.allocation.info
+    total = sum(r["shape"][0] * r["shape"][1] for r in cal.layers)
+    out["achieved_sparsity"] = 1.0 - sum(r["kept_params"] for r in cal.layers) / total
+    return out
+
+
+def keep_model(cfg: Any, weights: Any, tokenizer: Any, exp_dir: Path, compressed: bool) -> dict[str, Any]:
+    """``save_model``: the model into ``<exp>/model`` (a lazy run's shards are already there; without
+    ``save_model`` they go); ``export_format``: the saved model exported into ``<exp>/export``.
+    Returns the record's export facts."""
+    model_dir = exp_dir / MODEL_DIR
+    if cfg.save_model and not weights.lazy:
+        from factored.module import save_compressed  # save_pretrained + the manifest of compress-mode layers
+
+        save_compressed(weights.model, model_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(model_dir)
+        (model_dir / MODEL_MARKER).touch()
+    elif weights.lazy and compressed and not cfg.save_model:
+        from data.files import remove_tree
+
+        remove_tree(model_dir, inside=exp_dir, marker=MODEL_MARKER)  # written by this run
+    if not cfg.get("export_format"):
+        return {}
+    from export import export_from_dir
+
+    report = export_from_dir(model_dir, exp_dir / EXPORT_DIR, cfg.export_format)
+    total = report.get("total", {})
+    log.info("exported %s as %s to %s: %s bytes of tensors, %.3fx the dense checkpoint in the same dtype", exp_dir.name,
+             cfg.export_format, exp_dir / EXPORT_DIR, total.get("tensor_bytes"), total.get("ratio", float("nan")))
+    return {"export": {"format": cfg.export_format, "dir": EXPORT_DIR, "total": total}}
 
 
 def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
-    """Load, calibrate, compress, evaluate one experiment; returns its record (not yet written)."""
-    from data import calibration_windows, eval_tokens
-    from eval.evaluate import evaluate
-    from oats.compressor import compress_model
+    """Load, calibrate, compress, evaluate, keep one experiment; returns its record (not yet written)."""
+    from oats.tasks import task_for
 
-    plugins = selected_plugins(cfg)
-    method = plugins["method"]
+    method = selected_plugins(cfg)["method"]
     exp_dir = Path(exp_dir)
     timings: dict[str, float] = {}
     t_all, device = start_experiment(cfg)
@@ -172,155 +238,58 @@ def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
     t = time.perf_counter()
     tokenizer, weights, src = open_weights(cfg)
     timings["load"] = time.perf_counter() - t
-    vision = _vision_task(cfg, weights, device)  # None for language models: the text path below is unchanged
+    task = task_for(cfg, weights, tokenizer, device)
     record: dict[str, Any] = {"device": str(device), "seed": cfg.seed, "lazy_load": bool(cfg.lazy_load),
                               "compresses": method.compresses, "method_label": method_label(cfg)}
     layers: list[dict[str, Any]] = []
     model_dir = src
     if method.compresses:
-        from oats.checkpoint import BlockCheckpointer, set_rng_state
+        from oats.checkpoint import BlockCheckpointer
 
         t = time.perf_counter()
         ckpt = BlockCheckpointer(exp_dir, config_hash(cfg), save_blocks=not weights.lazy) if cfg.checkpoint_blocks else None
-        resumed = ckpt.load(device) if ckpt is not None else None
-        if resumed is not None:  # a killed run's checkpoint: finished blocks back in, continue after them
-            if not weights.lazy:  # lazy: the finished blocks are already in their output shards
-                ckpt.restore_blocks(weights.model, resumed.last_block)
-            set_rng_state(resumed.rng)
-            inputs, layers, sparsities, layerwise_info = resumed.inputs, resumed.records, resumed.sparsities, resumed.layerwise_info
-            start_block = record["resumed_after_block"] = resumed.last_block + 1
-        else:
-            if vision is not None:
-                ids = vision.calibration_inputs()  # pixel_values [n, 3, H, W]
-                vision.prepare_reference()  # dense features for fidelity, before anything is compressed
-            else:
-                ids = calibration_windows(tokenizer, cfg.cal_dataset, cfg.cal_nsamples, cfg.cal_seqlen, cfg.cal_sampler, cfg.seed, cfg.data_dir)
-            weights.load_head()
-            inputs = capture_inputs(weights.model, ids, device, cfg.cal_batch_size)
-            weights.free_head()
-            sparsities = block_sparsities(weights, inputs, cfg, device)
-            layerwise_info, start_block = getattr(sparsities, "info", None), 0
+        cal = calibrate(cfg, task, weights, device, ckpt)
+        if cal.start_block:
+            record["resumed_after_block"] = cal.start_block
         timings["calibration"] = time.perf_counter() - t
         t = time.perf_counter()
-        writer = None
-        if weights.lazy:
-            from oats.weights import ShardWriter
-
-            model_dir = exp_dir / MODEL_DIR
-            writer = ShardWriter(model_dir, weights)
-            (model_dir / MODEL_MARKER).touch()
-        save = ckpt.after_block_fn(layers, sparsities, layerwise_info) if ckpt is not None else None
-
-        def after_block(i: int, block: nn.Module, next_inputs: BlockInputs) -> None:
-            if writer is not None:
-                writer.write_block(i, block)  # the shard first: a checkpoint must never point past it
-            if save is not None:
-                save(i, block, next_inputs)
-            weights.free_block(i)
-
-        layers = compress_model(weights.model, inputs, cfg, device, sparsities, start_block=start_block,
-                                after_block=after_block, records=layers, before_block=weights.load_block)
-        del inputs
-        if writer is not None:
-            writer.write_rest_and_index(src, tokenizer)
-            from oats.weights import LazyModel
-
-            weights = LazyModel.from_dir(model_dir, cfg.dtype)  # evaluate what was written
+        weights, model_dir = compress(cfg, weights, cal, ckpt, exp_dir, src, tokenizer, device)
         timings["compression"] = time.perf_counter() - t
-        record["block_sparsity"] = list(sparsities)
-        if layerwise_info:  # what a layerwise allocator measured (OWL: LOD per block)
-            record["layerwise"] = layerwise_info
-        total = sum(r["shape"][0] * r["shape"][1] for r in layers)
-        record["achieved_sparsity"] = 1.0 - sum(r["kept_params"] for r in layers) / total
-        if not weights.lazy:
-            _choose_forwards(weights.model, cfg)
+        record.update(compression_record(cal))
+        layers = cal.layers
+        del cal
     else:
         record["achieved_sparsity"] = 0.0
     t = time.perf_counter()
-    if vision is not None:
-        record["metrics"] = vision.metrics(compressed=method.compresses)
-    else:
-        record["data"] = data_fingerprints(cfg)
-        record["eval_tokens"] = {}
-
-        def tokens_of(name: str) -> Tensor:
-            from eval.perplexity import n_windows
-
-            tokens = eval_tokens(tokenizer, name, cfg.data_dir)
-            record["eval_tokens"][name] = n_windows(tokens.shape[1], cfg.eval_seqlen, cfg.eval_max_windows) * cfg.eval_seqlen
-            return tokens
-
-        record["metrics"] = evaluate(cfg, tokens_of, tokenizer, _token_perplexity(weights, cfg, device), _whole_model(weights, model_dir, device))
+    record.update(task.evaluate(weights, model_dir, compressed=method.compresses))
     timings["evaluation"] = time.perf_counter() - t
     if not weights.lazy and (chosen := _forward_summary(weights.model)) is not None:
         record["forward"] = chosen
-    if cfg.save_model and not weights.lazy:
-        from oats.algorithm.compressed import save_compressed  # save_pretrained + the manifest of compress-mode layers
-
-        save_compressed(weights.model, exp_dir / MODEL_DIR)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(exp_dir / MODEL_DIR)
-        (exp_dir / MODEL_DIR / MODEL_MARKER).touch()
-    elif weights.lazy and method.compresses and not cfg.save_model:
-        from data.files import remove_tree
-
-        remove_tree(exp_dir / MODEL_DIR, inside=exp_dir, marker=MODEL_MARKER)  # written by this run
+    record.update(keep_model(cfg, weights, tokenizer, exp_dir, method.compresses))
     return finish_record(record, timings, t_all, device, layers)
 
 
 def _choose_forwards(model: nn.Module, cfg: Any) -> None:
     """Compress mode: every SparseLowRankLinear computes with the forward the config names, or the
     fastest one measured for its device, dtype, shape, density and rows (``forward: auto``)."""
-    from oats.algorithm.compressed import compressed_layers
+    from factored.module import compressed_layers
 
     if compressed_layers(model):
-        from oats.algorithm.forward import install_auto_forward
+        from factored.forward import install_auto_forward
 
         fixed = cfg.get("forward", "auto")
         install_auto_forward(model, fixed=None if fixed == "auto" else fixed)
 
 
 def _forward_summary(model: nn.Module) -> dict[str, Any] | None:
-    from oats.algorithm.compressed import compressed_layers
+    from factored.module import compressed_layers
 
     if not compressed_layers(model):
         return None
-    from oats.algorithm.forward import forward_record
+    from factored.forward import forward_record
 
     rec = forward_record(model)
     return {"summary": rec["summary"], "calls": rec["calls"]}
-
-
-def data_fingerprints(cfg: Any) -> dict[str, Any]:
-    """Size and hash of every corpus split the experiment reads ('cal:pydoc', 'eval:wikitext2'...)."""
-    from data import corpus_fingerprint
-
-    out = {}
-    if selected_plugins(cfg)["method"].compresses:
-        out[f"cal:{cfg.cal_dataset}"] = corpus_fingerprint(cfg.cal_dataset, "train", cfg.data_dir)
-    for d in cfg.eval_datasets:
-        out[f"eval:{d}"] = corpus_fingerprint(d, "test", cfg.data_dir)
-    return out
-
-
-def _vision_task(cfg: Any, weights: Any, device: torch.device):
-    """The vision side of the experiment when the model's adapter says ``modality == 'vision'``, else None;
-    the config's data must match the model's modality."""
-    from oats.architectures import architecture_of
-    from oats.config import is_vision_config
-
-    vision_model = architecture_of(weights.model).modality == "vision"
-    if vision_model != is_vision_config(cfg):
-        what = "an image transformer" if vision_model else "a language model"
-        want = "an image data set (photos, fashion_mnist, imagefolder)" if vision_model else "a text corpus"
-        raise ValueError(f"config key 'cal_dataset': {cfg.cal_dataset!r}, but model {cfg.model!r} is {what}; use {want}")
-    if not vision_model:
-        return None
-    if cfg.checkpoint_blocks:
-        raise ValueError("config key 'checkpoint_blocks': not supported for vision models (a resumed run has no dense reference features); set it False")
-    from oats.vision_task import VisionTask
-
-    return VisionTask(cfg, weights.model, device)
 
 
 def method_label(cfg: Any) -> str:
@@ -328,9 +297,9 @@ def method_label(cfg: Any) -> str:
     plugins = selected_plugins(cfg)
     m = plugins["method"]
     label = m.label(cfg) if m.label is not None else m.name
-    if "allocator" in plugins:
-        label = f"{plugins['allocator'].name.upper()} + {label}"
-    for kind in ("update", "block_update"):
+    if "layerwise" in plugins:
+        label = f"{plugins['layerwise'].name.upper()} + {label}"
+    for kind in ("weight_update", "block_update"):
         if kind in plugins:
             label = f"{label} + {plugins[kind].name.upper()}"
     return label

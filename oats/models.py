@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-
-from data.files import cache_dir, torch_dtype
+from data.files import atomic_cache_dir, cache_dir, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +69,9 @@ def embedded_checkpoint(name: str) -> Path:
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
     if missing or unexpected:
         raise ModelLoadError(f"converting {fname}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{cache_name}-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a shared cache follows the user's umask
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with atomic_cache_dir(target) as tmp:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return target
 
 

@@ -14,15 +14,15 @@ reference code does, with input statistics gathered by forward hooks.
    logits and streamed evaluation (``lazy_load``) both go through it.
 
 ``stream`` is the one loop: statistics passes (OWL), the compressing pass and streamed evaluation
-all call it, with ``before_block``/``after_block`` loading and freeing weights when they are read
-lazily from shards (``oats.weights``).
+all call it, over a ``WeightSource`` that loads and frees weights when they are read lazily from
+shards (``oats.weights``).
 """
 from __future__ import annotations
 
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -215,6 +215,33 @@ class StatsCollector:
         return InputStats(sq_norms=self.sq[o], n_tokens=self.n[o], gram=self.gram.get(o))
 
 
+class WeightSource(Protocol):
+    """Where the streamed model's weights come from (``oats.weights``): the loops call ``load_block(i)``
+    before block i runs and ``free_block(i)`` after it (and after ``after_block``), ``load_head`` /
+    ``free_head`` around the embeddings and the head. In memory all four do nothing."""
+
+    def load_block(self, i: int) -> None: ...
+    def free_block(self, i: int) -> None: ...
+    def load_head(self) -> None: ...
+    def free_head(self) -> None: ...
+
+
+class Resident:
+    """The weights are all in memory already: nothing to load or free."""
+
+    def load_block(self, i: int) -> None:
+        pass
+
+    def free_block(self, i: int) -> None:
+        pass
+
+    def load_head(self) -> None:
+        pass
+
+    def free_head(self) -> None:
+        pass
+
+
 # on_block(i, block, linears, collector, inputs): inputs are block i's BlockInputs (for block updates)
 BlockFn = Callable[[int, nn.Module, dict[str, nn.Linear], "StatsCollector | None", BlockInputs], None]
 
@@ -230,23 +257,23 @@ def stream(
     start_block: int = 0,
     after_block: Callable[[int, nn.Module, BlockInputs], None] | None = None,
     desc: str = "blocks",
-    before_block: Callable[[int], None] | None = None,
+    weights: WeightSource | None = None,
 ) -> BlockInputs:
     """Stream calibration inputs through the blocks from ``start_block`` on.
 
-    For each block: statistics of the still-unchanged block (if ``stats_kind`` != 'none'), then
-    ``on_block(i, block, linears, collector, inputs)`` (which may modify the block in place), then the
-    block's outputs on all batches become the next block's inputs. ``after_block(i, block, next_inputs)``
-    sees each finished block (checkpoints, tests). ``before_block(i)`` runs first (the lazy path loads
-    block i's weights there). Returns the last block's outputs.
+    For each block: ``weights.load_block(i)``, statistics of the still-unchanged block (if
+    ``stats_kind`` != 'none'), then ``on_block(i, block, linears, collector, inputs)`` (which may modify
+    the block in place), then the block's outputs on all batches become the next block's inputs.
+    ``after_block(i, block, next_inputs)`` sees each finished block (shards, checkpoints, tests), then
+    ``weights.free_block(i)``. ``weights`` defaults to the model in memory. Returns the last block's outputs.
     """
     if stats_kind not in STATS_KINDS:
         raise ValueError(f"stats kind {stats_kind!r}; allowed: {STATS_KINDS}")
+    weights = Resident() if weights is None else weights
     blocks = get_blocks(model)
     hidden = inputs.hidden
     for i in tqdm(range(start_block, len(blocks)), desc=desc, leave=False):
-        if before_block is not None:
-            before_block(i)
+        weights.load_block(i)
         block = blocks[i].to(device)
         layers = linear_layers(block)
         collector = None
@@ -262,6 +289,7 @@ def stream(
         blocks[i] = block.to("cpu")
         if after_block is not None:
             after_block(i, blocks[i], BlockInputs(hidden, inputs.kwargs))
+        weights.free_block(i)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return BlockInputs(hidden, inputs.kwargs)
@@ -302,26 +330,20 @@ def replay_outputs(model: nn.Module, final: BlockInputs, input_ids: Tensor, devi
 
 @torch.no_grad()
 def streamed_outputs(model: nn.Module, input_ids: Tensor, device: torch.device, batch_size: int = 1,
-                     before_block: Callable[[int], None] | None = None,
-                     after_block: Callable[[int, nn.Module, BlockInputs], None] | None = None,
-                     load_head: Callable[[], None] | None = None, free_head: Callable[[], None] | None = None,
-                     desc: str = "streamed forward") -> Iterator[tuple[Tensor, Any]]:
+                     weights: WeightSource | None = None, desc: str = "streamed forward") -> Iterator[tuple[Tensor, Any]]:
     """The model's outputs on ``input_ids`` computed one block at a time (never more than one block
-    on ``device``): embeddings, then ``stream``, then ``replay_outputs``. The hooks load and free
-    weights that are read lazily (``oats.weights``)."""
-    if load_head is not None:
-        load_head()
+    on ``device``): embeddings, then ``stream``, then ``replay_outputs``, the weights loaded and freed
+    around each piece by ``weights`` (default: in memory)."""
+    weights = Resident() if weights is None else weights
+    weights.load_head()
     inputs = capture_inputs(model, input_ids, device, batch_size)
-    if free_head is not None:
-        free_head()
-    final = stream(model, inputs, device, "none", lambda *a: None, desc=desc, before_block=before_block, after_block=after_block)
-    if load_head is not None:
-        load_head()
+    weights.free_head()
+    final = stream(model, inputs, device, "none", lambda *a: None, desc=desc, weights=weights)
+    weights.load_head()
     try:
         yield from replay_outputs(model, final, input_ids, device, batch_size)
     finally:
-        if free_head is not None:
-            free_head()
+        weights.free_head()
 
 
 @torch.no_grad()

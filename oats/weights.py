@@ -19,7 +19,7 @@ calibration activations (two copies: a block's inputs and its outputs), whatever
 
 The output directory is a normal sharded Hugging Face checkpoint (``model.safetensors.index.json``,
 ``config.json``, tokenizer) that ``from_pretrained`` loads (in compress mode with the manifest that
-``oats.algorithm.compressed.load_compressed`` reads). Token perplexity streams the compressed shards
+``factored.module.load_compressed`` reads). Token perplexity streams the compressed shards
 block by block the same way; evaluations that need the whole model at once (lm_eval's zero-shot
 tasks and word perplexity) load the compressed model from those shards.
 """
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from data.files import torch_dtype
 from oats.architectures import blocks_path, get_blocks
+from oats.pipeline import Resident
 
 log = logging.getLogger(__name__)
 
@@ -43,25 +44,13 @@ INDEX_FILE = "model.safetensors.index.json"
 REST_SHARD = "model-rest.safetensors"
 
 
-class InMemoryWeights:
+class InMemoryWeights(Resident):
     """The whole model in memory: loading and freeing are no-ops."""
 
     lazy = False
 
     def __init__(self, model: nn.Module):
         self.model = model
-
-    def load_head(self) -> None:
-        pass
-
-    def free_head(self) -> None:
-        pass
-
-    def load_block(self, i: int) -> None:
-        pass
-
-    def free_block(self, i: int) -> None:
-        pass
 
 
 def block_shard(i: int) -> str:
@@ -116,7 +105,7 @@ def empty_model(model_dir: str | Path, dtype: str = "float32") -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from oats.algorithm.compressed import apply_manifest
+    from factored.module import apply_manifest
 
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
@@ -258,7 +247,7 @@ class ShardWriter:
         total += (self.dir / REST_SHARD).stat().st_size
         (self.dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         self.lazy.model.config.save_pretrained(self.dir)
-        from oats.algorithm.compressed import write_manifest
+        from factored.module import write_manifest
 
         write_manifest(self.lazy.model, self.dir)
         gen = Path(model_dir) / "generation_config.json"

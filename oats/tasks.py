@@ -1,0 +1,235 @@
+"""What an experiment does with its data, by the model's modality (the architecture adapter's
+``modality``): a task gives the calibration inputs, prepares what evaluation compares against while the
+model is still dense, and evaluates the (compressed) model into the record's fields.
+
+- ``TextTask``: token windows of ``cal_dataset``; token perplexity on ``eval_datasets`` (streamed block
+  by block under ``lazy_load``) and the lm_eval evaluations (``eval.evaluate``).
+- ``VisionTask``: calibration images; ``eval.vision`` metrics (top-k, feature fidelity, linear probe).
+
+``task_for`` picks one and checks that the config's data matches the model's modality.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    modality: str
+
+    def calibration_inputs(self) -> Tensor:
+        """The model's calibration inputs, [n, ...] (token ids [n, L] or pixel values [n, 3, H, W])."""
+
+    def prepare_reference(self) -> None:
+        """Runs on the dense model before anything is compressed (what evaluation compares against)."""
+
+    def evaluate(self, weights: Any, model_dir: Path | None, compressed: bool) -> dict[str, Any]:
+        """The record's evaluation fields ('metrics', and what else the modality records)."""
+
+
+def task_for(cfg: Any, weights: Any, tokenizer: Any, device: torch.device) -> Task:
+    """The task of the model's modality; the config's data must be of the same modality."""
+    from oats.architectures import architecture_of
+    from oats.config import is_vision_config
+
+    vision_model = architecture_of(weights.model).modality == "vision"
+    if vision_model != is_vision_config(cfg):
+        what = "an image transformer" if vision_model else "a language model"
+        want = "an image data set (photos, fashion_mnist, imagefolder)" if vision_model else "a text corpus"
+        raise ValueError(f"config key 'cal_dataset': {cfg.cal_dataset!r}, but model {cfg.model!r} is {what}; use {want}")
+    return (VisionTask if vision_model else TextTask)(cfg, weights, tokenizer, device)
+
+
+class TextTask:
+    """A language model's experiment: calibration token windows, perplexity and lm_eval evaluations."""
+
+    modality = "text"
+
+    def __init__(self, cfg: Any, weights: Any, tokenizer: Any, device: torch.device):
+        self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
+
+    def calibration_inputs(self) -> Tensor:
+        from data import calibration_windows
+
+        c = self.cfg
+        return calibration_windows(self.tokenizer, c.cal_dataset, c.cal_nsamples, c.cal_seqlen, c.cal_sampler, c.seed, c.data_dir)
+
+    def prepare_reference(self) -> None:
+        pass  # perplexity and zero-shot accuracy need no dense reference
+
+    def evaluate(self, weights: Any, model_dir: Path | None, compressed: bool) -> dict[str, Any]:
+        from data import eval_tokens
+        from eval.evaluate import evaluate
+        from eval.perplexity import n_windows
+
+        cfg = self.cfg
+        out: dict[str, Any] = {"data": data_fingerprints(cfg), "eval_tokens": {}}
+
+        def tokens_of(name: str) -> Tensor:
+            tokens = eval_tokens(self.tokenizer, name, cfg.data_dir)
+            out["eval_tokens"][name] = n_windows(tokens.shape[1], cfg.eval_seqlen, cfg.eval_max_windows) * cfg.eval_seqlen
+            return tokens
+
+        out["metrics"] = evaluate(cfg, tokens_of, self.tokenizer, self._token_perplexity(weights), _whole_model(weights, model_dir, self.device))
+        return out
+
+    def _token_perplexity(self, weights: Any) -> Callable[[Tensor], float]:
+        from eval.perplexity import perplexity
+
+        cfg, device = self.cfg, self.device
+        if not weights.lazy:
+            return lambda tokens: perplexity(weights.model, tokens, cfg.eval_seqlen, cfg.eval_max_windows, cfg.eval_batch_size, device)
+        return lambda tokens: streamed_perplexity(weights, tokens, cfg.eval_seqlen, cfg.eval_max_windows, device, cfg.eval_batch_size)
+
+
+def streamed_perplexity(weights: Any, tokens: Tensor, seqlen: int, max_windows: int | None, device: torch.device,
+                        batch_size: int = 1) -> float:
+    """Token perplexity (the protocol of ``eval.perplexity``) computed one block at a time, each block's
+    weights loaded just before and freed just after it runs (never the whole model in memory)."""
+    from eval.perplexity import perplexity_of, windows_of
+    from oats.pipeline import streamed_outputs
+
+    windows = windows_of(tokens, seqlen, max_windows)
+    return perplexity_of(streamed_outputs(weights.model, windows, device, batch_size, weights=weights, desc="streamed perplexity"))
+
+
+def _whole_model(weights: Any, model_dir: Path | None, device: torch.device) -> Callable[[], nn.Module]:
+    """The model lm_eval needs whole: in memory, the model itself; lazy, the (compressed) model loaded
+    from its shards, once (memory: the whole model, as lm_eval runs it)."""
+    cache: list[nn.Module] = []
+
+    def get() -> nn.Module:
+        if not cache:
+            if weights.lazy:
+                from factored.module import load_compressed
+
+                log.warning("lazy_load: lm_eval needs the whole model; loading it from %s (memory: the whole model)", model_dir)
+                cache.append(load_compressed(model_dir, dtype=weights.dtype).to(device))
+            else:
+                cache.append(weights.model.to(device))
+        return cache[0]
+
+    return get
+
+
+def data_fingerprints(cfg: Any) -> dict[str, Any]:
+    """Size and hash of every corpus split the experiment reads ('cal:pydoc', 'eval:wikitext2'...)."""
+    from data import corpus_fingerprint
+    from oats.config import selected_plugins
+
+    out = {}
+    if selected_plugins(cfg)["method"].compresses:
+        out[f"cal:{cfg.cal_dataset}"] = corpus_fingerprint(cfg.cal_dataset, "train", cfg.data_dir)
+    for d in cfg.eval_datasets:
+        out[f"eval:{d}"] = corpus_fingerprint(d, "test", cfg.data_dir)
+    return out
+
+
+class VisionTask:
+    """An image transformer's experiment: calibration images, dense reference features, ``eval.vision`` metrics.
+
+    The dense model's reference features (for feature fidelity) are computed once per model, image size
+    and probe split and cached under ``data.files.cache_dir('vision_reference')`` (atomic write); a
+    compressing run without them computes them on the still-dense model before it compresses.
+    """
+
+    modality = "vision"
+
+    def __init__(self, cfg: Any, weights: Any, tokenizer: Any, device: torch.device):
+        from oats.vision_models import image_norm
+
+        if cfg.checkpoint_blocks:
+            raise ValueError("config key 'checkpoint_blocks': not supported for vision models (a resumed run has no dense reference features); set it False")
+        self.cfg, self.model, self.device = cfg, weights.model, device
+        self.mean, self.std = image_norm(cfg.model)
+        self.reference: dict[str, Tensor] | None = None
+        self._features: dict[str, Tensor] | None = None  # the dense model's own, reused by a dense run's metrics
+
+    def calibration_inputs(self) -> Tensor:
+        """pixel_values [cal_nsamples, 3, image_size, image_size], normalised as the model expects."""
+        from data.vision import calibration_images
+
+        c = self.cfg
+        return calibration_images(c.cal_dataset, c.cal_nsamples, c.image_size, c.seed, c.data_dir, self.mean, self.std)
+
+    def forward(self, x: Tensor) -> Any:
+        return self.model(pixel_values=x.to(self.device))
+
+    def _backbone(self) -> bool:
+        return not hasattr(self.model, "classifier") and not hasattr(self.model, "cls_classifier")
+
+    def _reference_key(self) -> str:
+        with torch.no_grad():
+            fp = [float(sum(p.double().abs().sum() for p in self.model.parameters())), sum(p.numel() for p in self.model.parameters())]
+        c = self.cfg
+        blob = json.dumps({"model": c.model, "fingerprint": fp, "image_size": c.image_size, "probe_test": c.probe_test,
+                           "mean": self.mean, "std": self.std, "dtype": c.dtype, "v": 1}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _reference_path(self):
+        from data.files import cache_dir
+
+        return cache_dir("vision_reference", f"{self._reference_key()}.pt")
+
+    @torch.no_grad()
+    def prepare_reference(self) -> None:
+        """The dense model's test features for ``fidelity``: from the cache, else computed now (call on the dense model)."""
+        if "fidelity" not in self.cfg.vision_eval or not self._backbone():
+            return
+        from data.files import atomic_write
+        from eval.vision import probe_images, run_batches
+
+        path = self._reference_path()
+        if path.is_file():
+            self.reference = torch.load(path)
+            log.info("dense reference features from %s", path)
+            return
+        self.model.to(self.device)
+        images = probe_images(self.cfg, self.mean, self.std)
+        hidden = run_batches(self.forward, images["test"], int(self.cfg.eval_batch_size), "last_hidden_state")
+        self.model.to("cpu")
+        self.reference = {"test_hidden": hidden}
+        atomic_write(path, lambda tmp: torch.save(self.reference, tmp))
+        log.info("dense reference features cached at %s", path)
+
+    @torch.no_grad()
+    def evaluate(self, weights: Any, model_dir: Path | None, compressed: bool) -> dict[str, Any]:
+        """{'metrics': {'vision': ...}}; a run that compressed nothing is its own reference (fidelity 1, and cached)."""
+        from eval.vision import backbone_features, vision_metrics
+
+        kinds = list(self.cfg.vision_eval)
+        backbone = self._backbone()
+        if not backbone and any(k in kinds for k in ("fidelity", "probe")):
+            raise ValueError(f"vision_eval {kinds}: fidelity/probe need a backbone (no classifier head); use ['topk'] for classifiers")
+        if backbone and "topk" in kinds:
+            raise ValueError("vision_eval 'topk' needs a classifier (...ForImageClassification); this model is a backbone")
+        features = None
+        if backbone and "fidelity" in kinds and self.reference is None:
+            if compressed:
+                raise RuntimeError("feature fidelity: the dense reference was not prepared before compression")
+            key_path = self._reference_path()
+            self.model.to(self.device)
+            features = backbone_features(self.forward, self.cfg, self.mean, self.std)
+            self.reference = {"test_hidden": features["test_hidden"]}
+            from data.files import atomic_write
+
+            atomic_write(key_path, lambda tmp: torch.save(self.reference, tmp))
+        self.model.to(self.device)
+        c = self.model.config
+        size, patch = int(self.cfg.image_size), int(getattr(c, "patch_size", 16))
+        n_special = 1
+        if backbone:
+            probe = self.model(pixel_values=torch.zeros(1, 3, size, size, device=self.device)).last_hidden_state
+            n_special = probe.shape[1] - (size // patch) ** 2  # CLS (+ distillation / register tokens)
+        out = vision_metrics(self.cfg, self.forward, self.mean, self.std, reference=self.reference, features=features,
+                             id2label=getattr(c, "id2label", None), n_special=n_special)
+        self.model.to("cpu")
+        return {"metrics": {"vision": out}}
