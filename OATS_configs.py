@@ -6,30 +6,18 @@ the timed first run, so it is left to the other lists: `weight_update="optima"` 
 
 Each entry is an ml_collections.ConfigDict holding any subset of the keys in the README's "Config keys"
 table; the rest take their defaults. Other lists live in configs/ (the README's tables:
-configs/smollm2_wikitext.py; every method at 50% and 70%: configs/smollm2_pydoc_sweep.py).
+configs/smollm2_wikitext.py; every method at 50% and 70%: configs/smollm2_pydoc_sweep.py; the quality
+benchmark over three seeds: configs/smollm2_quality.py), and the protocols they share in configs/base.py.
 """
-from ml_collections import ConfigDict
+from functools import partial
 
-# Shared by every experiment below. The papers calibrate on 128 x 2048 tokens; 8 x 256 keeps the first
-# run short (numbers are then noisier than the README's tables, which use 32 x 512 and 64 eval windows).
-BASE = dict(
-    model="smollm2-135m",
-    cal_dataset="pydoc",
-    cal_nsamples=8,
-    cal_seqlen=256,
-    cal_batch_size=8,
-    eval_datasets=["pydoc"],
-    eval_seqlen=256,
-    eval_max_windows=8,
-    eval_batch_size=4,
-    dtype="float32",
-    device="auto",
-)
+from configs import base
 
-
-def experiment(**overrides) -> ConfigDict:
-    return ConfigDict({**BASE, **overrides})
-
+# The papers calibrate on 128 x 2048 tokens; 8 x 256 keeps the first run short (numbers are then noisier
+# than the README's tables, which use 32 x 512 and 64 eval windows).
+BASE = {**base.PYDOC, "cal_nsamples": 8, "cal_seqlen": 256, "cal_batch_size": 8, "eval_seqlen": 256, "eval_max_windows": 8,
+        "eval_batch_size": 4}
+experiment = partial(base.experiment, BASE)
 
 CONFIGS = [
     experiment(name="dense", method="dense"),

@@ -10,12 +10,12 @@ Variants, built from SmolLM2-135M's own weights (masks by magnitude, so nothing 
 - ``wanda50``: 50% unstructured per row (magnitude masks stand in for Wanda's: same shapes and densities);
 - ``2:4``: 2 of every 4 inputs kept (magnitude);
 - ``oats50``: OATS-shaped at compression 0.5, rank_ratio 0.3: S keeps ``oats_budget(...).keep_per_row``
-  per row, U [out, r], V [r, in] random (timing only; r from ``oats.algorithm.decompose.oats_budget``).
+  per row, U [out, r], V [r, in] random (timing only; r from ``sparse_lowrank.common.oats_budget``).
 
 Sparse variants are ``SparseLowRankLinear`` layers (rank 0 for wanda50 and 2:4) run with a named forward
-(``oats.algorithm.forward``): ``auto`` (measured choice per call's row count; keeps a dense copy when prefill
+(``factored.forward``): ``auto`` (measured choice per call's row count; keeps a dense copy when prefill
 chooses ``dense_merged``), ``lean`` (auto without ``dense_merged``: no dense copy), ``torch_csr`` (the
-compress-mode forward before this change; decode timed over 1/8 of the steps), ``bitmask_kernel``,
+layer's own forward, torch CSR @ dense; decode timed over 1/8 of the steps), ``bitmask_kernel``,
 ``dense_kernel``, ``densify`` (per layer only).
 
 Protocol: every number is a ratio to dense measured in the same run; variants are interleaved (round
@@ -59,7 +59,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    from oats.algorithm.kernels import available, kernel
+    from factored.kernels import available, kernel
 
     simd = kernel().simd() if available() else None
     return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -85,8 +85,8 @@ def nm_mask(W: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
 
 def make_layer(W: torch.Tensor, variant: str, bias=None, seed: int = 0):
     """A SparseLowRankLinear of ``variant`` built from dense W (float32 math, W's dtype)."""
-    from oats.algorithm.compressed import SparseLowRankLinear
-    from oats.algorithm.decompose import oats_budget
+    from factored.module import SparseLowRankLinear
+    from sparse_lowrank.common import oats_budget
 
     out, inp = W.shape
     Wf = W.float()
@@ -109,7 +109,8 @@ def make_layer(W: torch.Tensor, variant: str, bias=None, seed: int = 0):
 
 
 def compress_model(model: nn.Module, variant: str) -> nn.Module:
-    from oats.architectures import get_blocks, linear_layers, set_module
+    from factored.module import set_module
+    from oats.architectures import get_blocks, linear_layers
 
     with torch.no_grad():
         for block in get_blocks(model):
@@ -147,7 +148,7 @@ def resident_bytes(model: nn.Module) -> int:
 
 
 def _best(fn, reps: int, cold: bool) -> float:
-    from oats.algorithm.forward import evict_caches
+    from factored.forward import evict_caches
 
     best = float("inf")
     for _ in range(reps):
@@ -171,7 +172,7 @@ def interleaved(fns: dict, rounds: int, reps: int, cold: bool) -> dict:
 
 def layer_table(dtypes, rounds: int, weights: dict) -> list[str]:
     from export.formats import bitmask_bytes, dense_bytes, nm_bytes
-    from oats.algorithm.forward import install_auto_forward, run_forward
+    from factored.forward import install_auto_forward, run_forward
 
     rows = ["| dtype | layer [out, in] | variant | forward | bytes / dense | decode b=1 cold (us) | / dense | prefill 512 (ms) | / dense |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -189,7 +190,7 @@ def layer_table(dtypes, rounds: int, weights: dict) -> list[str]:
                 b += layer.rank * sum(shape) * W.element_size()
                 for impl in ("dense_merged", "torch_csr", "densify", "bitmask_kernel", "dense_kernel", "auto"):
                     if impl.endswith("_kernel"):
-                        from oats.algorithm.kernels import available
+                        from factored.kernels import available
 
                         if not available():
                             continue
@@ -218,11 +219,11 @@ def layer_table(dtypes, rounds: int, weights: dict) -> list[str]:
 
 def crossover(dtypes, rounds: int) -> list[str]:
     """Kernel (S only) vs dense F.linear at batch 1 over densities; the crossover density interpolated."""
-    from oats.algorithm.kernels import BitmaskMatrix, available
+    from factored.kernels import BitmaskMatrix, available
 
     if not available():
         return ["kernel unavailable: no crossover"]
-    from oats.algorithm.kernels import dense_matmul
+    from factored.kernels import dense_matmul
 
     rows = ["| dtype | layer [out, in] | caches | vs | " + " | ".join(f"{d:g}" for d in DENSITIES) + " | crossover density |",
             "|---|---|---|---|" + "---|" * len(DENSITIES) + "---|"]
@@ -259,7 +260,7 @@ def _cross_row(dtype, shape, cold, ref, ratios) -> str:
 
 def model_table(base: nn.Module, tok, dtypes, rounds: int, n_decode: int, tmp: Path) -> list[str]:
     from export import export_model
-    from oats.algorithm.forward import forward_record, install_auto_forward
+    from factored.forward import forward_record, install_auto_forward
 
     rows = ["| dtype | variant | forward | bytes on disk (MB) | / dense | weights in memory (MB) | / dense | prefill 512 (s) | / dense | decode tok/s | / dense | forwards chosen |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -11,8 +11,9 @@ each layer's mean input x^2. Compression rate ``--rho``, rank ratio ``--kappa``.
 
 * ``reference``: the loop of the paper's public code (float32): a full thin SVD of ``W_s - S``, the
   singular values past r zeroed, ``L = U diag(s) V^T`` rebuilt from all factors, and a full stable sort
-  of each row of ``|W_s - L|`` to zero its smallest entries (written here from that description, with
-  our budget's kept count so all three loops solve the same problem);
+  of each row of ``|W_s - L|`` to zero its smallest entries (``tests.test_oats_reference.reference_loop``,
+  written from that description and checked there against the exact path; with our budget's kept count
+  so all three loops solve the same problem);
 * ``exact``: ``decompose(svd="exact")``, a full thin SVD every iteration, rank-r product, ``topk``;
 * ``fast``: ``decompose(svd="fast")``, warm-started subspace iteration and warm-started thresholding,
 
@@ -34,7 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from oats.algorithm.decompose import SVD_TOL, decompose, oats_budget, safe_second_moment, scaled_objective  # noqa: E402
+from sparse_lowrank.common import oats_budget  # noqa: E402
+from sparse_lowrank.decompose import SVD_TOL, decompose, scaled_objective  # noqa: E402
+from tests.test_oats_reference import reference_loop  # noqa: E402
 
 
 def block_problems(block: int, nsamples: int, seqlen: int, data_dir: str | None, seed: int = 0):
@@ -81,25 +84,6 @@ def run(W, D, b, iters, svd, device, tol=SVD_TOL):
     W, D = W.to(device), D.to(device)
     dt, res = timed(device, lambda: decompose(W, D, b.rank, b.keep_per_row, iters, b.nm, svd=svd, tol=tol, track_objective=False))
     return dt, scaled_objective(W, D, res.sparse, res.U, res.V), res.subspace_steps
-
-
-@torch.no_grad()
-def reference_loop(W: torch.Tensor, D: torch.Tensor, rank: int, keep_per_row: int, iters: int):
-    """The reference algorithm as described above: W [m, n], D [n] -> (sparse, U, V), W ~ sparse + U V."""
-    s = safe_second_moment(D).sqrt()
-    Ws = W * s
-    sparse = torch.zeros_like(Ws)
-    prune = W.shape[1] - keep_per_row
-    for _ in range(iters):
-        U, sig, Vh = torch.linalg.svd(Ws - sparse, full_matrices=False)
-        sig[rank:] = 0
-        low_rank = U @ torch.diag(sig) @ Vh
-        sparse = Ws - low_rank
-        order = torch.sort(sparse.abs(), dim=-1, stable=True).indices
-        drop = torch.zeros_like(sparse, dtype=torch.bool).scatter_(1, order[:, :prune], True)
-        sparse[drop] = 0
-    root = sig[:rank].sqrt()
-    return sparse / s, U[:, :rank] * root, (root.unsqueeze(-1) * Vh[:rank]) / s
 
 
 def run_reference(W, D, b, iters, device):
@@ -175,6 +159,7 @@ def main() -> None:
               f"{te / tf:7.1f} {tr / tf:8.1f} {orf:8.5f} {oe:9.5f} {of:8.5f} {(of - oe) / oe:+7.2%} {mean_steps:5.2f}")
     print(f"{'block total':24s} {'':>10s} {'':>4s} {tr_all:7.2f} {te_all:7.2f} {tf_all:7.2f} "
           f"{te_all / tf_all:7.1f} {tr_all / tf_all:8.1f}")
+
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from updates import optima  # noqa: E402
+from weight_updates import optima  # noqa: E402
 from baselines.masks import keep_topk_rows, nm_mask  # noqa: E402
 
 

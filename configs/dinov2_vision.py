@@ -10,12 +10,9 @@ on standardised frozen CLS features) fitted on the first 1,000 train images, top
 
     python main.py --config configs/dinov2_vision.py --out results/dinov2_vision
 """
-import os
-from pathlib import Path
+from functools import partial
 
-from ml_collections import ConfigDict
-
-DATA = os.environ.get("OATS_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+from configs import base
 
 BASE = dict(
     model="dinov2-small-imgfocus",
@@ -28,15 +25,11 @@ BASE = dict(
     probe_test=1000,
     eval_batch_size=50,
     seed=0,
-    data_dir=DATA,
+    data_dir=base.DATA,
     dtype="float32",
     device="cpu",
 )
-
-
-def experiment(**overrides) -> ConfigDict:
-    return ConfigDict({**BASE, **overrides})
-
+experiment = partial(base.experiment, BASE)
 
 CONFIGS = [experiment(name="dinov2-dense", method="dense")]
 for s in (0.3, 0.4, 0.5):

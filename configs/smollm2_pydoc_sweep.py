@@ -1,28 +1,16 @@
-"""Every method at 50% and 70% on the embedded SmolLM2-135M and the pydoc corpus (13 experiments; the
-default list before the 3-minute first run): 16 calibration windows of 512 tokens, perplexity on the
-first 16 windows of 512 tokens. About 45 minutes on a 2-core CPU.
+"""Every method at 50% and 70% on the embedded SmolLM2-135M and the pydoc corpus (13 experiments):
+16 calibration windows of 512 tokens, perplexity on the first 16 windows of 512 tokens. About 45
+minutes on a 2-core CPU.
 
     python main.py --config configs/smollm2_pydoc_sweep.py
 """
-from ml_collections import ConfigDict
+from functools import partial
 
-# Shared by every experiment below (CPU-sized; the papers use 128 x 2048 calibration tokens).
-BASE = dict(
-    model="smollm2-135m",
-    cal_dataset="pydoc",
-    cal_nsamples=16,
-    cal_seqlen=512,
-    eval_datasets=["pydoc"],
-    eval_seqlen=512,
-    eval_max_windows=16,
-    dtype="float32",
-    device="auto",
-)
+from configs import base
 
-
-def experiment(**overrides) -> ConfigDict:
-    return ConfigDict({**BASE, **overrides})
-
+# CPU-sized (the papers use 128 x 2048 calibration tokens).
+BASE = {**base.PYDOC, "cal_nsamples": 16, "cal_seqlen": 512, "eval_seqlen": 512, "eval_max_windows": 16}
+experiment = partial(base.experiment, BASE)
 
 CONFIGS = [
     experiment(name="dense", method="dense"),

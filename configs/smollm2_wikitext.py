@@ -1,39 +1,19 @@
 """The README's table: every method on the embedded SmolLM2-135M, WikiText-2 token perplexity.
 
-Protocol: float32 on the CPU; calibration on the C4 stand-in of ../shared/data (its 200-document train
-part), Wanda/SparseGPT random windows, 32 windows x 512 tokens, seed 0; evaluation on WikiText-2 test
-(raw, rows joined by "\\n\\n"), windows of 512 tokens, the first 64 windows (32,768 tokens).
+Protocol (``configs.base.WIKITEXT``): float32 on the CPU; calibration on the C4 stand-in of
+../shared/data (its 200-document train part), Wanda/SparseGPT random windows, 32 windows x 512 tokens,
+seed 0; evaluation on WikiText-2 test (raw, rows joined by "\\n\\n"), windows of 512 tokens, the first 64
+windows (32,768 tokens).
 
     python main.py --config configs/smollm2_wikitext.py --out results/smollm2_wikitext
 """
-import os
-from pathlib import Path
+from functools import partial
 
-from ml_collections import ConfigDict
+from configs import base
+from configs.base import ZERO_SHOT
 
-DATA = os.environ.get("OATS_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-BASE = dict(
-    model="smollm2-135m",
-    cal_dataset="c4",
-    cal_sampler="random_windows",
-    cal_nsamples=32,
-    cal_seqlen=512,
-    seed=0,
-    eval_datasets=["wikitext2"],
-    eval_seqlen=512,
-    eval_max_windows=64,
-    data_dir=DATA,
-    dtype="float32",
-    device="cpu",
-)
-
-
-def experiment(**overrides) -> ConfigDict:
-    return ConfigDict({**BASE, **overrides})
-
-
-ZERO_SHOT = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
+BASE = {**base.WIKITEXT, "seed": 0, "device": "cpu"}
+experiment = partial(base.experiment, BASE)
 
 CONFIGS = [
     experiment(name="dense", method="dense"),

@@ -1,6 +1,6 @@
-"""The quality table of ``bench/bench_quality.py``: one row per configuration, mean ± std over seeds.
+"""The quality table of ``configs/smollm2_quality.py``: one row per configuration, mean ± std over seeds.
 
-    python bench/report_quality.py results/quality            # writes results/quality/report/quality.{md,csv}
+    python -m tools.report_quality results/quality            # writes results/quality/report/quality.{md,csv}
 
 Records that differ only in ``seed`` and ``name`` are one row (``eval.aggregate.group_by_seed``); the
 zero-shot keys are ignored for that grouping too, since they add metrics without changing the compressed
@@ -18,12 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.files import atomic_write_text  # noqa: E402
-from eval.aggregate import IGNORED_KEYS, group_by_seed, mean_std  # noqa: E402
-from eval.report import compression_label, record_label  # noqa: E402
-from oats.records import all_records  # noqa: E402
+from data.files import atomic_write_text
+from eval.aggregate import IGNORED_KEYS, group_by_seed, mean_std
+from eval.report import compression_label, record_label
+from oats.records import all_records
 
 ZERO_SHOT_KEYS = ("zero_shot_tasks", "zero_shot_limit", "zero_shot_batch_size", "zero_shot_fewshot")
 SETTING_ORDER = {"0": 0, "0.5": 1, "0.7": 2, "0.5 (2:4)": 3}

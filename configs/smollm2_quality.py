@@ -1,17 +1,18 @@
-"""Issue 13's quality benchmark: every method at the same budget, three calibration seeds.
+"""The quality benchmark: every method at the same budget, three calibration seeds.
 
 A config file, not a script that computes anything: it defines ``CONFIGS`` (ml_collections
 ConfigDicts) for
 
-    python main.py --config bench/bench_quality.py --out results/quality
-    OATS_BENCH_ROWS='oats-50-*,gram_slr-50-*' python main.py --config bench/bench_quality.py --out results/quality
+    python main.py --config configs/smollm2_quality.py --out results/quality
+    OATS_BENCH_ROWS='oats-50-*,gram_slr-50-*' python main.py --config configs/smollm2_quality.py --out results/quality
 
-then ``eval.aggregate.group_by_seed`` turns the three ``-s<seed>`` records of a row into mean ± std.
+then ``eval.aggregate.group_by_seed`` turns the three ``-s<seed>`` records of a row into mean ± std
+(``python -m tools.report_quality results/quality``).
 
-Protocol (the README's): SmolLM2-135M; calibration on C4 from ``data_dir`` (../shared/data, or
-$OATS_DATA_DIR), ``cal_sampler random_windows``, 32 windows x 512 tokens, calibration seeds 1, 2, 3;
-evaluation on WikiText-2 test, eval_seqlen 512, the first 64 windows. Compression 50% and 70%
-unstructured and 2:4 (sparsity 0.5). Rows (names ``<method>-<compression>[-k<rank_ratio>]-s<seed>``,
+Protocol (the README's, ``configs.base.WIKITEXT``): SmolLM2-135M; calibration on C4 from ``data_dir``
+(../shared/data, or $OATS_DATA_DIR), ``cal_sampler random_windows``, 32 windows x 512 tokens, calibration
+seeds 1, 2, 3; evaluation on WikiText-2 test, eval_seqlen 512, the first 64 windows. Compression 50% and
+70% unstructured and 2:4 (sparsity 0.5). Rows (names ``<method>-<compression>[-k<rank_ratio>]-s<seed>``,
 compression '50', '70' or '24'):
 
 * ``dense`` (once: no calibration);
@@ -35,34 +36,22 @@ $OATS_BENCH_DEVICE: 'auto' (default), 'cpu' or 'cuda'.
 $OATS_BENCH_ZS: comma-separated patterns; matching rows also run the zero-shot suite (``ZERO_SHOT``, lm_eval,
 the first $OATS_BENCH_ZS_LIMIT examples per task, default 100; 'none' = full files) after WikiText-2, on the
 same compressed model. Zero-shot keys do not change the compressed model, so the quality report groups
-such a row with its other seeds (``bench/report_quality.py``).
+such a row with its other seeds (``tools/report_quality.py``).
 """
 import fnmatch
 import os
-from pathlib import Path
 
 from ml_collections import ConfigDict
 
-DATA = os.environ.get("OATS_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+from configs import base
+from configs.base import ZERO_SHOT
+
 SEEDS = (1, 2, 3)
 RATIOS = (0.0, 0.1, 0.2, 0.3)
-ZERO_SHOT = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
 RECON = [r for r in os.environ.get("OATS_BENCH_RECON", "sparsegpt-optima,oats-optima-k0.3,gram_slr-k0.3").split(",") if r]
 RECON_DM = [r for r in os.environ.get("OATS_BENCH_RECON_DM", "sparsegpt").split(",") if r]
 
-BASE = dict(
-    model="smollm2-135m",
-    cal_dataset="c4",
-    cal_sampler="random_windows",
-    cal_nsamples=32,
-    cal_seqlen=512,
-    eval_datasets=["wikitext2"],
-    eval_seqlen=512,
-    eval_max_windows=64,
-    data_dir=DATA,
-    dtype="float32",
-    device=os.environ.get("OATS_BENCH_DEVICE", "auto"),
-)
+BASE = {**base.WIKITEXT, "device": os.environ.get("OATS_BENCH_DEVICE", "auto")}
 
 # compression label -> (sparsity, sparsity_type)
 SETTINGS = {"50": (0.5, "unstructured"), "70": (0.7, "unstructured"), "24": (0.5, "2:4")}
@@ -92,7 +81,7 @@ def _methods(label: str) -> list[tuple[str, dict]]:
         rows += [(f"oats-{_ratio(k)}", dict(method="oats", rank_ratio=k)) for k in RATIOS]
         rows.append(("oats-optima-k0.3", dict(method="oats", rank_ratio=0.3, weight_update="optima")))
         rows += [(f"gram_slr-{_ratio(k)}", dict(method="gram_slr", rank_ratio=k, gram_slr_sparse_step="optima")) for k in RATIOS]
-        # stronger dampening: on one SmolLM2 block it narrowed gram_slr's calibration/held-out gap (baselines/gram_slr.py)
+        # stronger dampening: on one SmolLM2 block it narrowed gram_slr's calibration/held-out gap (sparse_lowrank/gram_slr.py)
         rows.append(("gram_slr-k0.3-d0.1", dict(method="gram_slr", rank_ratio=0.3, gram_slr_sparse_step="optima", percdamp=0.1)))
     # at 2:4 the rank-0 rows have no '-k' in their names: 'oats-optima-k0.3' selects 'oats-optima' there
     wanted = RECON if not structured else [r.split("-k")[0] for r in RECON]
@@ -114,12 +103,12 @@ def _name(row: str, label: str, seed: int) -> str:
 
 
 def build() -> list[ConfigDict]:
-    cfgs = [ConfigDict({**BASE, "name": "dense", "method": "dense", "seed": SEEDS[0]})]
+    cfgs = [base.experiment(BASE, name="dense", method="dense", seed=SEEDS[0])]
     for label, (sparsity, stype) in SETTINGS.items():
         for seed in SEEDS:
             for row, over in _methods(label):
-                cfgs.append(ConfigDict({**BASE, "name": _name(row, label, seed), "sparsity": sparsity, "sparsity_type": stype,
-                                        "seed": seed, **over}))
+                cfgs.append(base.experiment(BASE, name=_name(row, label, seed), sparsity=sparsity, sparsity_type=stype,
+                                            seed=seed, **over))
     zs = [p for p in os.environ.get("OATS_BENCH_ZS", "").split(",") if p]
     limit = os.environ.get("OATS_BENCH_ZS_LIMIT", "100")
     for c in cfgs:

@@ -1,8 +1,8 @@
 """Zero-shot accuracy of one model on the paper tasks from the local task files (the README's benchmark run).
 
-    python bench/zero_shot_dense.py                                    # dense SmolLM2, README protocol
-    python bench/zero_shot_dense.py --model results/oats-50/model      # any saved (compressed) model directory
-    python bench/zero_shot_dense.py --tasks rte,piqa --limit boolq=500 --out /tmp/zs.json
+    python -m tools.zero_shot_dense                                    # dense SmolLM2, README protocol
+    python -m tools.zero_shot_dense --model results/oats-50/model      # any saved (compressed) model directory
+    python -m tools.zero_shot_dense --tasks rte,piqa --limit boolq=500 --out /tmp/zs.json
 
 Each task runs on its own (so a per-task limit is possible) and the JSON is rewritten after every task,
 so a long run that is stopped keeps what it finished. Printed next to the numbers: the machine, lm_eval
@@ -15,16 +15,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from eval.zero_shot import PAPER_TASKS, make_lm, run_lm_eval, summarize_zero_shot, task_entries  # noqa: E402
-from data.files import atomic_write_text  # noqa: E402
+from data.files import atomic_write_text
+from eval.zero_shot import PAPER_TASKS, make_lm, run_lm_eval, summarize_zero_shot, task_entries
 
 # Order: cheapest first, so a stopped run has the most tasks.
 DEFAULT_ORDER = ("rte", "openbookqa", "winogrande", "arc_challenge", "piqa", "boolq", "hellaswag", "arc_easy")
