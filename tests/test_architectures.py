@@ -7,7 +7,7 @@ import torch
 from ml_collections import ConfigDict
 
 from baselines.masks import layer_mask
-from oats.algorithm.decompose import oats_budget
+from sparse_lowrank.common import oats_budget
 from oats.architectures import ArchitectureError, architecture_of, get_blocks, linear_layers, matrices
 from oats.compressor import compress_model
 from oats.config import resolve
@@ -100,7 +100,7 @@ def test_neox_interleaved_qkv_rows_go_back_where_they_came_from():
 
 
 def test_phi3_oats_compress_mode_uses_each_parts_budget_and_matches_dense_merge():
-    from oats.algorithm.compressed import SparseLowRankLinear
+    from factored.module import SparseLowRankLinear
 
     model = _tiny("phi3")
     dense_copy = _tiny("phi3")

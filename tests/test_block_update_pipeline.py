@@ -8,7 +8,7 @@ import pytest
 import torch
 from ml_collections import ConfigDict
 
-from oats.algorithm.decompose import oats_budget
+from sparse_lowrank.common import oats_budget
 from oats.architectures import get_blocks
 from oats.compressor import compress_model
 from oats.config import resolve
@@ -74,7 +74,7 @@ def test_dense_model_target_is_the_dense_models_own_activations(monkeypatch):
     (the dense blocks run in sequence on the dense inputs), not to the dense block on compressed inputs."""
     import dataclasses
 
-    import updates.reconstruct as rec
+    import block_updates.reconstruct as rec
     from oats import registry
 
     dense, inputs = _setup()

@@ -13,10 +13,13 @@ def test_defaults_fill_common_and_selected_plugin_keys():
     cfg = ok()
     assert set(cfg.keys()) == set(COMMON_KEYS)  # dense declares no keys
     assert cfg.method == "dense" and cfg.name == "smollm2-135m-dense"
-    from oats.algorithm.method import KEYS as OATS_KEYS
-    from updates.optima import KEYS as OPTIMA_KEYS
+    from sparse_lowrank.oats import KEYS as OATS_KEYS
+    from weight_updates.optima import KEYS as OPTIMA_KEYS
 
-    assert set(ok(method="oats").keys()) == set(COMMON_KEYS) | set(OATS_KEYS)
+    from oats.config import COMPRESS_KEYS
+
+    assert set(ok(method="oats").keys()) == set(COMMON_KEYS) | set(OATS_KEYS) | set(COMPRESS_KEYS)
+    assert not set(COMPRESS_KEYS) & set(OATS_KEYS)  # compress mode's keys belong to the framework, not to OATS
     assert set(ok(method="wanda", weight_update="optima").keys()) == set(COMMON_KEYS) | set(OPTIMA_KEYS)
 
 
@@ -36,7 +39,7 @@ def test_defaults_fill_common_and_selected_plugin_keys():
         ({"method": "wanda", "rank_ratio": 0.2}, "rank_ratio", "belongs to method 'oats'"),
         ({"method": "wanda", "owl_m": 3.0}, "owl_m", "belongs to layerwise 'owl'"),
         ({"method": "sparsegpt", "optima_tol": 1e-3}, "optima_tol", "weight_update 'optima', which this experiment does not select"),
-        ({"method": "wanda", "compress": True}, "compress", "belongs to method 'oats'"),
+        ({"method": "wanda", "compress": True}, "compress", "only to methods with a compress mode (gram_slr, oats)"),
         ({"method": "sparsegpt", "percdamp": float("inf")}, "percdamp", "finite"),
         ({"method": "sparsegpt", "sparsity_type": "2:4", "sparsity": 0.7}, "sparsity", "removes exactly"),
         ({"method": "wanda", "weight_update": "optima", "optima_tol": float("inf")}, "optima_tol", "finite"),
@@ -95,7 +98,7 @@ def test_changing_an_oats_default_leaves_a_wanda_hash_unchanged(monkeypatch):
     """A method's keys are hashed only for experiments that select it (svd_tol's default once staled every record)."""
     import dataclasses
 
-    from oats.algorithm import method as oats_method
+    from sparse_lowrank import oats as oats_method
 
     wanda, oats = ok(method="wanda"), ok(method="oats")
     h_wanda, h_oats = config_hash(wanda), config_hash(oats)
@@ -144,11 +147,12 @@ def test_cli_rejects_bad_config_before_loading(tmp_path, capsys, monkeypatch):
     assert "config key 'sparsity'" in capsys.readouterr().err
 
 
-def test_readme_documents_every_key_and_method():
+def test_docs_document_every_key_and_the_readme_every_method():
     from pathlib import Path
 
     from oats.registry import METHODS
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert [k for k in all_known_keys() if f"| `{k}` |" not in readme] == []
+    root = Path(__file__).resolve().parents[1]
+    keys_page, readme = (root / "docs" / "config-keys.md").read_text(), (root / "README.md").read_text()
+    assert [k for k in all_known_keys() if f"| `{k}` |" not in keys_page] == []
     assert [m for m in METHODS if f"| `{m}` |" not in readme] == []

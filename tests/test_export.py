@@ -16,8 +16,8 @@ from export import (COMPRESSED_TENSORS_NOTE, bitmask_bytes, choose_layout, dense
                     is_nm, nm_bytes, pack_bitmask, pack_nm, size_report, unpack_bitmask, unpack_nm)
 from export.formats import safetensors_tensor_bytes
 from export.oats_bitmask import WEIGHTS_NAME
-from oats.algorithm.compressed import SparseLowRankLinear, compressed_layers, save_compressed
-from oats.architectures import set_module
+from factored.module import SparseLowRankLinear, compressed_layers, save_compressed
+from factored.module import set_module
 from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,7 +258,7 @@ def test_smollm2_peft_export_reproduces_logits(tmp_path, fresh_smollm2):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from oats.algorithm.decompose import oats_budget
+    from sparse_lowrank.common import oats_budget
 
     model, tok = fresh_smollm2
     g = torch.Generator().manual_seed(0)

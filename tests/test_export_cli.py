@@ -29,7 +29,7 @@ def test_export_at_the_end_of_a_run_and_by_name(tmp_path, tiny_model_dir):
                       "--export", "o", "--to", str(tmp_path / "bm"), "--format", "bitmask"]) == 0
     from transformers import AutoModelForCausalLM
 
-    from oats.algorithm.compressed import load_compressed
+    from factored.module import load_compressed
 
     ours = load_compressed(out / "o" / "model")
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "bm", trust_remote_code=True)

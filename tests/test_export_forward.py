@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oats.algorithm import forward as fw
-from oats.algorithm.kernels import BitmaskMatrix, available, dense_matmul, failure
-from oats.algorithm.compressed import SparseLowRankLinear, compressed_layers
-from oats.architectures import set_module
+from factored import forward as fw
+from factored.kernels import BitmaskMatrix, available, dense_matmul, failure
+from factored.module import SparseLowRankLinear, compressed_layers
+from factored.module import set_module
 from tests.conftest import tiny_model
 
 

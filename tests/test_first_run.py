@@ -24,7 +24,7 @@ def estimated_seconds(cfg) -> float:
     plugins = selected_plugins(cfg)
     tokens = cfg.eval_max_windows * cfg.eval_seqlen * len(cfg.eval_datasets)
     if plugins["method"].compresses:
-        tokens += cfg.cal_nsamples * cfg.cal_seqlen * (2 + ("allocator" in plugins))
+        tokens += cfg.cal_nsamples * cfg.cal_seqlen * (2 + ("layerwise" in plugins))
     return tokens / TOKENS_PER_S
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.gram_slr import (
+from sparse_lowrank.gram_slr import (
     SqrtH,
     compress_weight,
     gram_objective,
@@ -16,8 +16,9 @@ from baselines.gram_slr import (
     lowrank_step,
     sparse_step,
 )
-from updates.optima import dampen, exact_rowwise
-from oats.algorithm.decompose import decompose, oats_budget
+from weight_updates.optima import dampen, exact_rowwise
+from sparse_lowrank.common import oats_budget
+from sparse_lowrank.decompose import decompose
 from oats.interface import Budget, InputStats
 
 
@@ -247,12 +248,12 @@ def test_objective_never_increases(step, nm, init):
 
 def test_shared_keys_are_their_owners_declarations():
     """rank_ratio is OATS's, percdamp/blocksize SparseGPT's, the solver keys OPTIMA's: one declaration each."""
-    from baselines.gram_slr import DEFAULTS, KEYS
+    from sparse_lowrank.gram_slr import KEYS
     from baselines.sparsegpt import KEYS as SPARSEGPT
-    from oats.algorithm.method import KEYS as OATS
-    from updates.optima import KEYS as OPTIMA
+    from sparse_lowrank.oats import KEYS as OATS
+    from weight_updates.optima import KEYS as OPTIMA
 
     for key, owner in (("rank_ratio", OATS), ("percdamp", SPARSEGPT), ("blocksize", SPARSEGPT), ("optima_tol", OPTIMA),
                        ("optima_max_iters", OPTIMA), ("optima_dtype", OPTIMA)):
         assert KEYS[key] is owner[key]
-    assert all(DEFAULTS[k] == spec.default for k, spec in KEYS.items())
+    assert all(KEYS.value(None, k) == spec.default for k, spec in KEYS.items())

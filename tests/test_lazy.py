@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from oats.checkpoint import BlockCheckpointer
 from oats.config import ConfigError, resolve
-from oats.experiment import streamed_perplexity
+from oats.tasks import streamed_perplexity
 from oats.weights import INDEX_FILE, LazyModel, ShardedWeights, block_shard
 from oats.sweep import run_all
 from eval.perplexity import perplexity

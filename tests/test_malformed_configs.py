@@ -41,7 +41,7 @@ CASES = {
     "sparsity nan": (HEAD + "CONFIGS = [ConfigDict(dict(B, method='wanda', sparsity=float('nan')))]\n", "'sparsity'"),
     "sparsity string": (configs(exp(method="wanda", sparsity="0.5")), "'sparsity'"),
     "rank_ratio on wanda": (configs(exp(method="wanda", rank_ratio=0.2)), "belongs to method 'oats'"),
-    "compress on wanda": (configs(exp(method="wanda", compress=True)), "belongs to method 'oats'"),
+    "compress on wanda": (configs(exp(method="wanda", compress=True)), "only to methods with a compress mode"),
     "blocksize on oats": (configs(exp(method="oats", blocksize=64)), "belongs to method 'sparsegpt'"),
     "optima_tol inf": (HEAD + "CONFIGS = [ConfigDict(dict(B, method='wanda', weight_update='optima', optima_tol=float('inf')))]\n", "'optima_tol'"),
     "percdamp inf": (HEAD + "CONFIGS = [ConfigDict(dict(B, method='sparsegpt', percdamp=float('inf')))]\n", "'percdamp'"),

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from ml_collections import ConfigDict
 
-from oats.algorithm.compressed import SparseLowRankLinear, compressed_layers, load_compressed, save_compressed
+from factored.module import SparseLowRankLinear, compressed_layers, load_compressed, save_compressed
 from oats.config import ConfigError, resolve
 from tests.conftest import tiny_model
 

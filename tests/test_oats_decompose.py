@@ -6,21 +6,19 @@ import itertools
 import pytest
 import torch
 
-from oats.algorithm.decompose import (
-    OatsBudgetError,
+from sparse_lowrank.common import OatsBudgetError, keep_per_row_for, oats_budget
+from sparse_lowrank.decompose import (
     _LowRank,
     _RowThreshold,
     _top_singular,
     alternating_thresholding,
     decompose,
     hard_threshold,
-    keep_per_row_for,
-    oats_budget,
     safe_second_moment,
     scaled_objective,
 )
 from oats.interface import Budget, InputStats
-from oats.algorithm.method import compress_weight
+from sparse_lowrank.oats import compress_weight
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (7, 13), (64, 64), (4096, 14336), (1, 8)]
 
@@ -252,8 +250,8 @@ def test_warm_low_rank_step_matches_float64_svd(shape):
 
 def test_svd_tol_default_is_one_number():
     """The config key's default and the pure function's default are the same tolerance."""
-    from oats.algorithm.method import KEYS
-    from oats.algorithm.decompose import SVD_TOL
+    from sparse_lowrank.oats import KEYS
+    from sparse_lowrank.decompose import SVD_TOL
 
     assert KEYS["svd_tol"].default == SVD_TOL
 

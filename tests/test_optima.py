@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from updates import optima
+from weight_updates import optima
 from baselines.masks import keep_topk_rows, layer_mask, nm_mask
 from oats.interface import CompressedWeight, InputStats
 
@@ -184,7 +184,7 @@ def test_dead_input_channels(caplog):
 
     stats = InputStats(sq_norms=torch.diagonal(H).float(), n_tokens=256, gram=H.float())
     cw = CompressedWeight(dense=W0.float() * mask, mask=mask)
-    with caplog.at_level(logging.WARNING, logger="updates.optima"):
+    with caplog.at_level(logging.WARNING, logger="weight_updates.optima"):
         out = optima.update(W0.float(), cw, stats, cfg(percdamp=0.0))  # undampened: Cholesky fails, damping raised
     assert "dampening raised" in caplog.text
     assert out.info["optima_damp_raised"] > 0 and out.info["optima_damp"] > 0
@@ -195,7 +195,7 @@ def test_dead_input_channels(caplog):
     assert float(f_out) <= float(f_exact) * (1 + 1e-4)
     # with the default dampening nothing needs raising, and the kept dead weight keeps its value
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="updates.optima"):
+    with caplog.at_level(logging.WARNING, logger="weight_updates.optima"):
         out2 = optima.update(W0.float(), cw, stats, cfg())
     assert "dampening raised" not in caplog.text and out2.info["optima_damp_raised"] == 0
     torch.testing.assert_close(out2.dense[:, 3], W0[:, 3].float(), rtol=1e-4, atol=1e-5)
@@ -301,9 +301,9 @@ def test_config_validation_of_update_keys():
     from ml_collections import ConfigDict
 
     from oats.config import ConfigError, resolve
-    from oats.registry import UPDATES
+    from oats.registry import WEIGHT_UPDATES
 
-    assert "optima" in UPDATES
+    assert "optima" in WEIGHT_UPDATES
     ok = resolve(ConfigDict(dict(model="m", method="wanda", weight_update="optima")))
     assert ok.weight_update == "optima" and ok.name.endswith("-optima")
     for bad, key in [(dict(method="dense", weight_update="optima"), "weight_update"), (dict(method="wanda", weight_update="obs"), "weight_update"),

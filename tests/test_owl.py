@@ -7,7 +7,8 @@ import pytest
 import torch
 from ml_collections import ConfigDict
 
-from allocators.owl import BlockSparsities, outlier_ratio, owl_sparsities
+from layerwise.owl import outlier_ratio, owl_sparsities
+from oats.interface import Allocation
 from oats.experiment import block_sparsities
 from oats.weights import InMemoryWeights
 from eval.report import plot_owl, plot_owl_record
@@ -79,8 +80,9 @@ def test_statistics_pass_leaves_inputs_and_weights_and_matches_hooks():
     hidden0 = [h.clone() for h in inputs.hidden]
     weights0 = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = _cfg()
-    s = block_sparsities(InMemoryWeights(model), inputs, cfg, torch.device("cpu"))
-    assert isinstance(s, BlockSparsities) and len(s) == 4
+    allocation = block_sparsities(InMemoryWeights(model), inputs, cfg, torch.device("cpu"))
+    assert isinstance(allocation, Allocation) and len(allocation.sparsities) == 4
+    s, info = allocation.sparsities, allocation.info
     assert all(torch.equal(a, b) for a, b in zip(hidden0, inputs.hidden))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights0.items())
     assert abs(sum(s) / 4 - 0.5) < 1e-12
@@ -100,9 +102,9 @@ def test_statistics_pass_leaves_inputs_and_weights_and_matches_hooks():
         scores.append((lin.weight.double().abs() * X.norm(dim=0)[None, :]).flatten())
     allv = torch.cat(scores)
     ref = float((allv > 3.0 * allv.mean()).double().mean())
-    assert s.info["lod"][0] == pytest.approx(ref, abs=1e-9)
-    assert len(set(s.info["lod"])) > 1  # the tiny model gives signal, so the allocation is not trivial
-    assert s == pytest.approx(owl_sparsities(s.info["lod"], 0.5, 0.1), abs=1e-15)
+    assert info["lod"][0] == pytest.approx(ref, abs=1e-9)
+    assert len(set(info["lod"])) > 1  # the tiny model gives signal, so the allocation is not trivial
+    assert s == pytest.approx(owl_sparsities(info["lod"], 0.5, 0.1), abs=1e-15)
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
@@ -113,7 +115,7 @@ def test_end_to_end_blocks_get_their_sparsity(method):
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
     inputs = capture_inputs(model, ids, torch.device("cpu"), batch_size=2)
     cfg = _cfg(method=method, mask_scope="layer")
-    s = block_sparsities(InMemoryWeights(model), inputs, cfg, torch.device("cpu"))
+    s = block_sparsities(InMemoryWeights(model), inputs, cfg, torch.device("cpu")).sparsities
     recs = compress_model(model, inputs, cfg, torch.device("cpu"), s)
     for r in recs:
         n = r["shape"][0] * r["shape"][1]
@@ -133,6 +135,6 @@ def test_plot(tmp_path):
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="per block"):
         plot_owl([0.01], [0.5, 0.5], 0.5, tmp_path / "bad.png")
-    rec = {"name": "x", "config": {"sparsity": 0.5}, "block_sparsity": [0.55, 0.45], "layerwise": {"allocator": "owl", "lod": [0.01, 0.03]}}
+    rec = {"name": "x", "config": {"sparsity": 0.5}, "block_sparsity": [0.55, 0.45], "layerwise": {"name": "owl", "lod": [0.01, 0.03]}}
     assert plot_owl_record(rec, tmp_path / "r.png").is_file()
     assert plot_owl_record({"config": {"sparsity": 0.5}, "block_sparsity": [0.5]}, tmp_path / "n.png") is None

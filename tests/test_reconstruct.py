@@ -1,4 +1,4 @@
-"""updates.reconstruct: block reconstruction on a tiny random Llama block keeps every mask bit, keeps
+"""block_updates.reconstruct: block reconstruction on a tiny random Llama block keeps every mask bit, keeps
 pruned entries exactly 0, lowers the block's output error, and leaves the block as it found it."""
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import copy
 import pytest
 import torch
 
-from baselines import gram_slr, wanda
+from baselines import wanda
+from sparse_lowrank import gram_slr
 from oats.interface import Budget, CompressedWeight
 from oats.architectures import get_blocks, linear_layers
 from oats.pipeline import StatsCollector, capture_inputs, run_block
 from tests.conftest import tiny_model
-from updates.reconstruct import KEYS, reconstruct_block
+from block_updates.reconstruct import KEYS, reconstruct_block
 
 CFG = {"recon_lr": 1e-3, "recon_epochs": 4, "recon_batch_size": 2, "recon_schedule": "cosine"}
 

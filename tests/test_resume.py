@@ -157,7 +157,7 @@ def test_checkpoint_roundtrip_stale_hash_and_safe_clear(tmp_path):
 def test_restore_takes_blocks_whose_layers_were_replaced(tmp_path):
     """Compress mode swaps nn.Linear for SparseLowRankLinear: the saved block comes back with its new
     structure, from safetensors and the block's JSON (nothing unpickled)."""
-    from oats.algorithm.compressed import SparseLowRankLinear
+    from factored.module import SparseLowRankLinear
 
     model = tiny_model("llama", layers=2)
     block = model.model.layers[0]

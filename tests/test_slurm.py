@@ -9,6 +9,7 @@ import pickle
 import textwrap
 
 import pytest
+import torch
 
 import main
 from oats.config import ConfigError
@@ -112,3 +113,27 @@ def test_local_executor_runs_a_two_experiment_array(tmp_path, config_file):
         assert main.main(["--config", str(config_file), "--out", str(out), "--list"]) == 0
     listed = {line.split()[-1]: line.split()[1] for line in buf.getvalue().strip().splitlines() if not line.startswith("statuses")}
     assert listed == {"first": "done", "second": "done", "third": "pending"}
+
+
+def test_a_slurm_task_exports_its_model(tmp_path, tiny_model_dir):
+    """``export_format`` runs inside the experiment, so an array task exports as a local run does."""
+    cfg = tmp_path / "export_sweep.py"
+    cfg.write_text(textwrap.dedent(f'''
+        from ml_collections import ConfigDict
+        CONFIGS = [ConfigDict(dict(name="o", model={str(tiny_model_dir)!r}, method="oats", num_iters=2, compress=True,
+                                   cal_nsamples=2, cal_seqlen=32, eval_seqlen=32, eval_max_windows=2, device="cpu",
+                                   save_model=True, export_format="bitmask"))]
+    '''))
+    out = tmp_path / "runs"
+    assert main.main(["--config", str(cfg), "--out", str(out), "--slurm", "--slurm-executor", "local", "--wait", "--time", "20"]) == 0
+    rec = json.loads((out / "o" / "result.json").read_text())
+    assert rec["status"] == "ok" and rec["export"]["format"] == "bitmask" and rec["export"]["total"]["tensor_bytes"] > 0
+    from transformers import AutoModelForCausalLM
+
+    from factored.module import load_compressed
+
+    stock = AutoModelForCausalLM.from_pretrained(out / "o" / "export", trust_remote_code=True)
+    ours = load_compressed(out / "o" / "model")
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(stock(ids).logits, ours(ids).logits, atol=1e-4)

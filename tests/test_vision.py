@@ -14,7 +14,7 @@ import pytest
 import torch
 from ml_collections import ConfigDict
 
-from oats.algorithm.decompose import oats_budget
+from sparse_lowrank.common import oats_budget
 from oats.architectures import architecture_of, get_blocks, linear_layers, matrices
 from oats.compressor import compress_model
 from oats.config import VISION_KEYS, ConfigError, resolve, result_keys
@@ -314,8 +314,8 @@ def test_modality_mismatch_is_an_error(tiny_dinov2_dir, tmp_path):
 
 
 def test_attention_figure_sparse_and_lowrank_parts(tiny_dinov2_dir, shared_data, tmp_path):
-    from oats.algorithm.compressed import SparseLowRankLinear
-    from oats.vision_plot import _parts, attention_figure
+    from factored.module import SparseLowRankLinear
+    from tools.vision_plot import _parts, attention_figure
 
     out = tmp_path / "att.png"
     cos = attention_figure("dog.jpg", str(out), str(tiny_dinov2_dir), sparsity=0.5, rank_ratio=0.2, num_iters=2,

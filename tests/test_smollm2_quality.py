@@ -1,4 +1,5 @@
-"""bench/bench_quality.py builds its CONFIGS list (nothing is run): names, seeds, filters."""
+"""configs/smollm2_quality.py builds its CONFIGS list (nothing is run): names, seeds, filters; and
+tools/report_quality.py groups its records by seed."""
 from __future__ import annotations
 
 import runpy
@@ -7,13 +8,13 @@ from pathlib import Path
 
 from eval.aggregate import base_name
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_quality.py"
+QUALITY = Path(__file__).resolve().parents[1] / "configs" / "smollm2_quality.py"
 
 
 def _configs(monkeypatch, **env):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    return runpy.run_path(str(BENCH))["CONFIGS"]
+    return runpy.run_path(str(QUALITY))["CONFIGS"]
 
 
 def test_rows_names_and_seeds(monkeypatch):
@@ -64,16 +65,15 @@ def _record(name, seed, ppl, zs=None, **cfg):
 
 
 def test_report_groups_a_zero_shot_seed_with_its_other_seeds():
-    import runpy as _r
+    from tools.report_quality import quality_markdown, quality_rows, zero_shot_markdown
 
-    rep = _r.run_path(str(BENCH.parent / "report_quality.py"), run_name="report_quality")
     recs = [_record("sparsegpt-50-s1", 1, 60.0, zs=0.5), _record("sparsegpt-50-s2", 2, 62.0), _record("sparsegpt-50-s3", 3, 64.0),
             _record("sparsegpt-70-s1", 1, 300.0, sparsity=0.7)]
-    rows = rep["quality_rows"](recs)
+    rows = quality_rows(recs)
     assert [r["name"] for r in rows] == ["sparsegpt-50", "sparsegpt-70"]
     ppl = rows[0]["metrics"]["ppl.wikitext2"]
     assert ppl["n"] == 3 and abs(ppl["mean"] - 62.0) < 1e-12 and abs(ppl["std"] - 2.0) < 1e-12
     assert rows[0]["metrics"]["zero_shot.boolq"]["n"] == 1
-    md = rep["quality_markdown"](rows)
+    md = quality_markdown(rows)
     assert "62.00 ± 2.00 (n=3)" in md and "60.00, 62.00, 64.00" in md and "| 20 |" in md
-    assert "| `sparsegpt-50` | 50.0 | 50.0 |" in rep["zero_shot_markdown"](rows)
+    assert "| `sparsegpt-50` | 50.0 | 50.0 |" in zero_shot_markdown(rows)

@@ -1,0 +1,35 @@
+"""The experiment lists (OATS_configs.py, configs/*.py) load as ``main.py`` loads them, from any working
+directory, with their shared protocols from ``configs.base``."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LISTS = [ROOT / "OATS_configs.py", *sorted(p for p in (ROOT / "configs").glob("*.py") if p.name not in ("__init__.py", "base.py"))]
+
+
+def test_every_list_loads_from_another_directory(tmp_path):
+    # main.py's folder (the repository root) is sys.path[0] when it runs; nothing else is assumed
+    code = ("import json, runpy, sys; sys.path[0] = sys.argv[1]; "
+            "print(json.dumps({f: [c.name for c in runpy.run_path(f)['CONFIGS']] for f in sys.argv[2:]}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT), *map(str, LISTS)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    names = json.loads(out.stdout)
+    assert len(LISTS) >= 5 and set(names) == {str(f) for f in LISTS}
+    for f, n in names.items():
+        assert n and len(set(n)) == len(n), f
+
+
+def test_an_experiment_shares_no_list_with_the_protocols():
+    from configs import base
+
+    exp = base.experiment(base.WIKITEXT, name="a")
+    exp.eval_datasets.append("pydoc")
+    assert base.WIKITEXT["eval_datasets"] == ["wikitext2"]
+    assert base.experiment(base.PYDOC, name="b", seed=3).to_dict() == {**base.PYDOC, "name": "b", "seed": 3}
