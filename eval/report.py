@@ -25,10 +25,11 @@ from eval.zero_shot import APPROX_SUFFIX, PAPER_TASKS
 Row = dict[str, Any]
 
 
-def method_label(cfg: dict[str, Any]) -> str:
-    """A table label from a config alone, for records that carry no ``method_label`` (written before
-    the framework recorded it): 'wanda', 'OWL + wanda', 'sparsegpt + OPTIMA'..."""
-    method = cfg.get("method", "?")
+def method_label(cfg: dict[str, Any], base: str | None = None) -> str:
+    """How tables name an experiment: 'wanda', 'OWL + wanda', 'sparsegpt + OPTIMA', 'OATS (κ=0.3, 80 it,
+    fast) + RECONSTRUCT'... ``base`` is the method's own label (the framework passes it); without it
+    (records that carry no ``method_label``) the method's name."""
+    method = base or cfg.get("method", "?")
     if cfg.get("layerwise", "uniform") != "uniform":
         method = f"{cfg['layerwise'].upper()} + {method}"
     for key in ("weight_update", "update", "block_update"):

@@ -294,12 +294,7 @@ def _forward_summary(model: nn.Module) -> dict[str, Any] | None:
 
 def method_label(cfg: Any) -> str:
     """'wanda', 'OWL + wanda', 'sparsegpt + OPTIMA', 'OATS (κ=0.3, 80 it, fast)' ... as tables name an experiment."""
-    plugins = selected_plugins(cfg)
-    m = plugins["method"]
-    label = m.label(cfg) if m.label is not None else m.name
-    if "layerwise" in plugins:
-        label = f"{plugins['layerwise'].name.upper()} + {label}"
-    for kind in ("weight_update", "block_update"):
-        if kind in plugins:
-            label = f"{label} + {plugins[kind].name.upper()}"
-    return label
+    from eval.report import method_label as compose
+
+    m = selected_plugins(cfg)["method"]
+    return compose(cfg, base=m.label(cfg) if m.label is not None else m.name)
