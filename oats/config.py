@@ -81,6 +81,26 @@ def _plugin_name(table: Mapping[str, str], builtin: tuple[str, ...] = ()):
     return check
 
 
+def _device_map(v: Any) -> str | None:
+    from oats.placement import DEVICE_PATTERN as DEVICE_NAME, STRATEGIES, map_problem
+
+    if isinstance(v, str):
+        msg = choice(*STRATEGIES)(v)
+        whole = f" ({{'': {v!r}}} puts the whole model there)" if msg and DEVICE_NAME.match(v) else ""
+        return msg and f"{msg}; or an explicit map {{module: 'cuda:N' | 'cpu' | 'disk'}}{whole} (a dict, or a list of 'module=device' strings)"
+    return map_problem(v)
+
+
+def _max_memory(v: Any) -> str | None:
+    from oats.placement import memory_problem
+
+    return memory_problem(v)
+
+
+def _offload_dir(v: str) -> str | None:
+    return None if v.strip() else "got an empty string; give a folder path, or None for <out>/<name>/offload"
+
+
 def _seed(v: int) -> str | None:
     return None if 0 <= v < 2**63 else f"got {v!r}; must lie in [0, 2**63) (it seeds torch and Python's random)"
 
@@ -122,6 +142,9 @@ COMMON_KEYS: dict[str, Key] = {
     "data_dir": Key(None, (str,), "local data root laid out like `../shared/data/` (else env `OATS_DATA_DIR`, else the hub)", nullable=True),
     "dtype": Key("float32", (str,), "model weights dtype", choice(*DTYPES)),
     "device": Key("auto", (str,), "compute device (`auto` = cuda when present)", choice(*DEVICES)),
+    "device_map": Key(None, (str, dict, list, tuple), "evaluate placed across devices by accelerate: `auto`, `balanced`, `balanced_low_0` (the GPUs balanced; `_low_0` keeps GPU 0 lightest) or `sequential` (filled in order), then the CPU, then disk; or an explicit map {module: `cuda:N`, `cpu` or `disk`} (a dict, or a list of `module=device` strings); None = the model on `device`", _device_map, nullable=True, result=False),
+    "max_memory": Key(None, (dict,), "with device_map: the most each device may hold, {`cuda:N` or `cpu`: bytes or a size such as `70GiB`, `200MiB`}; a device left out gets nothing; None = what is free", _max_memory, nullable=True, result=False),
+    "offload_dir": Key(None, (str,), "with device_map, a model in memory: weights mapped to disk go to `<offload_dir>/<name>` (kept); None = `<out>/<name>/offload` (removed after the evaluation); under lazy_load they are read from the model's shards", _offload_dir, nullable=True, result=False),
     "threads": Key(None, (int,), "torch CPU threads (`torch.set_num_threads`); None = torch's default (all cores)", positive, nullable=True, result=False),
     "checkpoint_blocks": Key(False, (bool,), "checkpoint after every compressed block so a killed run resumes there", result=False),
     "lazy_load": Key(False, (bool,), "big-model path: read each block's weights from the safetensors shards just before it is compressed, write it to `<out>/<name>/model` shard by shard, evaluate streaming block by block (peak memory ~ one block + activations)", result=False),
@@ -260,6 +283,10 @@ def _resolve(raw: dict[str, Any]) -> ml_collections.ConfigDict:
     for key, spec in COMMON_KEYS.items():
         value = raw.get(key, spec.default)
         out[key] = spec.validate(key, list(value) if isinstance(value, tuple) else value)
+    if out["device_map"] is not None and not isinstance(out["device_map"], str):
+        from oats.placement import map_as_strings
+
+        out["device_map"] = map_as_strings(out["device_map"])  # a ConfigDict holds no dotted keys
     plugins = selected_plugins(out)
     keys = {**plugin_keys(plugins), **mode_keys(plugins), **task_keys(out)}
     unknown = sorted(set(raw) - set(COMMON_KEYS) - set(keys))
@@ -301,6 +328,7 @@ def _check_combinations(out: dict[str, Any], plugins: Mapping[str, Any]) -> None
     if not out["eval_datasets"] and not out["zero_shot_tasks"] and not out["word_perplexity"]:
         raise ConfigError("eval_datasets", "is empty and neither zero_shot_tasks nor word_perplexity is set: the experiment "
                                            "would record no metric; name a data set (e.g. ['pydoc']) or a task")
+    _check_placement(out)
     if out["export_format"] and not out["save_model"]:
         raise ConfigError("export_format", f"{out['export_format']!r} exports the saved model: set save_model True too")
     if not method.compresses:
@@ -312,6 +340,26 @@ def _check_combinations(out: dict[str, Any], plugins: Mapping[str, Any]) -> None
     for kind in ("weight_update", "block_update"):
         if kind in plugins and not method.produces_mask:
             raise ConfigError(kind, f"{out[kind]!r} needs a method whose answer has a mask; {method.name!r} has none")
+
+
+def _check_placement(out: dict[str, Any]) -> None:
+    """``max_memory`` and ``offload_dir`` need ``device_map``; no GPU is named with ``device: cpu``;
+    vision models are not placed."""
+    from oats.placement import named_devices
+
+    for key in ("max_memory", "offload_dir"):
+        if out[key] is not None and out["device_map"] is None:
+            raise ConfigError(key, "applies only with device_map (the evaluation placed across devices); set device_map, e.g. 'auto', or remove it")
+    if out["device_map"] is None:
+        return
+    if is_vision_config(out):
+        raise ConfigError("device_map", "is not supported for vision models (they fit on one device); remove it")
+    if out["device"] == "cpu":
+        for key, devices in named_devices(out).items():
+            gpus = [d for d in devices if d.startswith("cuda")]
+            if gpus:
+                only = "'cpu' and 'disk'" if key == "device_map" else "'cpu'"
+                raise ConfigError(key, f"names {gpus}, but device is 'cpu'; set device 'auto' or 'cuda', or use only {only}")
 
 
 def _default(key: str) -> Any:

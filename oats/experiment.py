@@ -261,7 +261,7 @@ def run_experiment(cfg: Any, exp_dir: Path) -> dict[str, Any]:
     else:
         record["achieved_sparsity"] = 0.0
     t = time.perf_counter()
-    record.update(task.evaluate(weights, model_dir, compressed=method.compresses))
+    record.update(task.evaluate(weights, model_dir, compressed=method.compresses, exp_dir=exp_dir))  # + 'placement' with device_map
     timings["evaluation"] = time.perf_counter() - t
     if not weights.lazy and (chosen := _forward_summary(weights.model)) is not None:
         record["forward"] = chosen

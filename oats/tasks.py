@@ -3,7 +3,9 @@
 model is still dense, and evaluates the (compressed) model into the record's fields.
 
 - ``TextTask``: token windows of ``cal_dataset``; token perplexity on ``eval_datasets`` (streamed block
-  by block under ``lazy_load``) and the lm_eval evaluations (``eval.evaluate``).
+  by block under ``lazy_load``) and the lm_eval evaluations (``eval.evaluate``). With ``device_map``
+  every metric runs on the model placed across devices (``oats.placement``): the model in memory
+  dispatched, or under ``lazy_load`` the saved model loaded placed from its shards.
 - ``VisionTask``: calibration images; ``eval.vision`` metrics (top-k, feature fidelity, linear probe).
 
 ``task_for`` picks one and checks that the config's data matches the model's modality.
@@ -31,8 +33,9 @@ class Task(Protocol):
     def prepare_reference(self) -> None:
         """Runs on the dense model before anything is compressed (what evaluation compares against)."""
 
-    def evaluate(self, weights: Any, model_dir: Path | None, compressed: bool) -> dict[str, Any]:
-        """The record's evaluation fields ('metrics', and what else the modality records)."""
+    def evaluate(self, weights: Any, model_dir: Path | None, compressed: bool, exp_dir: Path | None = None) -> dict[str, Any]:
+        """The record's evaluation fields ('metrics', and what else the modality records); ``exp_dir``
+        is the experiment's folder (where a placed evaluation offloads to disk)."""
 
 
 def task_for(cfg: Any, weights: Any, tokenizer: Any, device: torch.device) -> Task:
@@ -65,7 +68,7 @@ class TextTask:
     def prepare_reference(self) -> None:
         pass  # perplexity and zero-shot accuracy need no dense reference
 
-    def evaluate(self, weights: Any, model_dir: Path | None, compressed: bool) -> dict[str, Any]:
+    def evaluate(self, weights: Any, model_dir: Path | None, compressed: bool, exp_dir: Path | None = None) -> dict[str, Any]:
         from data import eval_tokens
         from eval.evaluate import evaluate
         from eval.perplexity import n_windows
@@ -78,7 +81,16 @@ class TextTask:
             out["eval_tokens"][name] = n_windows(tokens.shape[1], cfg.eval_seqlen, cfg.eval_max_windows) * cfg.eval_seqlen
             return tokens
 
-        out["metrics"] = evaluate(cfg, tokens_of, self.tokenizer, self._token_perplexity(weights), _whole_model(weights, model_dir, self.device))
+        if not cfg.get("device_map"):
+            out["metrics"] = evaluate(cfg, tokens_of, self.tokenizer, self._token_perplexity(weights), _whole_model(weights, model_dir, self.device))
+            return out
+        placed = PlacedEvaluation(cfg, weights, model_dir, exp_dir)
+        try:
+            out["metrics"] = evaluate(cfg, tokens_of, self.tokenizer, placed.perplexity, placed.model)
+        finally:
+            summary = placed.close()
+            if summary is not None:
+                out["placement"] = summary
         return out
 
     def _token_perplexity(self, weights: Any) -> Callable[[Tensor], float]:
@@ -118,6 +130,40 @@ def _whole_model(weights: Any, model_dir: Path | None, device: torch.device) -> 
         return cache[0]
 
     return get
+
+
+class PlacedEvaluation:
+    """The model every metric of a ``device_map`` run evaluates, placed once on first use: in memory,
+    the model itself dispatched (put back by ``close``); lazy, the saved model at ``model_dir`` loaded
+    placed from its shards (tensors on a device read one at a time, those on disk left in the shards).
+    Inputs go to the map's main device. ``close`` returns the record's ``placement`` (None when nothing
+    was placed)."""
+
+    def __init__(self, cfg: Any, weights: Any, model_dir: Path | None, exp_dir: Path | None):
+        if exp_dir is None:
+            raise ValueError("config key 'device_map': a placed evaluation needs the experiment folder (for its offload folder)")
+        self.cfg, self.weights, self.model_dir, self.exp_dir = cfg, weights, model_dir, Path(exp_dir)
+        self.placed: Any = None
+
+    def model(self) -> nn.Module:
+        if self.placed is None:
+            from oats.placement import load_placed, place
+
+            if self.weights.lazy:
+                self.placed = load_placed(self.model_dir, self.cfg, self.exp_dir)
+            else:
+                self.placed = place(self.weights.model, self.cfg, self.exp_dir)
+        return self.placed.model
+
+    def perplexity(self, tokens: Tensor) -> float:
+        from eval.perplexity import perplexity
+
+        c = self.cfg
+        model = self.model()
+        return perplexity(model, tokens, c.eval_seqlen, c.eval_max_windows, c.eval_batch_size, self.placed.input_device)
+
+    def close(self) -> dict[str, Any] | None:
+        return self.placed.close() if self.placed is not None else None
 
 
 def data_fingerprints(cfg: Any) -> dict[str, Any]:
@@ -201,7 +247,7 @@ class VisionTask:
         log.info("dense reference features cached at %s", path)
 
     @torch.no_grad()
-    def evaluate(self, weights: Any, model_dir: Path | None, compressed: bool) -> dict[str, Any]:
+    def evaluate(self, weights: Any, model_dir: Path | None, compressed: bool, exp_dir: Path | None = None) -> dict[str, Any]:
         """{'metrics': {'vision': ...}}; a run that compressed nothing is its own reference (fidelity 1, and cached)."""
         from eval.vision import backbone_features, vision_metrics
 
