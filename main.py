@@ -3,6 +3,7 @@
     python main.py                       # every experiment of OATS_configs.py not done yet -> results/OATS_configs/
     python main.py --config my.py --only oats-50 --out runs/
     python main.py --list                # each experiment and whether it is done (done / failed / stale / pending)
+    python main.py --plan                # each experiment's planned peak memory, before anything loads
     python main.py --slurm --partition gpu --gpus 1 --time 240 --mem 64   # one SLURM array, a task per experiment
     python main.py --report --out runs/  # tables (md, csv, tex) + plots of every result under runs/report/
     python main.py --export oats-50 --format peft   # a saved experiment (save_model: true) as PEFT, bitmask or dense
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="print the experiments and whether each is done, then exit")
     p.add_argument("--force", action="store_true", help="rerun experiments even when their result exists")
     p.add_argument("--report", action="store_true", help="write tables and plots of all results under <out>/report/, then exit")
+    p.add_argument("--plan", action="store_true", help="print each experiment's planned peak memory (nothing loads), then exit")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     e = p.add_argument_group("export a saved model (an experiment run with save_model: true, or any saved model folder)")
     e.add_argument("--export", metavar="NAME|DIR", default=None,
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from oats.sweep import STATUSES, run_all, status_of
 
+    if args.plan:
+        return _plan(cfgs)
     if args.list:
         from oats.checkpoint import describe
 
@@ -187,6 +191,22 @@ def _export(args: argparse.Namespace, out: Path) -> int:
              total.get("tensor_bytes"), total.get("ratio", float("nan")))
     print(json.dumps(total, indent=1))
     return 0
+
+
+def _plan(cfgs: list) -> int:
+    """The memory plan of the selected experiments against this machine's memory; 1 when one does not fit."""
+    from oats.plan import _human, machine_memory, plan_experiment, plan_markdown, remedies
+
+    plans = [plan_experiment(c) for c in cfgs]
+    limit = machine_memory()
+    print(plan_markdown(plans))
+    print(f"\nthis machine: {_human(limit)} of memory" if limit else "\nthis machine's memory is unknown")
+    too_big = [(c, p) for c, p in zip(cfgs, plans) if limit and p.cpu_peak > limit]
+    for c, p in too_big:
+        fixes = remedies(c, limit)
+        print(f"{c.name}: needs {_human(p.cpu_peak)}, more than {_human(limit)}; "
+              + (f"fits with {' or '.join(fixes)}" if fixes else "no single key change makes it fit"))
+    return 1 if too_big else 0
 
 
 def _report(out: Path) -> int:

@@ -15,4 +15,5 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
 
 
 METHOD = Method("magnitude", compress_weight, stats="none",
+                workspace=lambda d_out, d_in, cfg: d_out * d_in * (4 + 8 + 1),  # |W|, its sort order, the mask
                 doc="keep the largest `|W_ij|`, per layer (`mask_scope: row` per row), or N:M")

@@ -179,5 +179,6 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
 
 
 METHOD = Method("sparsegpt", compress_weight, stats="gram", keys=KEYS,
+                workspace=lambda d_out, d_in, cfg: 4 * d_in * d_in * 8 + 3 * d_out * d_in * 4,  # H, its factors (float64); W, losses, mask
                 doc="OBS updates with `H = 2XᵀX/n`, adaptive mask per column block of `blocksize`, dampening `percdamp`",
                 paper="Frantar & Alistarh 2023")

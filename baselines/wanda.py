@@ -37,5 +37,6 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
 
 
 METHOD = Method("wanda", compress_weight, stats="diag",
+                workspace=lambda d_out, d_in, cfg: d_out * d_in * (4 + 8 + 1),  # scores, their sort order, the mask
                 doc="keep the largest `|W_ij|·‖X_j‖₂`, per output row (`mask_scope: layer` per layer), or N:M",
                 paper="Sun et al. 2023")

@@ -342,8 +342,16 @@ def validate(cfg: Any) -> None:
                                           "is not checkpointed; set checkpoint_blocks False or recon_target 'dense_block'")
 
 
+def workspace(block_params: int, hidden: int, intermediate: int, cfg: Any) -> int:
+    """Bytes held while reconstructing one block: float32 master weights, masks, gradients and Adam's two
+    moments (5 per parameter), and one step's autograd activations (about 12 hidden-wide and 4
+    intermediate-wide tensors per token of a batch of windows)."""
+    tokens = int(KEYS.value(cfg, "recon_batch_size")) * int(cfg["cal_seqlen"])
+    return 5 * block_params * 4 + tokens * (12 * hidden + 4 * intermediate) * 4
+
+
 BLOCK_UPDATE = BlockUpdate(
-    "reconstruct", reconstruct_block, keys=KEYS, target=target, validate=validate,
+    "reconstruct", reconstruct_block, keys=KEYS, target=target, validate=validate, workspace=workspace,
     doc="after a block's linears are compressed, Adam on its kept weights (masks held exactly; low-rank factors and, "
         "optionally, norms trained) to match the dense block's outputs on the compressed model's inputs "
         "(or, recon_target 'dense_model', the dense model's own activations)",

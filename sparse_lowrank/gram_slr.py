@@ -351,6 +351,7 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
 METHOD = Method(
     "gram_slr", compress_weight, stats="gram", keys=KEYS, lowrank=True, validate=validate,
     build_module=build_module,
+    workspace=lambda d_out, d_in, cfg: 6 * d_in * d_in * 8 + 6 * d_out * d_in * 8,  # H, sqrt H, its inverse (float64); W, S, L, residuals
     doc="full-Gram sparse + low-rank at the OATS budget: alternates a sparse step (OBS sweep or mask + QP) and the "
         "closed-form reduced-rank regression on `tr((W - S - L) H (W - S - L)ᵀ)`",
     paper="HASSLE-free (Makni et al., CPAL 2025); 3BASiL (Makni et al., NeurIPS 2025)",

@@ -55,4 +55,5 @@ METHOD = Method(
     "oats", compress_weight, stats="diag",
     doc="`W·diag(√D) ≈ S + L` by alternating thresholding; `sparsity` is the compression rate, `rank_ratio` κ",
     paper="Zhang & Papyan, ICLR 2025", keys=KEYS, lowrank=True, validate=validate, build_module=build_module, label=label,
+    workspace=lambda d_out, d_in, cfg: 6 * d_out * d_in * 4,  # W D^1/2, S, L, the residual, the threshold's scratch, the mask
 )

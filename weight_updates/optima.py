@@ -245,6 +245,7 @@ def update(weight: Tensor, cw: CompressedWeight, stats: InputStats | None, cfg: 
 
 
 WEIGHT_UPDATE = WeightUpdate("optima", update, stats="gram", keys=KEYS,
+                             workspace=lambda d_out, d_in, cfg: 4 * d_in * d_in * 4 + 4 * d_out * d_in * 4,
                              doc="keep the mask, re-solve the kept weights of every row as a QP on the calibration Gram "
                                  "(for sparse + low-rank answers: the sparse part, U V fixed)",
                              paper="OPTIMA")

@@ -1,0 +1,331 @@
+"""The memory plan of an experiment, before anything loads (``python main.py --plan``).
+
+The model is built from its ``config.json`` on the meta device (no weights), and its shapes give each
+phase's bytes; one block is run on meta tensors to see which linear layers read the same input (they
+share their statistics, as ``oats.pipeline.StatsCollector`` shares them). Per experiment:
+
+- ``weights``: the whole model in memory; with ``lazy_load`` the head (embeddings, final norm, LM
+  head) plus one block (the next block is read after the last one is freed);
+- ``activations``: the calibration hidden states, a block's inputs and its outputs (two copies), plus a
+  third with a block update that matches the dense model's own activations;
+- ``block_forward``: the transient of one block's forward on one calibration batch (q, k, v, attention
+  scores for eager attention, the MLP's intermediate activations);
+- ``statistics``: one accumulator per distinct input of a block, its diagonal (``diag``) or Gram matrix
+  (``gram``) in ``stats_dtype``;
+- ``decomposition``: the largest per-matrix buffer: the framework's copies (the weight in float32, the
+  answer, the float64 error report) plus what the method and the weight update declare
+  (``Method.workspace`` / ``WeightUpdate.workspace``, bytes for one [d_out, d_in] matrix), and a block
+  update's own (``BlockUpdate.workspace``, bytes for one block);
+- ``evaluation``: the logits of one evaluation batch (float32, with the log-softmax and the shifted copy
+  of the NLL) and, streamed under ``lazy_load``, the evaluation windows' hidden states.
+
+The CPU peak is ``floor + weights + max(compression, evaluation)``, where ``floor`` is the interpreter
+with torch, transformers, the tokenizer and the data loaded (``FLOOR_BYTES``, measured; see
+docs/scale.md). On a GPU (``device: cuda``) the weights stay on the CPU and one block at a time moves to
+the device with its activations, statistics and buffers; evaluation puts the whole model there.
+Zero-shot and MMLU (lm_eval) are planned as one evaluation batch of ``zero_shot_batch_size`` windows of
+the model's longest request, which lm_eval caps at ``ZERO_SHOT_CONTEXT`` tokens here.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+from unittest import mock
+
+import torch
+from torch import nn
+
+FLOOR_BYTES = 420 * 2**20  # measured: python + torch + transformers + tokenizer + calibration text, no weights (docs/scale.md)
+ZERO_SHOT_CONTEXT = 512
+FRAMEWORK_BYTES_PER_ELEMENT = 44  # weight f32 clone, answer f32, to_dense f32, the error report's float64 copies (4 + 4 + 4 + 32)
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    d_out: int
+    d_in: int
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the plan needs of a model, read off its weightless skeleton.
+
+    inputs: the linear layers of one block grouped by the input they read (layers in one group share it).
+    """
+
+    n_blocks: int
+    block_params: int
+    head_params: int
+    hidden: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    inputs: tuple[tuple[Linear, ...], ...]
+    eager_attention: bool
+
+    @property
+    def linears(self) -> list[Linear]:
+        return [lin for group in self.inputs for lin in group]
+
+
+def model_config(name: str) -> Any:
+    """The model's ``PretrainedConfig`` without its weights: a local directory's ``config.json``, the
+    embedded model's converted copy (or its GGUF header when not converted yet), or the hub's."""
+    from transformers import AutoConfig
+
+    from oats.models import EMBEDDED, embedded_gguf
+
+    if name in EMBEDDED:
+        from data.files import cache_dir
+
+        converted = cache_dir(EMBEDDED[name][2])
+        if (converted / "config.json").is_file():
+            return AutoConfig.from_pretrained(converted)
+        directory, fname = embedded_gguf(name)
+        return AutoConfig.from_pretrained(directory, gguf_file=fname)
+    return AutoConfig.from_pretrained(name)
+
+
+def skeleton(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model on the meta device (parameters take no memory; buffers such as rotary frequencies stay real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _input_groups(model: nn.Module, layers: Mapping[str, nn.Linear]) -> tuple[tuple[str, ...], ...]:
+    """Linear layers of block 0 grouped by the tensor they read, from one forward on meta tensors;
+    each layer alone when the meta forward fails (an over-estimate of the statistics, never under)."""
+    from oats.architectures import architecture_of, get_blocks
+
+    class _Ran(Exception):
+        pass
+
+    seen: list[tuple[str, Any]] = []
+
+    def run_block_0(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        module.forward(*args, **kwargs)  # the linears' hooks see their inputs
+        raise _Ran
+
+    hooks = [lin.register_forward_hook(lambda mod, inp, out, n=n: seen.append((n, inp[0]))) for n, lin in layers.items()]
+    try:
+        arch = architecture_of(model)
+        if arch.modality != "text":
+            raise NotImplementedError
+        hooks.append(get_blocks(model)[0].register_forward_pre_hook(run_block_0, with_kwargs=True))
+        # the causal-mask helper reads a value (packed sequences) that meta tensors do not have; it does
+        # not change which layers read the same input
+        import transformers.masking_utils as masking
+
+        quiet = (mock.patch.object(masking, "find_packed_sequence_indices", lambda *a, **k: None)
+                 if hasattr(masking, "find_packed_sequence_indices") else contextlib.nullcontext())
+        try:
+            with quiet:
+                model(**arch.inputs(torch.zeros(1, 8, dtype=torch.long, device="meta")))
+        except _Ran:
+            pass
+        groups: dict[int, list[str]] = {}
+        for n, x in seen:
+            groups.setdefault(id(x), []).append(n)
+        if sorted(n for g in groups.values() for n in g) != sorted(layers):
+            raise RuntimeError("not every linear ran")
+        return tuple(tuple(g) for g in groups.values())
+    except Exception:
+        return tuple((n,) for n in layers)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@lru_cache(maxsize=8)
+def weightless_model(name: str) -> nn.Module:
+    """Model ``name`` built from its config on the meta device, once per name: the plan and the
+    preflight's architecture checks read it; nothing loads."""
+    return skeleton(model_config(name))
+
+
+@lru_cache(maxsize=16)
+def shapes_of(name: str) -> Shapes:
+    """The plan's view of model ``name`` (config only, nothing loaded)."""
+    from oats.architectures import get_blocks, linear_layers
+
+    model = weightless_model(name)
+    config = model.config
+    blocks = get_blocks(model)
+    block = blocks[0]
+    layers = linear_layers(block)
+    groups = _input_groups(model, layers)
+    inputs = tuple(tuple(Linear(n, layers[n].out_features, layers[n].in_features) for n in g) for g in groups)
+    block_params = sum(p.numel() for p in block.parameters())
+    in_blocks = {id(p) for p in blocks.parameters()}
+    head_params = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and out_emb is not None and in_emb is not None and out_emb.weight is not in_emb.weight:
+        head_params -= out_emb.weight.numel()  # one tensor once loaded (the skeleton may not tie them)
+    heads = int(getattr(config, "num_attention_heads", 1))
+    impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    return Shapes(
+        n_blocks=len(blocks), block_params=block_params, head_params=head_params, hidden=int(config.hidden_size),
+        vocab=int(getattr(config, "vocab_size", 0)), heads=heads, kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+        head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+        intermediate=int(getattr(config, "intermediate_size", 4 * config.hidden_size)), inputs=inputs,
+        eager_attention=impl == "eager")
+
+
+def _size(dtype: str) -> int:
+    return {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}[dtype]
+
+
+@dataclass
+class MemoryPlan:
+    """Peak bytes of one experiment, by part and by device."""
+
+    name: str
+    device: str
+    parts: dict[str, int] = field(default_factory=dict)
+    cpu_peak: int = 0
+    device_peak: int = 0  # the compute device's (0 on a CPU run)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "device": self.device, "parts": dict(self.parts), "cpu_peak": self.cpu_peak,
+                "device_peak": self.device_peak, "notes": list(self.notes)}
+
+
+def _workspace(plugin: Any, d_out: int, d_in: int, cfg: Any) -> int:
+    fn = getattr(plugin, "workspace", None)
+    return int(fn(d_out, d_in, cfg)) if fn is not None else 0
+
+
+def plan_experiment(cfg: Any, shapes: Shapes | None = None) -> MemoryPlan:
+    """The memory plan of one resolved experiment (see the module docstring for each part)."""
+    from oats.compressor import stats_kind_for
+    from oats.config import selected_plugins
+
+    s = shapes if shapes is not None else shapes_of(cfg.model)
+    plugins = selected_plugins(cfg)
+    method = plugins["method"]
+    E, A, S = _size(cfg.dtype), _size(cfg.dtype), _size(cfg.stats_dtype)
+    block_bytes = s.block_params * E
+    head_bytes = s.head_params * E
+    whole = s.n_blocks * block_bytes + head_bytes
+    on_gpu = str(cfg.device).startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    p = MemoryPlan(cfg.name, "cuda" if on_gpu else "cpu")
+    p.parts["weights"] = head_bytes + block_bytes if cfg.lazy_load else whole
+
+    compression = 0
+    if method.compresses:
+        n, L, b = int(cfg.cal_nsamples), int(cfg.cal_seqlen), int(cfg.cal_batch_size)
+        block_update = plugins.get("block_update")
+        copies = 2 + (block_update is not None and block_update.target is not None and block_update.target(cfg) == "dense_model")
+        p.parts["activations"] = copies * n * L * s.hidden * A
+        qkv = b * L * (s.heads + 2 * s.kv_heads) * s.head_dim * A
+        scores = b * s.heads * L * L * 4 * 2 if s.eager_attention else b * s.heads * L * 4
+        p.parts["block_forward"] = qkv + scores + 3 * b * L * s.intermediate * A + 2 * b * L * s.hidden * A
+        kind = stats_kind_for(cfg)
+        p.parts["statistics"] = sum(g[0].d_in * (g[0].d_in if kind == "gram" else 1) * S for g in s.inputs) if kind != "none" else 0
+        update = plugins.get("weight_update")
+        per_matrix = max(FRAMEWORK_BYTES_PER_ELEMENT * lin.d_out * lin.d_in + _workspace(method, lin.d_out, lin.d_in, cfg)
+                         + (_workspace(update, lin.d_out, lin.d_in, cfg) if update is not None else 0) for lin in s.linears)
+        p.parts["decomposition"] = per_matrix
+        if block_update is not None:
+            fn = getattr(block_update, "workspace", None)
+            p.parts["block_update"] = int(fn(s.block_params, s.hidden, s.intermediate, cfg)) if fn is not None else 4 * s.block_params * 4
+        compression = sum(p.parts.get(k, 0) for k in ("activations", "block_forward", "statistics", "decomposition", "block_update"))
+        if cfg.lazy_load:
+            compression += block_bytes  # the compressed block written to its shard while the next is read
+
+    be, Le = int(cfg.eval_batch_size), int(cfg.eval_seqlen)
+    evaluation = 0
+    if cfg.get("eval_datasets"):
+        evaluation = 3 * be * Le * s.vocab * 4 + 3 * be * Le * s.intermediate * A
+        if cfg.lazy_load:
+            windows = int(cfg.eval_max_windows) if cfg.eval_max_windows else 0
+            if windows:
+                evaluation += 2 * windows * Le * s.hidden * A
+            else:
+                p.notes.append("lazy_load with eval_max_windows None: the streamed hidden states grow with the test split (not planned)")
+    if cfg.get("zero_shot_tasks") or cfg.get("word_perplexity"):
+        bz = int(cfg.get("zero_shot_batch_size") or 1)
+        evaluation = max(evaluation, 3 * bz * ZERO_SHOT_CONTEXT * s.vocab * 4)
+        if cfg.lazy_load:
+            p.parts["weights_lm_eval"] = whole  # lm_eval loads the compressed model whole
+            p.notes.append("lm_eval evaluations load the whole model under lazy_load")
+    p.parts["evaluation"] = evaluation
+    p.parts["floor"] = FLOOR_BYTES
+    if on_gpu:  # in memory, evaluation moves the whole model to the device; lazily, one block at a time
+        p.device_peak = max(block_bytes + compression, (block_bytes if cfg.lazy_load else whole) + evaluation)
+        p.cpu_peak = FLOOR_BYTES + p.parts["weights"] + p.parts.get("weights_lm_eval", 0)
+    else:
+        p.cpu_peak = FLOOR_BYTES + p.parts["weights"] + max(compression, evaluation + p.parts.get("weights_lm_eval", 0))
+    return p
+
+
+def _human(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
+
+
+def plan_markdown(plans: Sequence[MemoryPlan]) -> str:
+    """One row per experiment: each part and the peaks, in MiB/GiB."""
+    parts = ["weights", "activations", "block_forward", "statistics", "decomposition", "block_update", "evaluation"]
+    head = "| experiment | device | " + " | ".join(parts) + " | CPU peak | device peak | notes |"
+    rows = [head, "|" + "---|" * (len(parts) + 5)]
+    for p in plans:
+        cells = [_human(p.parts[k]) if p.parts.get(k) else "–" for k in parts]
+        rows.append(f"| {p.name} | {p.device} | " + " | ".join(cells) +
+                    f" | {_human(p.cpu_peak)} | {_human(p.device_peak) if p.device_peak else '–'} | {'; '.join(p.notes)} |")
+    return "\n".join(rows)
+
+
+def plan_json(plans: Sequence[MemoryPlan]) -> str:
+    return json.dumps([p.as_dict() for p in plans], indent=1)
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process may use: the cgroup limit when one is set, else MemTotal."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+            if text.isdigit() and int(text) < 2**60:
+                return int(text)
+        except OSError:
+            pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# What each key does to the plan, tried in this order when an experiment does not fit.
+REMEDIES: tuple[tuple[str, Any], ...] = (("lazy_load", True), ("cal_batch_size", 1), ("stats_dtype", "float32"),
+                                         ("eval_batch_size", 1))
+
+
+def remedies(cfg: Any, limit: int, shapes: Shapes | None = None) -> list[str]:
+    """The single key changes that bring the CPU peak of ``cfg`` under ``limit`` bytes ('lazy_load: True -> 3.1 GiB')."""
+    import ml_collections
+
+    out = []
+    for key, value in REMEDIES:
+        if cfg.get(key) == value or key not in cfg:
+            continue
+        changed = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+        changed[key] = value
+        peak = plan_experiment(changed, shapes).cpu_peak
+        if peak <= limit:
+            out.append(f"{key}: {value!r} -> {_human(peak)}")
+    return out
