@@ -8,11 +8,14 @@ model's positions; an N:M group divides the model's widths; the evaluation text 
 window (counted with the model's tokenizer when it is on disk already); with ``device_map``, every
 device it or ``max_memory`` names is on this machine, an explicit map names the model's modules and
 covers it, ``max_memory`` can hold one block, and the offload folder can be written; without one, the
-planned peak memory (``oats.plan``, what ``--plan`` prints) fits this machine and its GPU. Every problem is a
+planned peak memory (``oats.plan``, what ``--plan`` prints) fits this machine and its GPU; from the
+model's weightless copy, its modality matches the data's and ``targets`` / ``ignore`` each match a layer
+and leave one to compress. Every problem is a
 ``ConfigError`` naming the experiment and the key.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import math
@@ -32,17 +35,21 @@ EMBEDDED_SHAPES = {"smollm2-135m": {"max_position_embeddings": 8192, "hidden_siz
                                     "vocab_size": 49152, "tie_word_embeddings": True, "model_type": "llama"}}
 
 
-def check_writable(out_root: Path) -> None:
-    """``out_root`` exists or can be made, and a file can be created in it."""
-    out_root = Path(out_root)
+def _writable(folder: Path, key: str, shown: Path, make: bool, hint: str) -> None:
+    """A file can be created in ``folder`` (made first when ``make``), else a ConfigError naming ``key``."""
     try:
-        out_root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out_root, prefix=".oats-write-test-")
+        if make:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".oats-write-test-")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise ConfigError("--out", f"{str(out_root)!r} cannot be written ({type(e).__name__}: {e.strerror or e}); "
-                                   f"choose a writable folder with --out") from None
+        raise ConfigError(key, f"{str(shown)!r} cannot be written ({type(e).__name__}: {e.strerror or e}); {hint}") from None
+
+
+def check_writable(out_root: Path) -> None:
+    """``out_root`` exists or can be made, and a file can be created in it."""
+    _writable(Path(out_root), "--out", Path(out_root), True, "choose a writable folder with --out")
 
 
 def _offline() -> bool:
@@ -229,16 +236,51 @@ def _check_offload_dir(root: Path, name: str, marker: str) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError("offload_dir", f"{str(root)!r} cannot be made: {existing} is not a folder; choose a writable folder")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".oats-write-test-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise ConfigError("offload_dir", f"{str(root)!r} cannot be written ({type(e).__name__}: {e.strerror or e}); "
-                                         f"choose a writable folder") from None
+    _writable(existing, "offload_dir", root, False, "choose a writable folder")
     folder = root / name
     if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
         raise ConfigError("offload_dir", f"{folder} holds files the runner did not write (no {marker} marker); empty it or choose another offload_dir")
+
+
+def check_architecture(cfg: Any) -> None:
+    """What needs only the model's architecture, from its weightless copy (``oats.plan.weightless_model``):
+    the calibration data's modality matches the model's, and the layer selectors ``targets`` / ``ignore``
+    each match a linear layer and together leave at least one to compress. Skipped when the model's
+    config cannot be read here (the load reports it)."""
+    from oats.architectures import ArchitectureError, architecture_of, get_blocks, linear_layers, matrices
+    from oats.config import is_vision_config, selected_plugins
+
+    model = _meta_model(cfg.model)
+    if model is None:
+        return
+    try:
+        arch = architecture_of(model)
+    except Exception:  # no adapter: the load names what to add
+        return
+    if (arch.modality == "vision") != is_vision_config(cfg):
+        what = "an image transformer" if arch.modality == "vision" else "a language model"
+        raise ConfigError("cal_dataset", f"{cfg.cal_dataset!r}, but model {cfg.model!r} is {what}; use "
+                                         + ("an image data set (photos, fashion_mnist, imagefolder)" if arch.modality == "vision" else "a text corpus"))
+    if not selected_plugins(cfg)["method"].compresses:
+        return
+    names: set[str] = set()
+    chosen = 0
+    for i, block in enumerate(get_blocks(model)):
+        for name in linear_layers(block):
+            parts = [p for p, _ in arch.fused[name](model.config)] if name in arch.fused else []
+            names.update([name, f"{i}.{name}", *(f"{n}:{p}" for p in parts for n in (name, f"{i}.{name}"))])
+        try:
+            chosen += len(matrices(i, block, arch, model.config, cfg.targets, cfg.ignore))
+        except ArchitectureError as e:
+            raise ConfigError("targets", str(e)) from None
+    for key in ("targets", "ignore"):
+        for pattern in cfg.get(key) or ():
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                examples = sorted(n for n in names if not n[0].isdigit())[:8]
+                raise ConfigError(key, f"pattern {pattern!r} matches no linear layer of {cfg.model!r}; its layers are named like {examples}")
+    if chosen == 0:
+        raise ConfigError("targets" if cfg.targets is not None else "ignore",
+                          f"targets {cfg.targets!r} with ignore {list(cfg.ignore)!r} leave no linear layer of {cfg.model!r} to compress")
 
 
 def check_memory(cfg: Any) -> None:
@@ -279,6 +321,7 @@ def preflight(cfgs: Sequence[Any], out_root: Path) -> None:
         try:
             check_experiment(cfg)
             check_placement(cfg, out_root)
+            check_architecture(cfg)
             check_memory(cfg)
         except ConfigError as e:
             raise e.within(cfg.name) from None

@@ -143,7 +143,15 @@ def run_task(config_path: str, name: str, cfg_hash: str, out_root: str, force: b
     if config_hash(cfg) != cfg_hash:
         raise ConfigError("name", f"array task for experiment {name!r}: its config in {config_path} changed since submission "
                                   f"(hash {config_hash(cfg)}, submitted {cfg_hash}); nothing run, submit again")
-    log.info("array task: experiment %s (hash %s, SLURM_ARRAY_TASK_ID=%s)", name, cfg_hash, os.environ.get("SLURM_ARRAY_TASK_ID"))
+    log.info("array task: experiment %s (hash %s, SLURM_ARRAY_TASK_ID=%s, CUDA_VISIBLE_DEVICES=%s); submitted as "
+             "run_task(%r, %r, %r, %r, force=%s)", name, cfg_hash, os.environ.get("SLURM_ARRAY_TASK_ID"),
+             os.environ.get("CUDA_VISIBLE_DEVICES"), config_path, name, cfg_hash, out_root, force)
+    try:
+        from oats.plan import plan_markdown, plan_experiment
+
+        log.info("memory plan of %s:\n%s", name, plan_markdown([plan_experiment(cfg)]))
+    except Exception as e:  # the plan is for the log; a model whose config cannot be read here is reported by the run
+        log.info("memory plan of %s: not available (%s: %s)", name, type(e).__name__, e)
     return run_all([cfg], Path(out_root), force=force)
 
 
