@@ -259,9 +259,8 @@ def plan_experiment(cfg: Any, shapes: Shapes | None = None) -> MemoryPlan:
     if cfg.get("zero_shot_tasks") or cfg.get("word_perplexity"):
         bz = int(cfg.get("zero_shot_batch_size") or 1)
         evaluation = max(evaluation, 3 * bz * ZERO_SHOT_CONTEXT * s.vocab * 4)
-        if cfg.lazy_load:
-            p.parts["weights_lm_eval"] = whole  # lm_eval loads the compressed model whole
-            p.notes.append("lm_eval evaluations load the whole model under lazy_load")
+        if cfg.lazy_load:  # lm_eval gets the saved model placed: the head and two blocks in memory (oats.tasks)
+            p.parts["weights_lm_eval"] = head_bytes + 2 * block_bytes
     p.parts["evaluation"] = evaluation
     p.parts["floor"] = FLOOR_BYTES
     if on_gpu:  # in memory, evaluation moves the whole model to the device; lazily, one block at a time

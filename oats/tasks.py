@@ -81,12 +81,17 @@ class TextTask:
             out["eval_tokens"][name] = n_windows(tokens.shape[1], cfg.eval_seqlen, cfg.eval_max_windows) * cfg.eval_seqlen
             return tokens
 
-        if not cfg.get("device_map"):
+        if not cfg.get("device_map") and not (weights.lazy and (cfg.zero_shot_tasks or cfg.word_perplexity)):
             out["metrics"] = evaluate(cfg, tokens_of, self.tokenizer, self._token_perplexity(weights), _whole_model(weights, model_dir, self.device))
             return out
-        placed = PlacedEvaluation(cfg, weights, model_dir, exp_dir)
+        if cfg.get("device_map"):
+            placed = PlacedEvaluation(cfg, weights, model_dir, exp_dir)
+            token_perplexity = placed.perplexity
+        else:  # lazy_load: lm_eval gets the saved model placed with about one block in memory, the rest read from its shards
+            placed = PlacedEvaluation(_one_block_placement(cfg, self.device), weights, model_dir, exp_dir)
+            token_perplexity = self._token_perplexity(weights)
         try:
-            out["metrics"] = evaluate(cfg, tokens_of, self.tokenizer, placed.perplexity, placed.model)
+            out["metrics"] = evaluate(cfg, tokens_of, self.tokenizer, token_perplexity, placed.model)
         finally:
             summary = placed.close()
             if summary is not None:
@@ -114,22 +119,23 @@ def streamed_perplexity(weights: Any, tokens: Tensor, seqlen: int, max_windows: 
 
 
 def _whole_model(weights: Any, model_dir: Path | None, device: torch.device) -> Callable[[], nn.Module]:
-    """The model lm_eval needs whole: in memory, the model itself; lazy, the (compressed) model loaded
-    from its shards, once (memory: the whole model, as lm_eval runs it)."""
-    cache: list[nn.Module] = []
+    """The model lm_eval needs whole, in memory: the model itself on the compute device (a lazily loaded
+    model is placed instead, ``_one_block_placement``)."""
+    return lambda: weights.model.to(device)
 
-    def get() -> nn.Module:
-        if not cache:
-            if weights.lazy:
-                from factored.module import load_compressed
 
-                log.warning("lazy_load: lm_eval needs the whole model; loading it from %s (memory: the whole model)", model_dir)
-                cache.append(load_compressed(model_dir, dtype=weights.dtype).to(device))
-            else:
-                cache.append(weights.model.to(device))
-        return cache[0]
+def _one_block_placement(cfg: Any, device: torch.device) -> Any:
+    """``cfg`` with the placement that keeps about the head and two blocks' weights on the compute device
+    (and nothing else in memory): what ``lazy_load`` gives lm_eval, whose evaluations need the whole model."""
+    import ml_collections
 
-    return get
+    from oats.plan import shapes_of
+
+    s = shapes_of(cfg.model)
+    size = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
+    budget = (s.head_params + 2 * s.block_params) * size
+    memory = {"cuda:0": budget, "cpu": 1} if device.type == "cuda" else {"cpu": budget}
+    return ml_collections.ConfigDict({**cfg.to_dict(), "device_map": "auto", "max_memory": memory, "offload_dir": None})
 
 
 class PlacedEvaluation:

@@ -155,3 +155,6 @@ def test_lazy_zero_shot_matches_in_memory(tmp_path, smollm2, shared_data):
     lazy = json.loads((tmp_path / "lazy" / "x" / "result.json").read_text())
     assert mem["status"] == lazy["status"] == "ok", (mem.get("error"), lazy.get("error"))
     assert lazy["metrics"]["zero_shot"] == pytest.approx(mem["metrics"]["zero_shot"])
+    # lm_eval got the saved model placed: about two blocks' weights in memory, the others read from their shards
+    blocks = lazy["placement"]["blocks"]
+    assert blocks.get("disk", 0) >= 25 and sum(blocks.values()) == 30 and "placement" not in mem, blocks
