@@ -140,3 +140,11 @@ def test_a_run_that_cannot_fit_is_refused_before_any_model_loads(tmp_path, monke
     assert main.main(["--config", str(f), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "config key 'lazy_load'" in err and "it fits with lazy_load: True" in err
+
+
+def test_a_child_process_reports_its_own_peak_not_its_parents():
+    """Linux carries ru_maxrss across fork and exec; the record's peak is the program's own (VmHWM)."""
+    held = torch.ones(100_000_000, dtype=torch.float32)  # 400 MB in this process
+    code = "from oats.experiment import peak_rss_mb; print(peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert float(out) < held.numel() * 4 / 2**20, out
