@@ -17,7 +17,9 @@ share their statistics, as ``oats.pipeline.StatsCollector`` shares them). Per ex
   (``Method.workspace`` / ``WeightUpdate.workspace``, bytes for one [d_out, d_in] matrix), and a block
   update's own (``BlockUpdate.workspace``, bytes for one block);
 - ``evaluation``: the logits of one evaluation batch (float32, with the log-softmax and the shifted copy
-  of the NLL) and, streamed under ``lazy_load``, the evaluation windows' hidden states.
+  of the NLL) and, streamed under ``lazy_load``, the evaluation windows' hidden states; the weights an
+  lm_eval evaluation (or, with ``device_map``, every evaluation) holds when the saved model is loaded
+  placed under ``lazy_load``: the head and two blocks, or what ``max_memory`` gives the CPU.
 
 The CPU peak is ``floor + weights + max(compression, evaluation)``, where ``floor`` is the interpreter
 with torch, transformers, the tokenizer and the data loaded (``FLOOR_BYTES``, measured; see
@@ -259,8 +261,15 @@ def plan_experiment(cfg: Any, shapes: Shapes | None = None) -> MemoryPlan:
     if cfg.get("zero_shot_tasks") or cfg.get("word_perplexity"):
         bz = int(cfg.get("zero_shot_batch_size") or 1)
         evaluation = max(evaluation, 3 * bz * ZERO_SHOT_CONTEXT * s.vocab * 4)
-        if cfg.lazy_load:  # lm_eval gets the saved model placed: the head and two blocks in memory (oats.tasks)
+        if cfg.lazy_load and not cfg.get("device_map"):  # lm_eval gets the saved model placed: the head and two blocks (oats.tasks)
             p.parts["weights_lm_eval"] = head_bytes + 2 * block_bytes
+    if cfg.get("device_map"):  # every metric on the placed model
+        if cfg.lazy_load:  # loaded placed: in memory what max_memory gives the CPU (and a block being read), the rest on disk
+            budget = _cpu_budget(cfg)
+            p.parts["weights_lm_eval"] = whole if budget is None else min(whole, budget + block_bytes)
+            evaluation -= 2 * int(cfg.eval_max_windows or 0) * Le * s.hidden * A if cfg.get("eval_datasets") else 0  # not streamed
+        else:
+            p.notes.append("device_map on a model in memory: it is whole in memory before it is placed")
     p.parts["evaluation"] = evaluation
     p.parts["floor"] = FLOOR_BYTES
     if on_gpu:  # in memory, evaluation moves the whole model to the device; lazily, one block at a time
@@ -269,6 +278,15 @@ def plan_experiment(cfg: Any, shapes: Shapes | None = None) -> MemoryPlan:
     else:
         p.cpu_peak = FLOOR_BYTES + p.parts["weights"] + max(compression, evaluation + p.parts.get("weights_lm_eval", 0))
     return p
+
+
+def _cpu_budget(cfg: Any) -> int | None:
+    """Bytes ``max_memory`` gives the CPU (None: no limit given)."""
+    if not cfg.get("max_memory"):
+        return None
+    from oats.placement import memory_bytes
+
+    return memory_bytes(dict(cfg.max_memory)).get("cpu")
 
 
 def _human(n: int) -> str:

@@ -285,10 +285,9 @@ def check_architecture(cfg: Any) -> None:
 
 def check_memory(cfg: Any) -> None:
     """The experiment's planned peaks (``oats.plan``, what ``--plan`` prints) fit this machine's memory
-    and its GPU's; otherwise a ConfigError naming the key whose change makes it fit. Skipped with a
-    ``device_map`` (evaluation then spills to CPU and disk) and when the model's config cannot be read here."""
-    if cfg.get("device_map"):
-        return
+    and its GPU's; otherwise a ConfigError naming the key whose change makes it fit. The GPU check is
+    skipped with a ``device_map`` (the plan does not split evaluation over GPUs), the whole check when
+    the model's config cannot be read here."""
     from oats.plan import _human, machine_memory, plan_experiment, remedies
 
     try:
@@ -302,7 +301,7 @@ def check_memory(cfg: Any) -> None:
                           f"the run needs about {_human(plan.cpu_peak)} of memory (python main.py --plan), more than this machine's "
                           f"{_human(limit)}; " + (f"it fits with {' or '.join(fixes)}" if fixes else
                                                   "no single key change makes it fit: set lazy_load True and lower cal_nsamples"))
-    if plan.device_peak:
+    if plan.device_peak and not cfg.get("device_map"):
         import torch
 
         if torch.cuda.is_available():

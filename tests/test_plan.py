@@ -148,3 +148,16 @@ def test_a_child_process_reports_its_own_peak_not_its_parents():
     code = "from oats.experiment import peak_rss_mb; print(peak_rss_mb())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert float(out) < held.numel() * 4 / 2**20, out
+
+
+def test_a_placed_lazy_evaluation_holds_what_max_memory_gives_the_cpu(tmp_path):
+    d = str(_llama_dir(tmp_path, hidden=128, inter=320, layers=6, vocab=4096))
+    s = shapes_of(d)
+    base = dict(model=d, method="wanda", device="cpu", cal_nsamples=4, cal_seqlen=32, eval_seqlen=32, eval_max_windows=2, lazy_load=True)
+    whole = (6 * s.block_params + s.head_params) * 4
+    placed = plan_experiment(resolve(ConfigDict({**base, "device_map": "auto", "max_memory": {"cpu": "1MiB"}})))
+    assert placed.parts["weights_lm_eval"] == 2**20 + s.block_params * 4 < whole
+    unlimited = plan_experiment(resolve(ConfigDict({**base, "device_map": "auto"})))
+    assert unlimited.parts["weights_lm_eval"] == whole
+    zero_shot = plan_experiment(resolve(ConfigDict({**base, "eval_datasets": [], "zero_shot_tasks": ["boolq"]})))
+    assert zero_shot.parts["weights_lm_eval"] == (s.head_params + 2 * s.block_params) * 4
