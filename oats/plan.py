@@ -41,6 +41,8 @@ from unittest import mock
 import torch
 from torch import nn
 
+from data.files import torch_dtype
+
 FLOOR_BYTES = 420 * 2**20  # measured: python + torch + transformers + tokenizer + calibration text, no weights (docs/scale.md)
 ZERO_SHOT_CONTEXT = 512
 FRAMEWORK_BYTES_PER_ELEMENT = 44  # weight f32 clone, answer f32, to_dense f32, the error report's float64 copies (4 + 4 + 4 + 32)
@@ -185,10 +187,6 @@ def shapes_of(name: str) -> Shapes:
         eager_attention=impl == "eager")
 
 
-def _size(dtype: str) -> int:
-    return {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}[dtype]
-
-
 @dataclass
 class MemoryPlan:
     """Peak bytes of one experiment, by part and by device."""
@@ -218,7 +216,8 @@ def plan_experiment(cfg: Any, shapes: Shapes | None = None) -> MemoryPlan:
     s = shapes if shapes is not None else shapes_of(cfg.model)
     plugins = selected_plugins(cfg)
     method = plugins["method"]
-    E, A, S = _size(cfg.dtype), _size(cfg.dtype), _size(cfg.stats_dtype)
+    E = A = torch_dtype(cfg.dtype).itemsize  # weights and activations
+    S = torch_dtype(cfg.stats_dtype).itemsize
     block_bytes = s.block_params * E
     head_bytes = s.head_params * E
     whole = s.n_blocks * block_bytes + head_bytes

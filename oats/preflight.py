@@ -30,9 +30,7 @@ from oats.keys import ConfigError, parse_nm
 log = logging.getLogger(__name__)
 
 # What the embedded models' configs say, so nothing needs converting to check a config against them.
-EMBEDDED_SHAPES = {"smollm2-135m": {"max_position_embeddings": 8192, "hidden_size": 576, "intermediate_size": 1536,
-                                    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-                                    "vocab_size": 49152, "tie_word_embeddings": True, "model_type": "llama"}}
+EMBEDDED_SHAPES = {"smollm2-135m": {"max_position_embeddings": 8192, "hidden_size": 576, "intermediate_size": 1536}}
 
 
 def _writable(folder: Path, key: str, shown: Path, make: bool, hint: str) -> None:
@@ -204,10 +202,7 @@ def check_placement(cfg: Any, out_root: Path) -> None:
             use = ["'cpu'", "'disk'"] if key == "device_map" else ["'cpu'"]
             raise ConfigError(key, f"names {absent}, but this machine has {have}; use {' or '.join(use + (['its GPUs'] if gpus else []))}")
     if not isinstance(cfg.device_map, str):
-        try:
-            model = _meta_model(cfg.model)
-        except Exception:  # an unreadable config: the load reports it
-            model = None
+        model = _meta_model(cfg.model)  # None for a config not readable here: the load reports it
         if model is not None:
             check_covers(model, explicit_map(cfg.device_map))
     if cfg.get("max_memory"):
@@ -248,7 +243,8 @@ def check_architecture(cfg: Any) -> None:
     each match a linear layer and together leave at least one to compress. Skipped when the model's
     config cannot be read here (the load reports it)."""
     from oats.architectures import ArchitectureError, architecture_of, get_blocks, linear_layers, matrices
-    from oats.config import is_vision_config, selected_plugins
+    from oats.config import selected_plugins
+    from oats.tasks import check_modality
 
     model = _meta_model(cfg.model)
     if model is None:
@@ -257,10 +253,7 @@ def check_architecture(cfg: Any) -> None:
         arch = architecture_of(model)
     except Exception:  # no adapter: the load names what to add
         return
-    if (arch.modality == "vision") != is_vision_config(cfg):
-        what = "an image transformer" if arch.modality == "vision" else "a language model"
-        raise ConfigError("cal_dataset", f"{cfg.cal_dataset!r}, but model {cfg.model!r} is {what}; use "
-                                         + ("an image data set (photos, fashion_mnist, imagefolder)" if arch.modality == "vision" else "a text corpus"))
+    check_modality(arch.modality, cfg)
     if not selected_plugins(cfg)["method"].compresses:
         return
     names: set[str] = set()

@@ -21,6 +21,9 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor, nn
 
+from data.files import torch_dtype
+from oats.keys import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -38,17 +41,24 @@ class Task(Protocol):
         is the experiment's folder (where a placed evaluation offloads to disk)."""
 
 
-def task_for(cfg: Any, weights: Any, tokenizer: Any, device: torch.device) -> Task:
-    """The task of the model's modality; the config's data must be of the same modality."""
-    from oats.architectures import architecture_of
+def check_modality(modality: str, cfg: Any) -> None:
+    """The config's data are of the model's modality ('text' or 'vision'), else a ConfigError on ``cal_dataset``."""
     from oats.config import is_vision_config
 
-    vision_model = architecture_of(weights.model).modality == "vision"
+    vision_model = modality == "vision"
     if vision_model != is_vision_config(cfg):
         what = "an image transformer" if vision_model else "a language model"
         want = "an image data set (photos, fashion_mnist, imagefolder)" if vision_model else "a text corpus"
-        raise ValueError(f"config key 'cal_dataset': {cfg.cal_dataset!r}, but model {cfg.model!r} is {what}; use {want}")
-    return (VisionTask if vision_model else TextTask)(cfg, weights, tokenizer, device)
+        raise ConfigError("cal_dataset", f"{cfg.cal_dataset!r}, but model {cfg.model!r} is {what}; use {want}")
+
+
+def task_for(cfg: Any, weights: Any, tokenizer: Any, device: torch.device) -> Task:
+    """The task of the model's modality; the config's data must be of the same modality."""
+    from oats.architectures import architecture_of
+
+    modality = architecture_of(weights.model).modality
+    check_modality(modality, cfg)
+    return (VisionTask if modality == "vision" else TextTask)(cfg, weights, tokenizer, device)
 
 
 class TextTask:
@@ -132,7 +142,7 @@ def _one_block_placement(cfg: Any, device: torch.device) -> Any:
     from oats.plan import shapes_of
 
     s = shapes_of(cfg.model)
-    size = torch.empty(0, dtype=getattr(torch, cfg.dtype)).element_size()
+    size = torch_dtype(cfg.dtype).itemsize
     budget = (s.head_params + 2 * s.block_params) * size
     memory = {"cuda:0": budget, "cpu": 1} if device.type == "cuda" else {"cpu": budget}
     return ml_collections.ConfigDict({**cfg.to_dict(), "device_map": "auto", "max_memory": memory, "offload_dir": None})

@@ -17,7 +17,7 @@ from ml_collections import ConfigDict
 
 from oats.config import ConfigError, resolve
 from oats.placement import OFFLOAD_DIR, OFFLOAD_MARKER, device_map_for, explicit_map, place
-from oats.preflight import EMBEDDED_SHAPES, block_bytes
+from oats.preflight import block_bytes
 from oats.sweep import run_all
 from oats.tasks import TextTask
 from oats.weights import InMemoryWeights
@@ -181,7 +181,7 @@ def test_block_bytes_of_smollm2_from_its_shapes():
     per_block = 576 * 576 * 2 + 2 * 576 * 3 * 64 + 3 * 576 * 1536 + 2 * 576
     assert block_bytes("smollm2-135m", "float32") == 4 * per_block
     assert block_bytes("smollm2-135m", "bfloat16") == 2 * per_block
-    model = _smollm2_shapes()  # the shapes against the architecture they describe
+    model = _smollm2_shapes()  # the hand count against the model's own config
     assert sum(p.numel() for p in model.model.layers[0].parameters()) == per_block
     model.tie_weights()
     assert sum(p.numel() for p in model.parameters()) == 30 * per_block + 49152 * 576 + 576  # 134.5 M
@@ -189,11 +189,12 @@ def test_block_bytes_of_smollm2_from_its_shapes():
 
 def _smollm2_shapes():
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    shape = {k: v for k, v in EMBEDDED_SHAPES["smollm2-135m"].items() if k != "model_type"}
+    from oats.plan import model_config
+
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(LlamaConfig(**shape))
+        return AutoModelForCausalLM.from_config(model_config("smollm2-135m"))
 
 
 def _bad_cases(tmp_path: Path, tiny_dir: Path) -> dict[str, tuple[dict, str]]:
