@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="rerun experiments even when their result exists")
     p.add_argument("--report", action="store_true", help="write tables and plots of all results under <out>/report/, then exit")
     p.add_argument("--plan", action="store_true", help="print each experiment's planned peak memory (nothing loads), then exit")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="with --plan: the memory of one GPU to plan against (e.g. 80GiB; default: this machine's first GPU)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     e = p.add_argument_group("export a saved model (an experiment run with save_model: true, or any saved model folder)")
     e.add_argument("--export", metavar="NAME|DIR", default=None,
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from oats.sweep import STATUSES, run_all, status_of
 
     if args.plan:
-        return _plan(cfgs)
+        return _plan(cfgs, args.gpu_memory)
     if args.list:
         from oats.checkpoint import describe
 
@@ -193,20 +194,32 @@ def _export(args: argparse.Namespace, out: Path) -> int:
     return 0
 
 
-def _plan(cfgs: list) -> int:
-    """The memory plan of the selected experiments against this machine's memory; 1 when one does not fit."""
-    from oats.plan import _human, machine_memory, plan_experiment, plan_markdown, remedies
+def _plan(cfgs: list, gpu_memory: str | None = None) -> int:
+    """The memory plan of the selected experiments against this machine's memory and a GPU's (``--gpu-memory``,
+    else this machine's first GPU); 1 when one does not fit."""
+    import torch
+
+    from oats.placement import memory_bytes
+    from oats.plan import _human, gpu_peak, machine_memory, plan_experiment, plan_markdown, remedies
 
     plans = [plan_experiment(c) for c in cfgs]
     limit = machine_memory()
+    gpu_limit = (memory_bytes({"cpu": gpu_memory})["cpu"] if gpu_memory else
+                 torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0)
     print(plan_markdown(plans))
-    print(f"\nthis machine: {_human(limit)} of memory" if limit else "\nthis machine's memory is unknown")
+    print(f"\nthis machine: {_human(limit)} of memory" if limit else "\nthis machine's memory is unknown",
+          f"; a GPU: {_human(gpu_limit)}" if gpu_limit else "; no GPU (--gpu-memory SIZE plans against one)", sep="")
     too_big = [(c, p) for c, p in zip(cfgs, plans) if limit and p.cpu_peak > limit]
     for c, p in too_big:
         fixes = remedies(c, limit)
         print(f"{c.name}: needs {_human(p.cpu_peak)}, more than {_human(limit)}; "
               + (f"fits with {' or '.join(fixes)}" if fixes else "no single key change makes it fit"))
-    return 1 if too_big else 0
+    too_big_gpu = [(c, p) for c, p in zip(cfgs, plans) if gpu_limit and gpu_peak(p) > gpu_limit]
+    for c, p in too_big_gpu:
+        fixes = remedies(c, gpu_limit, gpu=True)
+        print(f"{c.name}: needs {_human(gpu_peak(p))} on one GPU, more than {_human(gpu_limit)}; "
+              + (f"fits with {' or '.join(fixes)}" if fixes else "no single key change makes it fit"))
+    return 1 if too_big or too_big_gpu else 0
 
 
 def _report(out: Path) -> int:

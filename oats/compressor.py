@@ -106,10 +106,10 @@ def compress_model(
             block_records.append(_layer_record(i, m, weight, cw, budget.sparsity, stats, time.perf_counter() - t0))
         merged = {name: _merge(layers[name], parts, name) for name, parts in answers.items()}
         if dense_hidden is not None:
-            dense_hidden = [run_block(block, h, block_inputs.kwargs_for(h)) for h in dense_hidden]
+            dense_hidden = [run_block(block, h, block_inputs.kwargs_for(h), device) for h in dense_hidden]
         if block_update is not None:
             t0 = time.perf_counter()
-            targets = dense_hidden if dense_hidden is not None else [run_block(block, h, block_inputs.kwargs_for(h)) for h in block_inputs.hidden]
+            targets = dense_hidden if dense_hidden is not None else [run_block(block, h, block_inputs.kwargs_for(h), device) for h in block_inputs.hidden]
             updated, info = block_update.apply(block, dict(merged), block_inputs.hidden, block_inputs.kwargs_for, targets, cfg, device)
             kept = _check_masks_kept(merged, updated, {n: len(p) > 1 for n, p in answers.items()})
             merged = updated
@@ -122,8 +122,9 @@ def compress_model(
             log.debug("%s: sparsity %.4f, error %s", r["layer"], r["sparsity"], r["scaled_rel_error"])
         records.extend(block_records)
 
+    stats_device = None if cfg.get("stats_device") is None else torch.device(cfg.stats_device)
     stream(model, inputs, device, stats_kind_for(cfg), on_block, stats_dtype, start_block, after_block,
-           desc=f"compress ({cfg.method})", weights=weights)
+           desc=f"compress ({cfg.method})", weights=weights, stats_device=stats_device)
     return records
 
 

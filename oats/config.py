@@ -91,6 +91,12 @@ def _device_map(v: Any) -> str | None:
     return map_problem(v)
 
 
+def _stats_device(v: str) -> str | None:
+    if v in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", v):
+        return None
+    return f"got {v!r}; allowed values: 'cpu', 'cuda', 'cuda:N' (or None: where the block computes, `device`)"
+
+
 def _max_memory(v: Any) -> str | None:
     from oats.placement import memory_problem
 
@@ -142,6 +148,7 @@ COMMON_KEYS: dict[str, Key] = {
     "data_dir": Key(None, (str,), "local data root laid out like `../shared/data/` (else env `OATS_DATA_DIR`, else the hub)", nullable=True),
     "dtype": Key("float32", (str,), "model weights dtype", choice(*DTYPES)),
     "device": Key("auto", (str,), "compute device (`auto` = cuda when present)", choice(*DEVICES)),
+    "stats_device": Key(None, (str,), "compression: where the calibration hidden states and the input statistics (Gram matrices) live, `cpu`, `cuda` or `cuda:N`; each batch moves to `device` for the block's forward and back, a layer's statistics move to `device` for its solve; None = `device`", _stats_device, nullable=True, result=False),
     "device_map": Key(None, (str, dict, list, tuple), "evaluate placed across devices by accelerate: `auto`, `balanced`, `balanced_low_0` (the GPUs balanced; `_low_0` keeps GPU 0 lightest) or `sequential` (filled in order), then the CPU, then disk; or an explicit map {module: `cuda:N`, `cpu` or `disk`} (a dict, or a list of `module=device` strings); None = the model on `device`", _device_map, nullable=True, result=False),
     "max_memory": Key(None, (dict,), "with device_map: the most each device may hold, {`cuda:N` or `cpu`: bytes or a size such as `70GiB`, `200MiB`}; a device left out gets nothing; None = what is free", _max_memory, nullable=True, result=False),
     "offload_dir": Key(None, (str,), "with device_map, a model in memory: weights mapped to disk go to `<offload_dir>/<name>` (kept); None = `<out>/<name>/offload` (removed after the evaluation); under lazy_load they are read from the model's shards", _offload_dir, nullable=True, result=False),

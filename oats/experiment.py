@@ -113,6 +113,11 @@ def open_weights(cfg: Any):
     return tokenizer, InMemoryWeights(model), None
 
 
+def stats_device_for(cfg: Any, device: torch.device) -> torch.device:
+    """Where the calibration hidden states and statistics live (``stats_device``; default ``device``)."""
+    return device if cfg.get("stats_device") is None else torch.device(cfg.stats_device)
+
+
 def block_sparsities(weights: Any, inputs: BlockInputs, cfg: Any, device: torch.device) -> Allocation:
     """Per-block target sparsity: uniform, or from the selected layerwise plugin, which streams the
     dense model (loaded block by block when the weights are lazy)."""
@@ -125,7 +130,8 @@ def block_sparsities(weights: Any, inputs: BlockInputs, cfg: Any, device: torch.
     stats_dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
 
     def stream_dense(kind: str, on_block: Callable[..., None], desc: str) -> None:
-        stream(weights.model, inputs, device, kind, on_block, stats_dtype, desc=desc, weights=weights)
+        stream(weights.model, inputs, device, kind, on_block, stats_dtype, desc=desc, weights=weights,
+               stats_device=stats_device_for(cfg, device))
 
     allocation = layerwise.allocate(stream_dense, n, cfg)
     if not isinstance(allocation, Allocation) or len(allocation.sparsities) != n:
@@ -154,12 +160,12 @@ def calibrate(cfg: Any, task: Task, weights: Any, device: torch.device, ckpt: An
         if not weights.lazy:  # lazy: the finished blocks are already in their output shards
             ckpt.restore_blocks(weights.model, resumed.last_block)
         set_rng_state(resumed.rng)
-        return Calibrated(resumed.inputs, resumed.records, Allocation(list(resumed.sparsities), resumed.layerwise_info or {}),
+        return Calibrated(resumed.inputs.to(stats_device_for(cfg, device)), resumed.records, Allocation(list(resumed.sparsities), resumed.layerwise_info or {}),
                           resumed.last_block + 1)
     ids = task.calibration_inputs()
     task.prepare_reference()  # on the dense model, before anything is compressed
     weights.load_head()
-    inputs = capture_inputs(weights.model, ids, device, cfg.cal_batch_size)
+    inputs = capture_inputs(weights.model, ids, device, cfg.cal_batch_size, hidden_device=stats_device_for(cfg, device))
     weights.free_head()
     return Calibrated(inputs, [], block_sparsities(weights, inputs, cfg, device))
 

@@ -8,7 +8,10 @@ reference code does, with input statistics gathered by forward hooks.
 2. ``stream`` moves one block at a time to the compute device, collects each linear layer's input
    statistics over all windows (``StatsCollector``), hands them to a per-block callback (which may
    compress the block in place), then runs the windows through the (now compressed) block to get
-   the next block's inputs, and moves the block back to the CPU.
+   the next block's inputs, and moves the block back to the CPU. The calibration hidden states and the
+   statistics may live on another device than the block (``stats_device``: a 70B block on one GPU, its
+   activations and Gram matrices on the CPU or a second GPU); each batch hops to the block's device
+   for its forward and its output hops back.
 3. ``replay_outputs`` runs the model's own forward with its blocks replaced by a replay of streamed
    hidden states, so the head (final norm, LM head) needs no architecture knowledge: streamed
    logits and streamed evaluation (``lazy_load``) both go through it.
@@ -56,15 +59,16 @@ class _StandIn(nn.Module):
 class _Catcher(_StandIn):
     """Stands in for block 0: records its inputs and stops the forward pass."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, hidden_device: torch.device | None = None):
         super().__init__(block)
+        self.hidden_device = hidden_device
         self.hidden: list[Tensor] = []
         self.kwargs: dict[int, dict[str, Any]] = {}  # by batch size
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         if args:  # e.g. ViT/DINOv2 encoders call `layer(hidden_states, attention_mask)`: name them as keywords
             kwargs = _as_keywords(self.block, hidden_states, args, kwargs)
-        self.hidden.append(hidden_states)
+        self.hidden.append(hidden_states if self.hidden_device is None else hidden_states.to(self.hidden_device))
         # Windows have equal length and no padding, so the mask/positions depend on the batch size only.
         self.kwargs.setdefault(hidden_states.shape[0], kwargs)
         raise _Caught
@@ -97,6 +101,10 @@ class BlockInputs:
     def kwargs_for(self, hidden: Tensor) -> dict[str, Any]:
         return self.kwargs[hidden.shape[0]]
 
+    def to(self, device: torch.device) -> "BlockInputs":
+        """The hidden states on ``device`` (the keyword arguments stay with the block's device)."""
+        return BlockInputs([h.to(device) for h in self.hidden], self.kwargs)
+
 
 def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past", "cache_position")}
@@ -106,8 +114,10 @@ def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, input_ids: Tensor, device: torch.device, batch_size: int) -> BlockInputs:
-    """Run ``input_ids`` [n, L] through the embeddings and catch block 0's inputs (on ``device``).
+def capture_inputs(model: nn.Module, input_ids: Tensor, device: torch.device, batch_size: int,
+                   hidden_device: torch.device | None = None) -> BlockInputs:
+    """Run ``input_ids`` [n, L] through the embeddings and catch block 0's inputs (computed on
+    ``device``; the hidden states kept on ``hidden_device``, default ``device``, batch by batch).
 
     Everything but the blocks is moved to ``device`` for this and moved back afterwards.
     """
@@ -115,7 +125,7 @@ def capture_inputs(model: nn.Module, input_ids: Tensor, device: torch.device, ba
     arch = architecture_of(model)
     originals = list(blocks)
     move_non_blocks(model, device)
-    catcher = _Catcher(blocks[0])
+    catcher = _Catcher(blocks[0], hidden_device)
     blocks[0] = catcher
     try:
         for start in range(0, input_ids.shape[0], batch_size):
@@ -145,9 +155,13 @@ def move_non_blocks(model: nn.Module, device: torch.device) -> None:
             blocks[k] = b
 
 
-def run_block(block: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+def run_block(block: nn.Module, hidden: Tensor, kwargs: dict[str, Any], device: torch.device | None = None) -> Tensor:
+    """The block's output hidden states for ``hidden``; with ``device`` (where the block is), the input
+    is moved there for the forward and the output comes back to the input's device."""
+    x = hidden if device is None else hidden.to(device)
+    out = block(x, **kwargs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out if device is None else out.to(hidden.device)
 
 
 class StatsCollector:
@@ -156,12 +170,18 @@ class StatsCollector:
     kind 'diag' keeps sum_t x_t^2 per input feature; 'gram' also keeps sum_t x_t^T x_t.
     Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator: the aliasing is
     read off the first batch by tensor identity and reused afterwards.
+
+    device: where the accumulators live (default: where the inputs are); ``stats(name)`` hands them
+    out on ``serve_device`` (default: where they live), so a method sees its weight and its statistics
+    on one device wherever the accumulators are kept.
     """
 
-    def __init__(self, layers: dict[str, nn.Linear], kind: str, dtype: torch.dtype = torch.float32):
+    def __init__(self, layers: dict[str, nn.Linear], kind: str, dtype: torch.dtype = torch.float32,
+                 device: torch.device | None = None, serve_device: torch.device | None = None):
         if kind not in ("diag", "gram"):
             raise ValueError(f"statistics kind {kind!r}; allowed: 'diag', 'gram'")
         self.layers, self.kind, self.dtype = layers, kind, dtype
+        self.device, self.serve_device = device, serve_device
         self.owner: dict[str, str] = {}  # layer -> layer whose accumulator it shares
         self.sq: dict[str, Tensor] = {}
         self.gram: dict[str, Tensor] = {}
@@ -197,7 +217,7 @@ class StatsCollector:
                 self._batch_inputs.append((x, name))
             elif self.owner[name] != name:
                 return
-            x2 = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
+            x2 = x.detach().reshape(-1, x.shape[-1]).to(device=self.device or x.device, dtype=self.dtype)
             if name not in self.sq:
                 self.sq[name] = torch.zeros(x2.shape[1], dtype=self.dtype, device=x2.device)
                 self.n[name] = 0
@@ -212,7 +232,11 @@ class StatsCollector:
 
     def stats(self, name: str) -> InputStats:
         o = self.owner[name]
-        return InputStats(sq_norms=self.sq[o], n_tokens=self.n[o], gram=self.gram.get(o))
+        gram = self.gram.get(o)
+        if self.serve_device is None:
+            return InputStats(sq_norms=self.sq[o], n_tokens=self.n[o], gram=gram)
+        return InputStats(sq_norms=self.sq[o].to(self.serve_device), n_tokens=self.n[o],
+                          gram=None if gram is None else gram.to(self.serve_device))
 
 
 class WeightSource(Protocol):
@@ -258,6 +282,7 @@ def stream(
     after_block: Callable[[int, nn.Module, BlockInputs], None] | None = None,
     desc: str = "blocks",
     weights: WeightSource | None = None,
+    stats_device: torch.device | None = None,
 ) -> BlockInputs:
     """Stream calibration inputs through the blocks from ``start_block`` on.
 
@@ -265,7 +290,10 @@ def stream(
     ``stats_kind`` != 'none'), then ``on_block(i, block, linears, collector, inputs)`` (which may modify
     the block in place), then the block's outputs on all batches become the next block's inputs.
     ``after_block(i, block, next_inputs)`` sees each finished block (shards, checkpoints, tests), then
-    ``weights.free_block(i)``. ``weights`` defaults to the model in memory. Returns the last block's outputs.
+    ``weights.free_block(i)``. ``weights`` defaults to the model in memory. The hidden states stay on
+    the device they come on (each batch runs on ``device`` and its output comes back); the statistics
+    accumulate on ``stats_device`` (default ``device``) and reach ``on_block`` on ``device``. Returns
+    the last block's outputs.
     """
     if stats_kind not in STATS_KINDS:
         raise ValueError(f"stats kind {stats_kind!r}; allowed: {STATS_KINDS}")
@@ -278,14 +306,16 @@ def stream(
         layers = linear_layers(block)
         collector = None
         if stats_kind != "none":
-            collector = StatsCollector(layers, stats_kind, stats_dtype)
+            apart = stats_device is not None and stats_device != device
+            collector = StatsCollector(layers, stats_kind, stats_dtype, device=stats_device if apart else None,
+                                       serve_device=device if apart else None)
             with collector:
                 for h in hidden:
-                    run_block(block, h, inputs.kwargs_for(h))
+                    run_block(block, h, inputs.kwargs_for(h), device)
                     collector.end_batch()
         on_block(i, block, layers, collector, BlockInputs(hidden, inputs.kwargs))
         del collector
-        hidden = [run_block(block, h, inputs.kwargs_for(h)) for h in hidden]
+        hidden = [run_block(block, h, inputs.kwargs_for(h), device) for h in hidden]
         blocks[i] = block.to("cpu")
         if after_block is not None:
             after_block(i, blocks[i], BlockInputs(hidden, inputs.kwargs))

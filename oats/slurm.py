@@ -126,6 +126,23 @@ def make_executor(opts: SlurmOptions, folder: str | Path):
     return ex
 
 
+def with_task_gpus(cfg: Any, gpus: int | None = None) -> Any:
+    """A task given several GPUs (``--gpus N``) uses them: an experiment that names no ``device_map``
+    is evaluated placed across them (``device_map: 'auto'``, not hashed: the numbers are the same).
+    Compression streams one block on ``device`` either way; vision models are not placed."""
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    from oats.config import is_vision_config
+
+    if gpus > 1 and cfg.get("device_map") is None and cfg.get("device") != "cpu" and not is_vision_config(cfg):
+        cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else dict(cfg)
+        cfg["device_map"] = "auto"
+        log.info("%d GPUs: %s is evaluated placed across them (device_map 'auto')", gpus, cfg["name"])
+    return cfg
+
+
 def run_task(config_path: str, name: str, cfg_hash: str, out_root: str, force: bool = False) -> dict[str, str]:
     """One array task: run the experiment called ``name`` of the config file, and only if its config
     still has the hash it had at submission. The file is read again when the task starts (it may wait
@@ -143,6 +160,7 @@ def run_task(config_path: str, name: str, cfg_hash: str, out_root: str, force: b
     if config_hash(cfg) != cfg_hash:
         raise ConfigError("name", f"array task for experiment {name!r}: its config in {config_path} changed since submission "
                                   f"(hash {config_hash(cfg)}, submitted {cfg_hash}); nothing run, submit again")
+    cfg = with_task_gpus(cfg)
     log.info("array task: experiment %s (hash %s, SLURM_ARRAY_TASK_ID=%s, CUDA_VISIBLE_DEVICES=%s); submitted as "
              "run_task(%r, %r, %r, %r, force=%s)", name, cfg_hash, os.environ.get("SLURM_ARRAY_TASK_ID"),
              os.environ.get("CUDA_VISIBLE_DEVICES"), config_path, name, cfg_hash, out_root, force)
