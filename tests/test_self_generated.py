@@ -248,6 +248,21 @@ def test_bad_calibration_config_fails_in_one_line_before_any_model_loads(case, t
     assert err.count("\n") == 0 and message in err, err
 
 
+def test_a_local_image_transformer_is_refused_before_it_loads_and_when_it_runs(tmp_path):
+    import transformers as T
+
+    from oats.experiment import run_experiment
+    from oats.preflight import preflight
+
+    T.Dinov2Model(T.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=28,
+                                 patch_size=7)).save_pretrained(tmp_path / "dino")
+    cfg = resolve(ConfigDict(dict(model=str(tmp_path / "dino"), method="wanda", cal_dataset=["pydoc", SELF_GENERATED], device="cpu")))
+    with pytest.raises(ConfigError, match="is an image transformer, which cannot generate text"):
+        preflight([cfg], tmp_path / "out")
+    with pytest.raises(ConfigError, match="is an image transformer, which cannot generate text"):
+        run_experiment(cfg, tmp_path / "out" / "x")
+
+
 def test_a_model_that_cannot_generate_is_refused_by_the_preflight(monkeypatch):
     from oats import preflight
 
