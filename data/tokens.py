@@ -73,3 +73,16 @@ def calibration_windows(
         chosen = sorted(rng.sample(range(n_windows), nsamples))
         return torch.stack([stream[i * seqlen : (i + 1) * seqlen] for i in chosen])
     raise DataError(f"calibration sampler {sampler!r}; allowed: 'random_windows', 'concat_docs'")
+
+
+def mix_counts(nsamples: int, shares: list[float]) -> list[int]:
+    """How many of ``nsamples`` windows each source of a mix gives, in proportion to ``shares`` (summing
+    to 1): each gets the whole part of ``nsamples * share``, and the windows left over go one each to
+    the largest remainders (the earlier source on a tie). Sums to ``nsamples``; no randomness."""
+    exact = [nsamples * s for s in shares]
+    counts = [int(x) for x in exact]
+    left = nsamples - sum(counts)
+    by_remainder = sorted(range(len(shares)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[:left]:
+        counts[i] += 1
+    return counts

@@ -44,11 +44,29 @@ def _datasets(v: Sequence[str]) -> str | None:
     return f"unknown data set(s) {bad}; allowed values: {list(DATASET_NAMES)}" if bad else None
 
 
-def _cal_dataset(v: str) -> str | None:
+def _cal_dataset(v: str | list[str]) -> str | None:
     from data import DATASET_NAMES
+    from data.self_generated import SELF_GENERATED
     from data.vision import VISION_DATASETS
 
-    return choice(*DATASET_NAMES, *VISION_DATASETS)(v)
+    if isinstance(v, str):
+        return choice(*DATASET_NAMES, SELF_GENERATED, *VISION_DATASETS)(v)
+    if not v:
+        return "got an empty list; name one calibration source, or several to mix them (with cal_mix)"
+    images = [d for d in v if d in VISION_DATASETS]
+    if images:
+        return f"got {v!r}; image data sets ({', '.join(images)}) cannot be mixed: give one as a string"
+    bad = [d for d in v if d not in (*DATASET_NAMES, SELF_GENERATED)]
+    if bad:
+        return f"unknown source(s) {bad} in {v!r}; allowed values in a mix: {', '.join(map(repr, (*DATASET_NAMES, SELF_GENERATED)))}"
+    twice = sorted({d for d in v if v.count(d) > 1})
+    return f"names {twice} more than once; name each source once and give its share in cal_mix" if twice else None
+
+
+def _cal_mix(v: list[float] | None) -> str | None:
+    if any(s <= 0 for s in v):
+        return f"got {v!r}; every share must be > 0 (leave a source out of cal_dataset instead)"
+    return None if abs(sum(v) - 1.0) <= 1e-6 else f"got {v!r}, which sums to {sum(v):g}; the shares must sum to 1"
 
 
 def _vision_evals(v: Sequence[str]) -> str | None:
@@ -125,7 +143,7 @@ COMMON_KEYS: dict[str, Key] = {
     "targets": Key(None, (list, tuple), "fnmatch patterns of the linear layers to compress (`self_attn.*`, `3.mlp.down_proj`, `qkv_proj:q`); None = all", nullable=True),
     "ignore": Key((), (list, tuple), "fnmatch patterns of linear layers never compressed (matched like `targets`)"),
     # --- calibration ---------------------------------------------------------------------------
-    "cal_dataset": Key("pydoc", (str,), "calibration corpus; `photos`, `fashion_mnist` or `imagefolder` make a vision experiment (see `VISION_KEYS`)", _cal_dataset),
+    "cal_dataset": Key("pydoc", (str, list, tuple), "calibration corpus: a text corpus, `self_generated` (text sampled from the dense model, see `cal_temperature`), or a list of these mixed by `cal_mix`; `photos`, `fashion_mnist` or `imagefolder` make a vision experiment (see `VISION_KEYS`)", _cal_dataset),
     "cal_nsamples": Key(128, (int,), "number of calibration windows", positive),
     "cal_seqlen": Key(2048, (int,), "tokens per calibration window", positive),
     "cal_sampler": Key("random_windows", (str,), "`random_windows` (Wanda/SparseGPT, seeded) or `concat_docs` (OATS/SliceGPT: consecutive documents joined and cut)", choice(*SAMPLERS)),
@@ -178,15 +196,53 @@ VISION_KEYS: dict[str, Key] = {
 }
 
 
+# Keys of self-generated calibration text, accepted, validated and hashed only when `cal_dataset` names
+# `self_generated`; the mix's shares only when `cal_dataset` is a list. So neither changed an existing hash.
+SELF_GENERATED_KEYS: dict[str, Key] = {
+    "cal_temperature": Key(1.0, (float, int), "self_generated: sampling temperature of the dense model's text", positive),
+    "cal_top_p": Key(1.0, (float, int), "self_generated: nucleus sampling, the most probable tokens whose mass reaches top_p (1 = all)", interval(0.0, 1.0, lo_closed=False, hi_closed=True)),
+}
+MIX_KEYS: dict[str, Key] = {
+    "cal_mix": Key(None, (list, tuple), "with a list `cal_dataset`: each source's share of the `cal_nsamples` windows, in the list's order, summing to 1 (None = equal shares); counts are rounded by largest remainder and recorded", _cal_mix, nullable=True, item_types=(float, int)),
+}
+
+
 def is_vision_config(raw: Mapping[str, Any]) -> bool:
     """A vision experiment: its calibration data are images."""
     from data.vision import VISION_DATASETS
 
-    return raw.get("cal_dataset") in VISION_DATASETS
+    return isinstance(raw.get("cal_dataset"), str) and raw.get("cal_dataset") in VISION_DATASETS
+
+
+def cal_names(raw: Mapping[str, Any]) -> list[str]:
+    """The calibration sources ``cal_dataset`` names (one, or a mix's list)."""
+    v = raw.get("cal_dataset", COMMON_KEYS["cal_dataset"].default)
+    return [v] if isinstance(v, str) else list(v)
+
+
+def uses_self_generated(raw: Mapping[str, Any]) -> bool:
+    from data.self_generated import SELF_GENERATED
+
+    return SELF_GENERATED in cal_names(raw)
+
+
+def cal_sources(cfg: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """[(source, windows)] of a resolved config: ``cal_nsamples`` split over the mix by ``cal_mix``."""
+    from data.tokens import mix_counts
+
+    names = cal_names(cfg)
+    if len(names) == 1 and isinstance(cfg["cal_dataset"], str):
+        return [(names[0], int(cfg["cal_nsamples"]))]
+    shares = cfg.get("cal_mix") or [1.0 / len(names)] * len(names)
+    return list(zip(names, mix_counts(int(cfg["cal_nsamples"]), list(shares))))
 
 
 def task_keys(out: Mapping[str, Any]) -> dict[str, Key]:
-    return VISION_KEYS if is_vision_config(out) else {}
+    """The keys the calibration data bring: vision keys for images; self-generation and mix keys for text."""
+    if is_vision_config(out):
+        return VISION_KEYS
+    return {**(SELF_GENERATED_KEYS if uses_self_generated(out) else {}),
+            **(MIX_KEYS if not isinstance(out.get("cal_dataset"), str) else {})}
 
 
 def mode_keys(plugins: Mapping[str, Any]) -> dict[str, Key]:
@@ -225,9 +281,11 @@ def plugin_keys(plugins: Mapping[str, Any]) -> dict[str, Key]:
 
 def key_owners() -> dict[str, tuple[Key, list[str]]]:
     """Every key any config may hold: {key: (its declaration, its owners)}, in declaration order. Owners
-    are 'common', 'vision', 'compress mode' or "<kind> '<name>'" for each registered plugin declaring it."""
+    are 'common', 'vision', 'self_generated', 'calibration mix', 'compress mode' or "<kind> '<name>'" for each
+    registered plugin declaring it."""
     out: dict[str, tuple[Key, list[str]]] = {}
-    for owner, table in (("common", COMMON_KEYS), ("vision", VISION_KEYS), ("compress mode", COMPRESS_KEYS)):
+    for owner, table in (("common", COMMON_KEYS), ("vision", VISION_KEYS), ("self_generated", SELF_GENERATED_KEYS),
+                         ("calibration mix", MIX_KEYS), ("compress mode", COMPRESS_KEYS)):
         for k, spec in table.items():
             out[k] = (spec, [owner])
     for kind in registry.KINDS:
@@ -239,7 +297,7 @@ def key_owners() -> dict[str, tuple[Key, list[str]]]:
 
 def _owner_of(key: str) -> list[str]:
     """"method 'oats'" ... for every registered plugin that declares ``key`` (for the error message)."""
-    return [o for o in key_owners().get(key, (None, []))[1] if o not in ("common", "vision", "compress mode")]
+    return [o for o in key_owners().get(key, (None, []))[1] if o not in ("common", "vision", "self_generated", "calibration mix", "compress mode")]
 
 
 def all_known_keys() -> list[str]:
@@ -301,6 +359,10 @@ def _resolve(raw: dict[str, Any]) -> ml_collections.ConfigDict:
         k = unknown[0]
         if k in VISION_KEYS:
             raise ConfigError(k, f"is a vision key; it applies only when cal_dataset is an image data set (photos, fashion_mnist, imagefolder), not {out['cal_dataset']!r}")
+        if k in SELF_GENERATED_KEYS:
+            raise ConfigError(k, f"applies only when cal_dataset names 'self_generated' (alone or in a list), not {out['cal_dataset']!r}; remove it")
+        if k in MIX_KEYS:
+            raise ConfigError(k, f"gives the shares of a mix: it applies only when cal_dataset is a list of sources, not {out['cal_dataset']!r}")
         if k in COMPRESS_KEYS:
             raise ConfigError(k, f"is a compress-mode key; it applies only to methods with a compress mode "
                                  f"({', '.join(sorted(n for n, m in registry.declared('method').items() if m.build_module is not None))}), not {out['method']!r}")
@@ -336,6 +398,7 @@ def _check_combinations(out: dict[str, Any], plugins: Mapping[str, Any]) -> None
         raise ConfigError("eval_datasets", "is empty and neither zero_shot_tasks nor word_perplexity is set: the experiment "
                                            "would record no metric; name a data set (e.g. ['pydoc']) or a task")
     _check_placement(out)
+    _check_calibration(out)
     if out["export_format"] and not out["save_model"]:
         raise ConfigError("export_format", f"{out['export_format']!r} exports the saved model: set save_model True too")
     if not method.compresses:
@@ -347,6 +410,20 @@ def _check_combinations(out: dict[str, Any], plugins: Mapping[str, Any]) -> None
     for kind in ("weight_update", "block_update"):
         if kind in plugins and not method.produces_mask:
             raise ConfigError(kind, f"{out[kind]!r} needs a method whose answer has a mask; {method.name!r} has none")
+
+
+def _check_calibration(out: dict[str, Any]) -> None:
+    """A mix's shares match its list and give every source a window; self-generated text needs the model in memory."""
+    if not isinstance(out["cal_dataset"], str):
+        names, shares = out["cal_dataset"], out["cal_mix"]
+        if shares is not None and len(shares) != len(names):
+            raise ConfigError("cal_mix", f"got {len(shares)} shares {shares!r} for the {len(names)} sources {names!r}; give one share per source, in the same order")
+        empty = [n for n, k in cal_sources(out) if k == 0]
+        if empty:
+            raise ConfigError("cal_mix", f"gives {empty} none of the cal_nsamples={out['cal_nsamples']} windows; raise cal_nsamples or their shares")
+    if uses_self_generated(out) and out["lazy_load"]:
+        raise ConfigError("cal_dataset", "'self_generated' samples text from the whole dense model in memory, which lazy_load never holds; "
+                                         "set lazy_load False or calibrate on a corpus")
 
 
 def _check_placement(out: dict[str, Any]) -> None:
@@ -445,7 +522,8 @@ def keys_markdown() -> str:
              "Generated from the key tables by `oats.config.keys_markdown()` (a test fails when this page and the code differ);",
              "regenerate with `python -c \"import oats.config as c; print(c.keys_markdown(), end='')\" > docs/config-keys.md`.",
              "An experiment accepts the common keys plus the keys of what it selects: its method, `layerwise`, `weight_update`",
-             "and `block_update` plugins, compress mode (methods with a compress mode) and the vision keys (image data sets).",
+             "and `block_update` plugins, compress mode (methods with a compress mode), the vision keys (image data sets),",
+             "the self_generated keys (`cal_dataset` names `self_generated`) and the calibration mix (`cal_dataset` is a list).",
              "Keys marked *not hashed* change how a run goes, never what it computes. Back to the [README](../README.md).", "",
              "| key | default | owners | meaning |", "|---|---|---|---|"]
     for k, (spec, owners) in key_owners().items():

@@ -33,7 +33,8 @@ Check = Callable[[Any], "str | None"]  # returns an error message, or None if th
 class Key:
     """One config key: its default, accepted Python types, doc line, an optional extra check, and
     whether None is allowed. ``result`` False keeps a key out of the config hash (it changes how a
-    run goes, never what it computes: threads, checkpointing)."""
+    run goes, never what it computes: threads, checkpointing). A list value's items must be of
+    ``item_types`` (strings unless a key says otherwise)."""
 
     default: Any
     types: tuple[type, ...]
@@ -41,6 +42,7 @@ class Key:
     check: Check | None = None
     nullable: bool = False
     result: bool = True
+    item_types: tuple[type, ...] = (str,)
 
     def validate(self, name: str, value: Any) -> Any:
         """``value`` checked against this key (lists normalised), or ConfigError naming ``name``."""
@@ -57,8 +59,12 @@ class Key:
             raise ConfigError(name, f"got {value!r}; must be a finite number")
         if isinstance(value, (list, tuple)):
             value = list(value)
-            if not all(isinstance(v, str) for v in value):
-                raise ConfigError(name, f"got {value!r}; expected a list of strings")
+            items = self.item_types
+            if not all(isinstance(v, items) and (bool in items or not isinstance(v, bool)) for v in value):
+                kinds = "strings" if items == (str,) else "numbers" if set(items) <= {int, float} else "/".join(t.__name__ for t in items)
+                raise ConfigError(name, f"got {value!r}; expected a list of {kinds}")
+            if any(isinstance(v, float) and not math.isfinite(v) for v in value):
+                raise ConfigError(name, f"got {value!r}; every number must be finite")
         if self.check is not None:
             msg = self.check(value)
             if msg:

@@ -9,8 +9,9 @@ window (counted with the model's tokenizer when it is on disk already); with ``d
 device it or ``max_memory`` names is on this machine, an explicit map names the model's modules and
 covers it, ``max_memory`` can hold one block, and the offload folder can be written; a ``stats_device``
 GPU is on this machine; the planned peak memory (``oats.plan``, what ``--plan`` prints) fits this
-machine and each GPU it uses; from the
-model's weightless copy, its modality matches the data's and ``targets`` / ``ignore`` each match a layer
+machine and each GPU it uses; from the model's weightless copy, its modality matches the data's, it can
+generate when ``cal_dataset`` asks for ``self_generated`` text (an image transformer cannot), and
+``targets`` / ``ignore`` each match a layer
 and leave one to compress. Every problem is a
 ``ConfigError`` naming the experiment and the key.
 """
@@ -110,16 +111,24 @@ def check_experiment(cfg: Any) -> None:
     from oats.config import selected_plugins
     from oats.models import ModelLoadError
 
-    from oats.config import is_vision_config
+    from oats.config import cal_names, is_vision_config, uses_self_generated
 
     if is_vision_config(cfg):
         return  # images: their folders and the model are checked by oats.vision_task when it loads them
+    if uses_self_generated(cfg):
+        from oats.tasks import cannot_generate
+        from oats.vision_models import is_vision_model
+
+        if is_vision_model(cfg.model):
+            raise ConfigError("cal_dataset", cannot_generate(cfg.model, "an image transformer"))
     method = selected_plugins(cfg)["method"]
     try:
         conf = _model_config(cfg.model)
     except ModelLoadError as e:
         raise ConfigError("model", str(e).split(": ", 1)[-1]) from None
-    datasets = [("cal_dataset", cfg.cal_dataset, "train")] if method.compresses else []
+    from data.self_generated import SELF_GENERATED
+
+    datasets = [("cal_dataset", d, "train") for d in cal_names(cfg) if d != SELF_GENERATED] if method.compresses else []
     datasets += [("eval_datasets", d, "test") for d in cfg.eval_datasets]
     for key, name, split in datasets:
         if name != "pydoc" and not (cfg.data_dir or os.environ.get("OATS_DATA_DIR")) and _offline():
@@ -246,12 +255,13 @@ def _check_offload_dir(root: Path, name: str, marker: str) -> None:
 
 def check_architecture(cfg: Any) -> None:
     """What needs only the model's architecture, from its weightless copy (``oats.plan.weightless_model``):
-    the calibration data's modality matches the model's, and the layer selectors ``targets`` / ``ignore``
-    each match a linear layer and together leave at least one to compress. Skipped when the model's
-    config cannot be read here (the load reports it)."""
+    the calibration data's modality matches the model's, a model asked for ``self_generated`` text can
+    generate, and the layer selectors ``targets`` / ``ignore`` each match a linear layer and together
+    leave at least one to compress. Skipped when the model's config cannot be read here (the load
+    reports it)."""
     from oats.architectures import ArchitectureError, architecture_of, get_blocks, linear_layers, matrices
-    from oats.config import selected_plugins
-    from oats.tasks import check_modality
+    from oats.config import selected_plugins, uses_self_generated
+    from oats.tasks import cannot_generate, check_modality
 
     model = _meta_model(cfg.model)
     if model is None:
@@ -261,6 +271,8 @@ def check_architecture(cfg: Any) -> None:
     except Exception:  # no adapter: the load names what to add
         return
     check_modality(arch.modality, cfg)
+    if uses_self_generated(cfg) and not model.can_generate():
+        raise ConfigError("cal_dataset", cannot_generate(cfg.model, f"a {type(model).__name__}"))
     if not selected_plugins(cfg)["method"].compresses:
         return
     names: set[str] = set()

@@ -2,7 +2,8 @@
 ``modality``): a task gives the calibration inputs, prepares what evaluation compares against while the
 model is still dense, and evaluates the (compressed) model into the record's fields.
 
-- ``TextTask``: token windows of ``cal_dataset``; token perplexity on ``eval_datasets`` (streamed block
+- ``TextTask``: token windows of ``cal_dataset`` (a corpus, text the dense model writes, or a mix of
+  these); token perplexity on ``eval_datasets`` (streamed block
   by block under ``lazy_load``) and the lm_eval evaluations (``eval.evaluate``). With ``device_map``
   every metric runs on the model placed across devices (``oats.placement``): the model in memory
   dispatched, or under ``lazy_load`` the saved model loaded placed from its shards.
@@ -41,11 +42,19 @@ class Task(Protocol):
         is the experiment's folder (where a placed evaluation offloads to disk)."""
 
 
+def cannot_generate(model: str, what: str) -> str:
+    """The one-line reason a model cannot give ``self_generated`` calibration text."""
+    return (f"'self_generated' samples calibration text from the model, and {model!r} is {what}, which cannot generate "
+            f"text; calibrate it on its own kind of data")
+
+
 def check_modality(modality: str, cfg: Any) -> None:
     """The config's data are of the model's modality ('text' or 'vision'), else a ConfigError on ``cal_dataset``."""
-    from oats.config import is_vision_config
+    from oats.config import is_vision_config, uses_self_generated
 
     vision_model = modality == "vision"
+    if vision_model and uses_self_generated(cfg):
+        raise ConfigError("cal_dataset", cannot_generate(cfg.model, "an image transformer"))
     if vision_model != is_vision_config(cfg):
         what = "an image transformer" if vision_model else "a language model"
         want = "an image data set (photos, fashion_mnist, imagefolder)" if vision_model else "a text corpus"
@@ -67,13 +76,46 @@ class TextTask:
     modality = "text"
 
     def __init__(self, cfg: Any, weights: Any, tokenizer: Any, device: torch.device):
-        self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
+        self.cfg, self.weights, self.tokenizer, self.device = cfg, weights, tokenizer, device
+        self.generated: dict[str, Any] | None = None  # the self-generated windows' fingerprint, once made
 
     def calibration_inputs(self) -> Tensor:
+        """[cal_nsamples, cal_seqlen] token ids: each source's share of the windows (``oats.config.cal_sources``),
+        in ``cal_dataset``'s order; ``self_generated`` windows come from the model, so call this while it is dense."""
         from data import calibration_windows
+        from data.self_generated import SELF_GENERATED, self_generated_windows
+        from oats.config import cal_sources
 
         c = self.cfg
-        return calibration_windows(self.tokenizer, c.cal_dataset, c.cal_nsamples, c.cal_seqlen, c.cal_sampler, c.seed, c.data_dir)
+        sources = cal_sources(c)
+        parts = []
+        for name, n in sources:
+            if name == SELF_GENERATED:
+                tokens, self.generated = self_generated_windows(self.weights.model, self.tokenizer, c.model, c.dtype, n, c.cal_seqlen,
+                                                                c.seed, c.cal_temperature, c.cal_top_p, c.cal_batch_size, self.device)
+            else:
+                tokens = calibration_windows(self.tokenizer, name, n, c.cal_seqlen, c.cal_sampler, c.seed, c.data_dir)
+            parts.append(tokens)
+        if len(sources) > 1:
+            log.info("calibration mix: %s windows of %d tokens", ", ".join(f"{n} {name}" for name, n in sources), c.cal_seqlen)
+        return torch.cat(parts)
+
+    def calibration_record(self) -> dict[str, Any]:
+        """The record's ``calibration`` of a mix or of self-generated text: windows per source, and the
+        generated windows' fingerprint (a resumed run reads it from the cache); empty for one corpus."""
+        from data.self_generated import SELF_GENERATED, cache_key, cached_fingerprint
+        from oats.config import cal_sources
+
+        c = self.cfg
+        sources = cal_sources(c)
+        if isinstance(c.cal_dataset, str) and c.cal_dataset != SELF_GENERATED:
+            return {}
+        out: dict[str, Any] = {"windows": dict(sources)}
+        n_generated = dict(sources).get(SELF_GENERATED)
+        if n_generated:
+            out[SELF_GENERATED] = self.generated or cached_fingerprint(
+                cache_key(c.model, c.dtype, c.seed, c.cal_temperature, c.cal_top_p, n_generated, c.cal_seqlen))
+        return out
 
     def prepare_reference(self) -> None:
         pass  # perplexity and zero-shot accuracy need no dense reference
@@ -85,6 +127,8 @@ class TextTask:
 
         cfg = self.cfg
         out: dict[str, Any] = {"data": data_fingerprints(cfg), "eval_tokens": {}}
+        if compressed and (calibration := self.calibration_record()):
+            out["calibration"] = calibration
 
         def tokens_of(name: str) -> Tensor:
             tokens = eval_tokens(self.tokenizer, name, cfg.data_dir)
@@ -183,13 +227,17 @@ class PlacedEvaluation:
 
 
 def data_fingerprints(cfg: Any) -> dict[str, Any]:
-    """Size and hash of every corpus split the experiment reads ('cal:pydoc', 'eval:wikitext2'...)."""
+    """Size and hash of every corpus split the experiment reads ('cal:pydoc', 'eval:wikitext2'...).
+    Self-generated text is no corpus: the config decides it (its fingerprint is the record's ``calibration``)."""
     from data import corpus_fingerprint
-    from oats.config import selected_plugins
+    from data.self_generated import SELF_GENERATED
+    from oats.config import cal_names, selected_plugins
 
     out = {}
     if selected_plugins(cfg)["method"].compresses:
-        out[f"cal:{cfg.cal_dataset}"] = corpus_fingerprint(cfg.cal_dataset, "train", cfg.data_dir)
+        for name in cal_names(cfg):
+            if name != SELF_GENERATED:
+                out[f"cal:{name}"] = corpus_fingerprint(name, "train", cfg.data_dir)
     for d in cfg.eval_datasets:
         out[f"eval:{d}"] = corpus_fingerprint(d, "test", cfg.data_dir)
     return out
