@@ -6,6 +6,8 @@ share their statistics, as ``oats.pipeline.StatsCollector`` shares them). Per ex
 
 - ``weights``: the whole model in memory; with ``lazy_load`` the head (embeddings, final norm, LM
   head) plus one block (the next block is read after the last one is freed);
+- ``generation``: with ``self_generated`` calibration text, sampling it from the whole dense model on
+  ``device``: one batch's KV cache, logits and MLP activations (the weights are counted already);
 - ``activations``: the calibration hidden states, a block's inputs and its outputs (two copies), plus a
   third with a block update that matches the dense model's own activations;
 - ``block_forward``: the transient of one block's forward on one calibration batch (q, k, v, attention
@@ -255,6 +257,13 @@ def plan_experiment(cfg: Any, shapes: Shapes | None = None) -> MemoryPlan:
         if cfg.lazy_load:
             compression += block_bytes  # the compressed block written to its shard while the next is read
 
+    from oats.config import cal_sources, uses_self_generated
+
+    if method.compresses and uses_self_generated(cfg):  # sampled from the whole dense model on `device`, KV cache and logits
+        n_gen = dict(cal_sources(cfg)).get("self_generated", 0)
+        b_gen, L_gen = min(int(cfg.cal_batch_size), max(n_gen, 1)), int(cfg.cal_seqlen)
+        p.parts["generation"] = (b_gen * L_gen * s.n_blocks * 2 * s.kv_heads * s.head_dim * A + 2 * b_gen * s.vocab * 4
+                                 + b_gen * L_gen * s.intermediate * A)
     be, Le = int(cfg.eval_batch_size), int(cfg.eval_seqlen)
     evaluation = 0
     if cfg.get("eval_datasets"):
@@ -280,6 +289,7 @@ def plan_experiment(cfg: Any, shapes: Shapes | None = None) -> MemoryPlan:
             p.notes.append("device_map on a model in memory: it is whole in memory before it is placed")
     p.parts["evaluation"] = evaluation
     p.parts["floor"] = FLOOR_BYTES
+    generation = p.parts.get("generation", 0)
     compute = "cuda:0" if on_gpu else "cpu"
     home = _gpu_name(cfg.get("stats_device") or compute)
     kept_apart = 0  # compression bytes that live on stats_device instead of the compute device
@@ -301,10 +311,10 @@ def plan_experiment(cfg: Any, shapes: Shapes | None = None) -> MemoryPlan:
             p.other_gpus[d] = max(p.other_gpus.get(d, 0), placed_peak(d))
     if on_gpu:  # in memory, evaluation moves the whole model to the device; lazily, one block at a time
         eval_peak = placed_peak(compute) if gpus else (block_bytes if cfg.lazy_load else whole) + evaluation
-        p.device_peak = max(block_bytes + compression, eval_peak)
+        p.device_peak = max(block_bytes + compression, eval_peak, whole + generation if generation else 0)
         p.cpu_peak = FLOOR_BYTES + p.parts["weights"] + p.parts.get("weights_lm_eval", 0) + cpu_apart
     else:
-        p.cpu_peak = FLOOR_BYTES + p.parts["weights"] + max(compression + cpu_apart, evaluation + p.parts.get("weights_lm_eval", 0))
+        p.cpu_peak = FLOOR_BYTES + p.parts["weights"] + max(compression + cpu_apart, evaluation + p.parts.get("weights_lm_eval", 0), generation)
     return p
 
 
@@ -353,7 +363,7 @@ def _human(n: int) -> str:
 
 def plan_markdown(plans: Sequence[MemoryPlan]) -> str:
     """One row per experiment: each part and the peaks, in MiB/GiB."""
-    parts = ["weights", "activations", "block_forward", "statistics", "decomposition", "block_update", "evaluation"]
+    parts = ["weights", "generation", "activations", "block_forward", "statistics", "decomposition", "block_update", "evaluation"]
     head = "| experiment | device | " + " | ".join(parts) + " | CPU peak | device peak | other GPUs | notes |"
     rows = [head, "|" + "---|" * (len(parts) + 6)]
     for p in plans:
@@ -407,9 +417,11 @@ def remedies(cfg: Any, limit: int, shapes: Shapes | None = None, gpu: bool = Fal
     import ml_collections
 
     out = []
+    from oats.config import uses_self_generated
+
     for key, value in GPU_REMEDIES if gpu else REMEDIES:
-        if cfg.get(key) == value or key not in cfg:
-            continue
+        if cfg.get(key) == value or key not in cfg or (key == "lazy_load" and uses_self_generated(cfg)):
+            continue  # self-generated calibration needs the whole model in memory
         changed = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
         changed[key] = value
         plan = plan_experiment(changed, shapes)

@@ -171,3 +171,16 @@ def test_a_placed_lazy_evaluation_holds_what_max_memory_gives_the_cpu(tmp_path):
     assert unlimited.parts["weights_lm_eval"] == whole
     zero_shot = plan_experiment(resolve(ConfigDict({**base, "eval_datasets": [], "zero_shot_tasks": ["boolq"]})))
     assert zero_shot.parts["weights_lm_eval"] == (s.head_params + 2 * s.block_params) * 4
+
+
+def test_self_generated_calibration_is_planned_on_the_whole_model(tmp_path):
+    d = str(_llama_dir(tmp_path, hidden=128, inter=320, layers=6, vocab=4096))
+    s = shapes_of(d)
+    base = dict(model=d, method="wanda", cal_nsamples=4, cal_seqlen=32, cal_batch_size=2, eval_seqlen=32, eval_max_windows=2)
+    gen = plan_experiment(resolve(ConfigDict({**base, "device": "cuda", "cal_dataset": "self_generated"})))
+    kv = 2 * 32 * 6 * 2 * s.kv_heads * s.head_dim * 4
+    assert gen.parts["generation"] == kv + 2 * 2 * 4096 * 4 + 2 * 32 * 320 * 4
+    assert gen.device_peak >= (6 * s.block_params + s.head_params) * 4 + gen.parts["generation"]
+    cfg = resolve(ConfigDict({**base, "device": "cpu", "cal_dataset": "self_generated"}))
+    assert "generation" not in plan_experiment(resolve(ConfigDict({**base, "device": "cpu"}))).parts
+    assert not any(r.startswith("lazy_load") for r in remedies(cfg, FLOOR_BYTES))  # refused with self_generated
