@@ -78,7 +78,7 @@ static std::vector<float> prep_x(const V* x, int64_t batch, int64_t in, int64_t 
 // read 8 elements past the row's end. mask rows are `words` 32-bit words.
 template <typename V, int R, int B>
 static inline void rows_avx2(const V* const* v0, const uint8_t* const* mk, int64_t words, const float* xp, int64_t xstride,
-                             float* acc_out) {
+                             float* acc_out, const char* pf, int64_t pf_lines) {
   __m256 acc[R][B];
   for (int i = 0; i < R; ++i) for (int b = 0; b < B; ++b) acc[i][b] = _mm256_setzero_ps();
   const V* v[R];
@@ -86,10 +86,16 @@ static inline void rows_avx2(const V* const* v0, const uint8_t* const* mk, int64
   int64_t groups = words * 2;
   for (int64_t g = 0; g < groups; ++g) {
     const float* xg = xp + g * 16;
+    // the next block's values, two lines per group: the value loads here wait on the mask's popcounts,
+    // which leaves the out-of-order window too few independent loads to keep memory busy
+    if (2 * g < pf_lines) _mm_prefetch(pf + 128 * g, _MM_HINT_T0);
+    if (2 * g + 1 < pf_lines) _mm_prefetch(pf + 128 * g + 64, _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      uint32_t m0 = mk[i][2 * g], m1 = mk[i][2 * g + 1];
-      int p0 = __builtin_popcount(m0), p1 = __builtin_popcount(m1);
+      uint16_t m;
+      std::memcpy(&m, mk[i] + 2 * g, 2);
+      uint32_t m0 = m & 0xFF, m1 = m >> 8;
+      int p0 = __builtin_popcount(m0), p01 = __builtin_popcount(m);
       if constexpr (sizeof(V) == 2) {
         __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)v[i])),
                                               _mm_loadu_si128((const __m128i*)(v[i] + p0)), 1);
@@ -116,7 +122,7 @@ static inline void rows_avx2(const V* const* v0, const uint8_t* const* mk, int64
           acc[i][b] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[i][b]);
         }
       }
-      v[i] += p0 + p1;
+      v[i] += p01;
     }
   }
   for (int i = 0; i < R; ++i)
@@ -245,7 +251,8 @@ static void block(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t
   (void)xraw;
   const uint8_t* mk[R];
   for (int i = 0; i < R; ++i) mk[i] = mask + (r0 + i) * words * 4;
-  rows_avx2<V, R, B>(v, mk, words, xp, xstride, res);
+  int64_t n0 = offs[std::min(r0 + R, out)], n1 = offs[std::min(r0 + 2 * R, out)];
+  rows_avx2<V, R, B>(v, mk, words, xp, xstride, res, reinterpret_cast<const char*>(vals + n0), ((n1 - n0) * (int64_t)sizeof(V) + 63) / 64);
 #else
   (void)xraw;
   for (int i = 0; i < R; ++i)
