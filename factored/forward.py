@@ -134,7 +134,7 @@ FORWARDS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
     "dense_kernel": _fw_dense_kernel, "densify": _fw_densify}
 
 
-KERNEL_MAX_ROWS = 64  # the compiled kernels loop over input rows: never faster for prefill, not timed there
+KERNEL_MAX_ROWS = 1024  # the compiled kernels take 8 input rows per pass: timed up to this many rows (bf16 prefill can win)
 
 
 def available_forwards(layer, x: Tensor | None = None) -> list[str]:
