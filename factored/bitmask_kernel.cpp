@@ -46,7 +46,7 @@ struct Tables {
     }
   }
 };
-static const Tables T;
+static const Tables T_;
 
 // bf16 in 16-bit lanes -> two f32 vectors: the even lanes (<< 16) and the odd lanes (& 0xFFFF0000).
 // The input is stored split the same way (prep_x), so no lane crossing is needed.
@@ -100,8 +100,8 @@ static inline void rows_avx2(const V* const* v0, const uint8_t* const* mk, int64
       if constexpr (sizeof(V) == 2) {
         __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)v[i])),
                                               _mm_loadu_si128((const __m128i*)(v[i] + p0)), 1);
-        __m256i ctl = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_load_si128((const __m128i*)T.shuf16[m0])),
-                                              _mm_load_si128((const __m128i*)T.shuf16[m1]), 1);
+        __m256i ctl = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_load_si128((const __m128i*)T_.shuf16[m0])),
+                                              _mm_load_si128((const __m128i*)T_.shuf16[m1]), 1);
         __m256i e = _mm256_shuffle_epi8(raw, ctl);
         __m256 we = even_f32(e), wo = odd_f32(e);
 #pragma GCC unroll 8
@@ -112,10 +112,10 @@ static inline void rows_avx2(const V* const* v0, const uint8_t* const* mk, int64
         }
       } else {
         const float* fv = reinterpret_cast<const float*>(v[i]);
-        __m256 w0 = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(fv), _mm256_load_si256((const __m256i*)T.perm32[m0])),
-                                  _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)T.keep32[m0])));
-        __m256 w1 = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(fv + p0), _mm256_load_si256((const __m256i*)T.perm32[m1])),
-                                  _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)T.keep32[m1])));
+        __m256 w0 = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(fv), _mm256_load_si256((const __m256i*)T_.perm32[m0])),
+                                  _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)T_.keep32[m0])));
+        __m256 w1 = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(fv + p0), _mm256_load_si256((const __m256i*)T_.perm32[m1])),
+                                  _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)T_.keep32[m1])));
 #pragma GCC unroll 8
         for (int b = 0; b < B; ++b) {
           const float* xb = xg + b * xstride;
@@ -418,11 +418,35 @@ torch::Tensor dense_matmul(torch::Tensor W, torch::Tensor x) {
 }
 
 template <typename T>
-static void scatter_rows(const T* src, const int64_t* of, const uint8_t* mk, int64_t wb, T* dst, int64_t in, int64_t r0, int64_t r1) {
+static void scatter_rows(const T* src, const int64_t* of, const uint8_t* mk, int64_t wb, T* dst, int64_t in, int64_t r0, int64_t r1,
+                         int64_t nnz) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* v = src + of[r];
     T* w = dst + r * in;
-    for (int64_t c = 0; c < wb; ++c) {
+    int64_t c = 0;
+#ifdef OATS_AVX2
+    if (of[r + 1] + OVERREAD <= nnz)  // the expand of the matmul, stored: 16 columns per step, no branch per bit
+      for (; (c + 2) * 8 <= in; c += 2) {
+        uint32_t m0 = mk[r * wb + c], m1 = mk[r * wb + c + 1];
+        int p0 = __builtin_popcount(m0);
+        if constexpr (sizeof(T) == 2) {
+          __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)v)),
+                                                _mm_loadu_si128((const __m128i*)(v + p0)), 1);
+          __m256i ctl = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_load_si128((const __m128i*)T_.shuf16[m0])),
+                                                _mm_load_si128((const __m128i*)T_.shuf16[m1]), 1);
+          _mm256_storeu_si256((__m256i*)(w + c * 8), _mm256_shuffle_epi8(raw, ctl));
+        } else {
+          const float* fv = reinterpret_cast<const float*>(v);
+          float* fw = reinterpret_cast<float*>(w + c * 8);
+          _mm256_storeu_ps(fw, _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(fv), _mm256_load_si256((const __m256i*)T_.perm32[m0])),
+                                             _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)T_.keep32[m0]))));
+          _mm256_storeu_ps(fw + 8, _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(fv + p0), _mm256_load_si256((const __m256i*)T_.perm32[m1])),
+                                                 _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)T_.keep32[m1]))));
+        }
+        v += p0 + __builtin_popcount(m1);
+      }
+#endif
+    for (; c < wb; ++c) {
       uint32_t m = mk[r * wb + c];
       while (m) {
         w[c * 8 + __builtin_ctz(m)] = *v++;
@@ -443,8 +467,8 @@ torch::Tensor bitmask_to_dense(torch::Tensor values, torch::Tensor offsets, torc
   int64_t es = values.element_size();
   TORCH_CHECK(es == 2 || es == 4, "16- or 32-bit values");
   at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
-    if (es == 4) scatter_rows<uint32_t>(reinterpret_cast<const uint32_t*>(values.data_ptr()), of, mk, wb, reinterpret_cast<uint32_t*>(W.data_ptr()), in, r0, r1);
-    else scatter_rows<uint16_t>(reinterpret_cast<const uint16_t*>(values.data_ptr()), of, mk, wb, reinterpret_cast<uint16_t*>(W.data_ptr()), in, r0, r1);
+    if (es == 4) scatter_rows<uint32_t>(reinterpret_cast<const uint32_t*>(values.data_ptr()), of, mk, wb, reinterpret_cast<uint32_t*>(W.data_ptr()), in, r0, r1, values.numel());
+    else scatter_rows<uint16_t>(reinterpret_cast<const uint16_t*>(values.data_ptr()), of, mk, wb, reinterpret_cast<uint16_t*>(W.data_ptr()), in, r0, r1, values.numel());
   });
   return W;
 }

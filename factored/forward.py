@@ -16,7 +16,8 @@ Candidates (every one computes ``x S^T + (x V^T) U^T + b``):
 
 :func:`choose_forward` times each candidate once on the layer's own tensors for a given number of input
 rows and caches the winner per ``(device, dtype, shape, rank, density bucket, rows bucket)``, so one
-calibration serves every layer of the same shape. The forwards that keep a dense copy
+calibration serves every layer of the same shape, and on disk per machine (:mod:`factored.calibration`),
+so a later run on the same machine measures nothing. The forwards that keep a dense copy
 (:data:`DENSE_COPY`) are always timed as the reference ("best dense": the faster of the two), but chosen
 only when the caller allows a dense copy (``keep_dense``). :func:`install_auto_forward` makes every
 SparseLowRankLinear of a model pick, per call, the winner for the call's row count (decode and prefill
@@ -35,11 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from factored import calibration
+
 log = logging.getLogger(__name__)
 
 CANDIDATES = ("dense_merged", "torch_csr", "bitmask_kernel", "dense_kernel", "densify")
 DENSE_COPY = ("dense_merged", "dense_kernel")  # the forwards that hold W = S + U V in memory
 _CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
+_STORED: list[bool] = []  # non-empty once this process has read the stored calibrations (factored.calibration)
 
 
 def _slr_class():
@@ -213,6 +217,10 @@ def choose_forward(layer, rows: int = 1, candidates: Iterable[str] | None = None
     call (:func:`evict_caches`): a lone layer timed in a loop would sit in the cache, which is not what
     a model's decode step sees, and would favour the dense forward."""
     key = cache_key(layer, rows, dtype) + (tuple(candidates) if candidates is not None else None,)
+    if not _STORED:
+        _STORED.append(True)
+        for k, v in calibration.load().items():
+            _CACHE.setdefault(k, v)
     if not recalibrate and key in _CACHE:
         return _CACHE[key][0]
     dtype = dtype or layer.values.dtype
@@ -234,6 +242,7 @@ def choose_forward(layer, rows: int = 1, candidates: Iterable[str] | None = None
     best = min((n for n in names if n in times), key=times.get)
     drop_cached(layer, keep=had | {best})
     _CACHE[key] = (best, times)
+    calibration.save(_CACHE)
     log.info("forward for %s: %s (%s; best dense / choice %.2f)", key, best, ", ".join(f"{k} {v * 1e6:.0f}us" for k, v in times.items()),
              best_dense(times) / times[best] if best_dense(times) else float("nan"))
     return best
@@ -254,7 +263,9 @@ def calibration_table() -> list[dict]:
 
 
 def clear_calibration() -> None:
+    """Forget every calibration of this process (the stored ones are not read again in it)."""
     _CACHE.clear()
+    _STORED[:] = [True]
 
 
 def _auto_forward(self, x: Tensor) -> Tensor:
