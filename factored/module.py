@@ -5,7 +5,7 @@ model that holds such layers.
 :mod:`factored.bitmask`: its nonzeros row-major (``values`` [nnz]) and one bit per entry (``mask`` uint8
 [d_out, 4 * ceil(d_in / 32)]), never as a dense tensor or with per-nonzero indices, so the state dict,
 ``safetensors`` files, checkpoints and memory hold ``nnz * e + d_out * d_in / 8`` bytes for S (bfloat16 at
-50%: 0.5625 of dense). State dicts of the earlier CSR form (``crow_indices``, ``col_indices``) still load.
+50%: 0.5625 of dense). A state dict holding S in CSR form (``crow_indices``, ``col_indices``) also loads.
 
 Saving (:func:`save_compressed`) writes the model with ``save_pretrained`` plus a manifest
 ``oats_compressed.json`` naming every factored layer and its shapes; :func:`load_compressed`
@@ -67,7 +67,7 @@ class SparseLowRankLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         crow, col = prefix + "crow_indices", prefix + "col_indices"
-        if crow in state_dict and prefix + "mask" not in state_dict:  # the earlier CSR form
+        if crow in state_dict and prefix + "mask" not in state_dict:  # S saved in CSR form
             state_dict[prefix + "mask"] = bm.from_csr(state_dict.pop(crow), state_dict.pop(col),
                                                       (self.out_features, self.in_features))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
