@@ -94,7 +94,6 @@ static inline void rows_avx2(const V* const* v0, const uint8_t* const* mk, int64
     for (int i = 0; i < R; ++i) {
       uint16_t m;
       std::memcpy(&m, mk[i] + 2 * g, 2);
-      if (m == 0) continue;  // never at 50% (predicted), often at low density: time follows the nonzeros
       uint32_t m0 = m & 0xFF, m1 = m >> 8;
       int p0 = __builtin_popcount(m0), p01 = __builtin_popcount(m);
       if constexpr (sizeof(V) == 2) {
