@@ -31,6 +31,7 @@ the callers fall back to the torch forwards.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -142,16 +143,25 @@ def bitmask_matmul(values: Tensor, offsets: Tensor, mask: Tensor, x: Tensor, U: 
     """x [batch, in] -> x Sᵀ (+ (x Vᵀ) Uᵀ) [batch, out] float32 for S in the bitmask layout (values [nnz],
     offsets [out+1] int64, mask uint8 [out, 4*words]); x and U, V are cast to the values' dtype.
     Needs :func:`kernel`."""
-    mod = _mod()
+    mod = _module if _module is not None else _mod()
     dt = values.dtype
-    x = x.reshape(-1, x.shape[-1]).to(dt).contiguous()
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    if x.dtype != dt:
+        x = x.to(dt)
+    x = x.contiguous()
     if U is not None and U.shape[1]:
-        t = mod.dense_matmul(V.detach().to(dt).contiguous(), x)
-        U = U.detach().to(dt).contiguous()
+        t = mod.dense_matmul(V.to(dt).contiguous(), x)
+        U = U.to(dt).contiguous()
     else:
-        t = x.new_zeros((x.shape[0], 0), dtype=torch.float32)
-        U = values.new_zeros((mask.shape[0], 0))
-    return mod.bitmask_matmul(values.detach().contiguous(), offsets, mask, x, U, t)
+        U, t = _no_lowrank(mask.shape[0], x.shape[0], dt, str(values.device))
+    return mod.bitmask_matmul(values.contiguous(), offsets, mask, x, U, t)
+
+
+@functools.lru_cache(maxsize=256)
+def _no_lowrank(out: int, batch: int, dtype: torch.dtype, device: str) -> tuple[Tensor, Tensor]:
+    """Empty U [out, 0] and t [batch, 0] for a rank-0 layer (made once: this runs on every decode call)."""
+    return torch.empty(out, 0, dtype=dtype, device=device), torch.empty(batch, 0, dtype=torch.float32, device=device)
 
 
 def dense_matmul(W: Tensor, x: Tensor) -> Tensor:

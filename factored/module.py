@@ -78,10 +78,11 @@ class SparseLowRankLinear(nn.Module):
 
     def row_offsets(self) -> Tensor:
         """Where each row's values start: int64 [out + 1], recomputed from the mask when it changes."""
-        key = (self.mask.data_ptr(), self.mask._version, self.mask.device)
+        mask = self._buffers["mask"]  # (not through nn.Module.__getattr__: this runs on every decode call)
+        key = (mask.data_ptr(), mask._version)
         cached = self.__dict__.get("_oats_offsets")
         if cached is None or cached[0] != key:
-            cached = (key, bm.row_offsets(self.mask))
+            cached = (key, bm.row_offsets(mask))
             self.__dict__["_oats_offsets"] = cached
         return cached[1]
 
