@@ -51,7 +51,7 @@ def _slr_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _sparse_dense(layer) -> Tensor:
-    return layer.sparse_weight().to_dense()
+    return layer.sparse_dense()
 
 
 def plain_state_dict(model: nn.Module, merge: bool) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:

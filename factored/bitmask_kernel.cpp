@@ -1,45 +1,157 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && defined(__AVX512VBMI2__)
+#include <vector>
+// The SIMD paths compiled follow the compiler's target (-march=native): AVX2 + FMA when the CPU has it
+// (the bitmask product and the dense product), and for the bitmask product on a CPU with AVX-512 (F, BW,
+// VL, DQ, VBMI2) the AVX-512 expand path instead. OATS_NO_AVX512 keeps the AVX2 path there;
+// OATS_FORCE_PORTABLE compiles the portable C loops only.
+#if !defined(OATS_FORCE_PORTABLE) && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#define OATS_AVX2 1
+#if !defined(OATS_NO_AVX512) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && defined(__AVX512VBMI2__)
 #define OATS_AVX512 1
+#endif
 #endif
 
 static inline float bf16_to_f32(uint16_t h) { uint32_t u = ((uint32_t)h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 
-// y[r] = sum_j S[r, j] x[j] for R consecutive rows starting at r0; x is zero-padded to words*32 entries.
-// vals/vend: the whole values array (offs[out] = nnz marks its end: loads near it are masked).
-template <typename V, int R>
-static inline void rows_block(const V* vals, const V* vend, const int64_t* offs, const uint32_t* mask, int64_t words,
-                              const V* x, float* y, int64_t r0) {
-#ifdef OATS_AVX512
+template <typename V>
+static inline float to_f32(V v) {
+  if constexpr (sizeof(V) == 4) { float f; std::memcpy(&f, &v, 4); return f; }
+  else return bf16_to_f32(v);
+}
+
+#ifdef OATS_AVX2
+// Per mask byte: the pshufb control that moves the next popcount(byte) packed 16-bit values into the
+// lanes of the set bits (0x80 zeroes a lane), and the vpermps indices + lane mask doing the same for 32-bit values.
+struct Tables {
+  alignas(16) uint8_t shuf16[256][16];
+  alignas(32) int32_t perm32[256][8];
+  alignas(32) int32_t keep32[256][8];
+  Tables() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int j = 0; j < 8; ++j) {
+        bool on = (m >> j) & 1;
+        shuf16[m][2 * j] = on ? (uint8_t)(2 * k) : 0x80;
+        shuf16[m][2 * j + 1] = on ? (uint8_t)(2 * k + 1) : 0x80;
+        perm32[m][j] = on ? k : 0;
+        keep32[m][j] = on ? -1 : 0;
+        k += on;
+      }
+    }
+  }
+};
+static const Tables T_;
+
+// bf16 in 16-bit lanes -> two f32 vectors: the even lanes (<< 16) and the odd lanes (& 0xFFFF0000).
+// The input is stored split the same way (prep_x), so no lane crossing is needed.
+static inline __m256 even_f32(__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(e, 16)); }
+static inline __m256 odd_f32(__m256i e) { return _mm256_castsi256_ps(_mm256_and_si256(e, _mm256_set1_epi32((int)0xFFFF0000u))); }
+#endif
+
+// x [batch, in] -> f32 [batch, groups*16], groups = ceil(in/16), zero-padded. For bfloat16 under AVX2 the
+// 16 columns of a group are stored as the even-lane then odd-lane order of one 256-bit register of 16 bf16
+// values: [0,2,4,6,8,10,12,14, 1,3,5,7,9,11,13,15]. Otherwise in column order.
+template <typename V>
+static std::vector<float> prep_x(const V* x, int64_t batch, int64_t in, int64_t ld) {
+  int64_t groups = (in + 15) / 16;
+  std::vector<float> xp(batch * groups * 16 + 16, 0.f);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t j = 0; j < in; ++j) {
+      float v = to_f32<V>(x[b * ld + j]);
+      int64_t g = j / 16, c = j % 16, pos = c;
+#ifdef OATS_AVX2
+      if constexpr (sizeof(V) == 2) pos = (c % 2) * 8 + (c % 8) / 2 + (c / 8) * 4;
+#endif
+      xp[b * groups * 16 + g * 16 + pos] = v;
+    }
+  return xp;
+}
+
+#ifdef OATS_AVX2
+// y[b, r0+i] (i < R, b < B) of the bitmask rows; v[i] each point at its row's packed values and may be
+// read 8 elements past the row's end. mask rows are `words` 32-bit words.
+template <typename V, int R, int B>
+static inline void rows_avx2(const V* const* v0, const uint8_t* const* mk, int64_t words, const float* xp, int64_t xstride,
+                             float* acc_out, const char* pf, int64_t pf_lines) {
+  __m256 acc[R][B];
+  for (int i = 0; i < R; ++i) for (int b = 0; b < B; ++b) acc[i][b] = _mm256_setzero_ps();
   const V* v[R];
-  const uint32_t* mw[R];
-  for (int i = 0; i < R; ++i) { v[i] = vals + offs[r0 + i]; mw[i] = mask + (r0 + i) * words; }
+  for (int i = 0; i < R; ++i) v[i] = v0[i];
+  int64_t groups = words * 2;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* xg = xp + g * 16;
+    // the next block's values, two lines per group: the value loads here wait on the mask's popcounts,
+    // which leaves the out-of-order window too few independent loads to keep memory busy
+    if (2 * g < pf_lines) _mm_prefetch(pf + 128 * g, _MM_HINT_T0);
+    if (2 * g + 1 < pf_lines) _mm_prefetch(pf + 128 * g + 64, _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      uint16_t m;
+      std::memcpy(&m, mk[i] + 2 * g, 2);
+      uint32_t m0 = m & 0xFF, m1 = m >> 8;
+      int p0 = __builtin_popcount(m0), p01 = __builtin_popcount(m);
+      if constexpr (sizeof(V) == 2) {
+        __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)v[i])),
+                                              _mm_loadu_si128((const __m128i*)(v[i] + p0)), 1);
+        __m256i ctl = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_load_si128((const __m128i*)T_.shuf16[m0])),
+                                              _mm_load_si128((const __m128i*)T_.shuf16[m1]), 1);
+        __m256i e = _mm256_shuffle_epi8(raw, ctl);
+        __m256 we = even_f32(e), wo = odd_f32(e);
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b) {
+          const float* xb = xg + b * xstride;
+          acc[i][b] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xb), acc[i][b]);
+          acc[i][b] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xb + 8), acc[i][b]);
+        }
+      } else {
+        const float* fv = reinterpret_cast<const float*>(v[i]);
+        __m256 w0 = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(fv), _mm256_load_si256((const __m256i*)T_.perm32[m0])),
+                                  _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)T_.keep32[m0])));
+        __m256 w1 = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(fv + p0), _mm256_load_si256((const __m256i*)T_.perm32[m1])),
+                                  _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)T_.keep32[m1])));
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b) {
+          const float* xb = xg + b * xstride;
+          acc[i][b] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[i][b]);
+          acc[i][b] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[i][b]);
+        }
+      }
+      v[i] += p01;
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int b = 0; b < B; ++b) {
+      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i][b]), _mm256_extractf128_ps(acc[i][b], 1));
+      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+      s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+      acc_out[i * B + b] = _mm_cvtss_f32(s);
+    }
+}
+#endif
+
+#ifdef OATS_AVX512
+// The AVX-512 VBMI2 expand path (one input row per call); compiled only where the CPU has VBMI2.
+template <typename V, int R>
+static inline void rows_avx512(const V* const* v0, const uint32_t* const* mw, const V* vend, int64_t words, const V* x, float* out) {
+  const V* v[R];
+  for (int i = 0; i < R; ++i) v[i] = v0[i];
   if constexpr (sizeof(V) == 4) {
     __m512 acc[R][2];
     for (int i = 0; i < R; ++i) { acc[i][0] = _mm512_setzero_ps(); acc[i][1] = _mm512_setzero_ps(); }
     const float* xf = reinterpret_cast<const float*>(x);
     for (int64_t w = 0; w < words; ++w) {
       __m512 xa = _mm512_loadu_ps(xf + w * 32), xb = _mm512_loadu_ps(xf + w * 32 + 16);
-#pragma GCC unroll 4
       for (int i = 0; i < R; ++i) {
         uint32_t m = mw[i][w];
         const float* fv = reinterpret_cast<const float*>(v[i]);
-        // four 8-lane expands: the 16-lane (zmm) expand is several times slower on Zen 4
         int p0 = __builtin_popcount(m & 0xFF), p1 = __builtin_popcount(m & 0xFFFF), p2 = __builtin_popcount(m & 0xFFFFFF);
-        int64_t left = reinterpret_cast<const float*>(vend) - fv;
-        __m256 q0, q1, q2, q3;
-        if (left >= 40) {
-          q0 = _mm256_loadu_ps(fv); q1 = _mm256_loadu_ps(fv + p0); q2 = _mm256_loadu_ps(fv + p1); q3 = _mm256_loadu_ps(fv + p2);
-        } else {
-          auto lm = [&](int64_t l) { return (__mmask8)(l >= 8 ? 0xFF : (l > 0 ? ((1u << l) - 1) : 0)); };
-          q0 = _mm256_maskz_loadu_ps(lm(left), fv); q1 = _mm256_maskz_loadu_ps(lm(left - p0), fv + p0);
-          q2 = _mm256_maskz_loadu_ps(lm(left - p1), fv + p1); q3 = _mm256_maskz_loadu_ps(lm(left - p2), fv + p2);
-        }
+        __m256 q0 = _mm256_loadu_ps(fv), q1 = _mm256_loadu_ps(fv + p0), q2 = _mm256_loadu_ps(fv + p1), q3 = _mm256_loadu_ps(fv + p2);
         q0 = _mm256_maskz_expand_ps((__mmask8)(m), q0); q1 = _mm256_maskz_expand_ps((__mmask8)(m >> 8), q1);
         q2 = _mm256_maskz_expand_ps((__mmask8)(m >> 16), q2); q3 = _mm256_maskz_expand_ps((__mmask8)(m >> 24), q3);
         acc[i][0] = _mm512_fmadd_ps(_mm512_insertf32x8(_mm512_castps256_ps512(q0), q1, 1), xa, acc[i][0]);
@@ -47,207 +159,325 @@ static inline void rows_block(const V* vals, const V* vend, const int64_t* offs,
         v[i] += __builtin_popcount(m);
       }
     }
-    for (int i = 0; i < R; ++i) y[r0 + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+    for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
   } else {
     __m512 acc[R];
     for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t w = 0; w < words; ++w) {
       __m512i xw = _mm512_loadu_si512(x + w * 32);
-#ifndef __AVX512BF16__
       __m512 xlo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(xw)), 16));
       __m512 xhi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(xw, 1)), 16));
-#endif
-#pragma GCC unroll 4
       for (int i = 0; i < R; ++i) {
         uint32_t m = mw[i][w];
-        int64_t left = vend - v[i];
-        __m512i raw = left >= 32 ? _mm512_loadu_si512(v[i]) : _mm512_maskz_loadu_epi16((__mmask32)((1ull << left) - 1), v[i]);
-        __m512i e = _mm512_maskz_expand_epi16((__mmask32)m, raw);
-#ifdef __AVX512BF16__
-        // pairs (2k, 2k+1) of weights and inputs -> lane k; the lane order does not matter for the sum
-        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)e, (__m512bh)xw);
-#else
+        __m512i e = _mm512_maskz_expand_epi16((__mmask32)m, _mm512_loadu_si512(v[i]));
         __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(e)), 16));
         __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(e, 1)), 16));
         acc[i] = _mm512_fmadd_ps(w0, xlo, _mm512_fmadd_ps(w1, xhi, acc[i]));
-#endif
         v[i] += __builtin_popcount(m);
       }
     }
-    for (int i = 0; i < R; ++i) y[r0 + i] = _mm512_reduce_add_ps(acc[i]);
+    for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
   }
-#else
-  for (int i = 0; i < R; ++i) {
-    int64_t r = r0 + i;
-    const V* v = vals + offs[r];
-    const uint32_t* mw = mask + r * words;
-    float acc = 0.f;
-    for (int64_t w = 0; w < words; ++w) {
-      uint32_t m = mw[w];
-      while (m) {
-        int j = __builtin_ctz(m);
-        m &= m - 1;
-        if constexpr (sizeof(V) == 4) acc += reinterpret_cast<const float*>(v)[0] * reinterpret_cast<const float*>(x)[w * 32 + j];
-        else acc += bf16_to_f32(v[0]) * bf16_to_f32(x[w * 32 + j]);
-        ++v;
-      }
-    }
-    y[r] = acc;
-  }
+}
 #endif
+
+// Portable: a loop over the set bits of each mask word.
+template <typename V>
+static inline float row_portable(const V* v, const uint32_t* mw, int64_t words, const float* x) {
+  float acc = 0.f;
+  for (int64_t w = 0; w < words; ++w) {
+    uint32_t m = mw[w];
+    while (m) {
+      int j = __builtin_ctz(m);
+      m &= m - 1;
+      acc += to_f32<V>(*v++) * x[w * 32 + j];
+    }
+  }
+  return acc;
+}
+
+// sum_k u[k] t[k]: one row of (x V^T) U^T, added to the row's sparse product in the same pass.
+template <typename V>
+static inline float lowrank_row(const V* u, const float* t, int64_t rank) {
+  float s = 0.f;
+  int64_t k = 0;
+#ifdef OATS_AVX2
+  __m256 a = _mm256_setzero_ps();
+  for (; k + 8 <= rank; k += 8) {
+    __m256 uf;
+    if constexpr (sizeof(V) == 2)
+      uf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(u + k))), 16));
+    else uf = _mm256_loadu_ps(reinterpret_cast<const float*>(u + k));
+    a = _mm256_fmadd_ps(uf, _mm256_loadu_ps(t + k), a);
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  s = _mm_cvtss_f32(h);
+#endif
+  for (; k < rank; ++k) s += to_f32<V>(u[k]) * t[k];
+  return s;
+}
+
+constexpr int64_t OVERREAD = 32;  // elements a SIMD path may read past a row's last value
+
+// The R-row block starting at r0: y[b, r] = sum_j S[r, j] x[b, j] (+ sum_k U[r, k] t[b, k]).
+template <typename V, int R, int B>
+static void block(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* mask, int64_t words, const float* xp,
+                  const V* xraw, int64_t batch, float* y, int64_t out, int64_t r0, const V* U, const float* t, int64_t rank) {
+  const V* v[R];
+  std::vector<V> pad[R];
+  for (int i = 0; i < R; ++i) {
+    int64_t a = offs[r0 + i], e = offs[r0 + i + 1];
+    if (e + OVERREAD <= nnz) v[i] = vals + a;
+    else {  // near the end of the values: a zero-padded copy so the SIMD loads stay in bounds
+      pad[i].assign(e - a + OVERREAD, V(0));
+      if (e > a) std::memcpy(pad[i].data(), vals + a, (e - a) * sizeof(V));
+      v[i] = pad[i].data();
+    }
+  }
+  int64_t xstride = words * 32;
+  float res[R * B];
+#if defined(OATS_AVX512)
+  (void)xp;
+  const uint32_t* mw[R];
+  for (int i = 0; i < R; ++i) mw[i] = reinterpret_cast<const uint32_t*>(mask + (r0 + i) * words * 4);
+  for (int b = 0; b < B; ++b) {
+    float o[R];
+    rows_avx512<V, R>(v, mw, vals + nnz, words, xraw + b * xstride, o);
+    for (int i = 0; i < R; ++i) res[i * B + b] = o[i];
+  }
+#elif defined(OATS_AVX2)
+  (void)xraw;
+  const uint8_t* mk[R];
+  for (int i = 0; i < R; ++i) mk[i] = mask + (r0 + i) * words * 4;
+  int64_t n0 = offs[std::min(r0 + R, out)], n1 = offs[std::min(r0 + 2 * R, out)];
+  rows_avx2<V, R, B>(v, mk, words, xp, xstride, res, reinterpret_cast<const char*>(vals + n0), ((n1 - n0) * (int64_t)sizeof(V) + 63) / 64);
+#else
+  (void)xraw;
+  for (int i = 0; i < R; ++i)
+    for (int b = 0; b < B; ++b)
+      res[i * B + b] = row_portable<V>(v[i], reinterpret_cast<const uint32_t*>(mask + (r0 + i) * words * 4), words, xp + b * xstride);
+#endif
+  for (int i = 0; i < R; ++i)
+    for (int b = 0; b < B; ++b) y[b * out + r0 + i] = res[i * B + b] + (rank ? lowrank_row<V>(U + (r0 + i) * rank, t + b * rank, rank) : 0.f);
+}
+
+template <typename V, int B>
+static void run_b(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* mask, int64_t words, const float* xp,
+                  const V* xraw, float* y, int64_t out, int64_t b0, const V* U, const float* t, int64_t rank) {
+  constexpr int R = B == 1 ? 4 : (B == 2 ? 2 : 1);  // rows per pass: R * B accumulators
+  int64_t xstride = words * 32;
+  const float* xb = xp + b0 * xstride;
+  const V* xr = xraw ? xraw + b0 * xstride : nullptr;
+  float* yb = y + b0 * out;
+  const float* tb = t + b0 * rank;
+  int64_t blocks = (out + R - 1) / R;
+  int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, words * R));
+  at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      int64_t r0 = k * R;
+      if (r0 + R <= out) block<V, R, B>(vals, nnz, offs, mask, words, xb, xr, B, yb, out, r0, U, tb, rank);
+      else for (int64_t r = r0; r < out; ++r) block<V, 1, B>(vals, nnz, offs, mask, words, xb, xr, B, yb, out, r, U, tb, rank);
+    }
+  });
 }
 
 template <typename V>
-static void run(const V* vals, const int64_t* offs, const uint32_t* mask, int64_t words, const V* x, float* y,
-                int64_t out, int64_t batch) {
-  const V* vend = vals + offs[out];
-  int64_t blocks = (out + 3) / 4;
-  int64_t grain = std::max<int64_t>(4, 4096 / std::max<int64_t>(1, words));
-  for (int64_t b = 0; b < batch; ++b) {
-    const V* xb = x + b * words * 32;
-    float* yb = y + b * out;
-    at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        int64_t r0 = k * 4;
-        if (r0 + 4 <= out) rows_block<V, 4>(vals, vend, offs, mask, words, xb, yb, r0);
-        else for (int64_t r = r0; r < out; ++r) rows_block<V, 1>(vals, vend, offs, mask, words, xb, yb, r);
-      }
-    });
+static void run(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* mask, int64_t words, const V* x, int64_t in,
+                float* y, int64_t out, int64_t batch, const V* U, const float* t, int64_t rank) {
+  std::vector<float> xp = prep_x<V>(x, batch, in, in);
+  std::vector<V> xraw;
+#ifdef OATS_AVX512
+  xraw.assign(batch * words * 32, V(0));
+  for (int64_t b = 0; b < batch; ++b) std::memcpy(xraw.data() + b * words * 32, x + b * in, in * sizeof(V));
+#endif
+  const V* xr = xraw.empty() ? nullptr : xraw.data();
+  // the padded x is words*32 wide; prep_x wrote ceil(in/16)*16 per row: re-stride it
+  int64_t groups = (in + 15) / 16, stride = words * 32;
+  std::vector<float> xs(batch * stride + 16, 0.f);
+  for (int64_t b = 0; b < batch; ++b) std::memcpy(xs.data() + b * stride, xp.data() + b * groups * 16, groups * 16 * sizeof(float));
+  for (int64_t b0 = 0; b0 < batch; b0 += 8) {
+    switch (std::min<int64_t>(8, batch - b0)) {
+      case 1: run_b<V, 1>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
+      case 2: run_b<V, 2>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
+      case 3: run_b<V, 3>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
+      case 4: run_b<V, 4>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
+      case 5: run_b<V, 5>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
+      case 6: run_b<V, 6>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
+      case 7: run_b<V, 7>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
+      default: run_b<V, 8>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
+    }
   }
 }
 
-// values [nnz] float32/bfloat16, offsets [out+1] int64, mask [out, words] int32 (bits),
-// x [batch, words*32] of the values' dtype (zero-padded past `in`) -> y [batch, out] float32.
-torch::Tensor bitmask_matmul(torch::Tensor values, torch::Tensor offsets, torch::Tensor mask, torch::Tensor x, int64_t out) {
-  TORCH_CHECK(x.dtype() == values.dtype() && x.is_contiguous() && x.dim() == 2, "x: contiguous [batch, words*32], values' dtype");
-  TORCH_CHECK(mask.dtype() == torch::kInt32 && mask.is_contiguous() && mask.dim() == 2, "mask: int32 [out, words]");
+// values [nnz] float32/bfloat16 (row-major nonzeros), offsets [out+1] int64 (row starts), mask uint8
+// [out, 4*words] (bit j of byte c = column 8c+j, rows padded to 32-bit words with zero bits), x [batch, in]
+// and U [out, rank] of the values' dtype, t = x V^T [batch, rank] float32 (rank may be 0)
+// -> y [batch, out] float32 = x S^T + t U^T.
+torch::Tensor bitmask_matmul(torch::Tensor values, torch::Tensor offsets, torch::Tensor mask, torch::Tensor x,
+                             torch::Tensor U, torch::Tensor t) {
+  TORCH_CHECK(x.dtype() == values.dtype() && x.is_contiguous() && x.dim() == 2, "x: contiguous [batch, in], values' dtype");
+  TORCH_CHECK(mask.dtype() == torch::kUInt8 && mask.is_contiguous() && mask.dim() == 2 && mask.size(1) % 4 == 0,
+              "mask: uint8 [out, 4*words]");
+  int64_t out = mask.size(0), words = mask.size(1) / 4, batch = x.size(0), in = x.size(1);
+  TORCH_CHECK(in <= words * 32 && in > (words - 1) * 32, "x's columns do not match the mask");
   TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.numel() == out + 1 && values.is_contiguous(), "offsets int64 [out+1]");
-  int64_t batch = x.size(0), words = mask.size(1);
-  TORCH_CHECK(x.size(1) == words * 32 && mask.size(0) == out, "x must be padded to words*32 columns");
+  TORCH_CHECK(U.dtype() == values.dtype() && t.dtype() == torch::kFloat32 && U.is_contiguous() && t.is_contiguous() &&
+              U.dim() == 2 && t.dim() == 2 && U.size(0) == out && t.size(0) == batch && U.size(1) == t.size(1),
+              "U [out, r] of the values' dtype, t float32 [batch, r]");
   auto y = torch::empty({batch, out}, x.options().dtype(torch::kFloat32));
-  const uint32_t* mk = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
+  int64_t nnz = values.numel(), rank = U.size(1);
+  const uint8_t* mk = mask.data_ptr<uint8_t>();
   if (values.dtype() == torch::kFloat32)
-    run<float>(values.data_ptr<float>(), offsets.data_ptr<int64_t>(), mk, words, x.data_ptr<float>(), y.data_ptr<float>(), out, batch);
+    run<float>(values.data_ptr<float>(), nnz, offsets.data_ptr<int64_t>(), mk, words, x.data_ptr<float>(), in, y.data_ptr<float>(),
+               out, batch, U.data_ptr<float>(), t.data_ptr<float>(), rank);
   else if (values.dtype() == torch::kBFloat16)
-    run<uint16_t>(reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()), offsets.data_ptr<int64_t>(), mk, words,
-                  reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), y.data_ptr<float>(), out, batch);
+    run<uint16_t>(reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()), nnz, offsets.data_ptr<int64_t>(), mk, words,
+                  reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), in, y.data_ptr<float>(), out, batch,
+                  reinterpret_cast<const uint16_t*>(U.data_ptr<at::BFloat16>()), t.data_ptr<float>(), rank);
   else TORCH_CHECK(false, "values: float32 or bfloat16");
   return y;
 }
 
-// y[b, r] = sum_j W[r, j] x[b, j], W [out, in] dense (float32 or bfloat16), x [batch, in] of W's dtype.
+// ------------------------------------------------------------------------------------------- dense
+
+// y[b, r] = sum_j W[r, j] x[b, j] for rows r0..r1, W [out, in] dense; xp as prep_x writes it (groups*16 per row).
 template <typename V>
-static void dense_rows(const V* W, const V* x, float* y, int64_t in, int64_t r0, int64_t r1) {
-#ifdef OATS_AVX512
-  if constexpr (sizeof(V) == 4) {
-    const float* Wf = reinterpret_cast<const float*>(W);
-    const float* xf = reinterpret_cast<const float*>(x);
-    int64_t r = r0;
-    for (; r + 4 <= r1; r += 4) {
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t j = 0; j < in; j += 16) {
-        __mmask16 k = in - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (in - j)) - 1);
-        __m512 xv = _mm512_maskz_loadu_ps(k, xf + j);
-        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, Wf + r * in + j), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, Wf + (r + 1) * in + j), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, Wf + (r + 2) * in + j), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, Wf + (r + 3) * in + j), xv, a3);
+static void dense_rows(const V* W, const float* xp, int64_t batch, float* y, int64_t out, int64_t in, int64_t r0, int64_t r1) {
+  int64_t groups = (in + 15) / 16, xs = groups * 16;
+#if defined(OATS_AVX2)
+  int64_t full = in / 16;  // whole groups read as vectors; the tail by scalar code
+  int64_t r = r0;
+  for (; r < r1; r += 4) {
+    int nr = (int)std::min<int64_t>(4, r1 - r);
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* xb = xp + b * xs;
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t g = 0; g < full; ++g) {
+        __m256 x0 = _mm256_loadu_ps(xb + g * 16), x1 = _mm256_loadu_ps(xb + g * 16 + 8);
+        for (int i = 0; i < 4; ++i) {
+          if (i >= nr) break;
+          const V* w = W + (r + i) * in + g * 16;
+          if constexpr (sizeof(V) == 2) {
+            __m256i e = _mm256_loadu_si256((const __m256i*)w);
+            a[i] = _mm256_fmadd_ps(even_f32(e), x0, a[i]);
+            a[i] = _mm256_fmadd_ps(odd_f32(e), x1, a[i]);
+          } else {
+            const float* wf = reinterpret_cast<const float*>(w);
+            a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(wf), x0, a[i]);
+            a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(wf + 8), x1, a[i]);
+          }
+        }
       }
-      y[r] = _mm512_reduce_add_ps(a0); y[r + 1] = _mm512_reduce_add_ps(a1);
-      y[r + 2] = _mm512_reduce_add_ps(a2); y[r + 3] = _mm512_reduce_add_ps(a3);
-    }
-    for (; r < r1; ++r) {
-      __m512 a0 = _mm512_setzero_ps();
-      for (int64_t j = 0; j < in; j += 16) {
-        __mmask16 k = in - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (in - j)) - 1);
-        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, Wf + r * in + j), _mm512_maskz_loadu_ps(k, xf + j), a0);
+      for (int i = 0; i < nr; ++i) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(a[i]), _mm256_extractf128_ps(a[i], 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        float acc = _mm_cvtss_f32(s);
+        for (int64_t j = full * 16; j < in; ++j) {
+          int64_t c = j % 16, pos = c;
+          if constexpr (sizeof(V) == 2) pos = (c % 2) * 8 + (c % 8) / 2 + (c / 8) * 4;
+          acc += to_f32<V>(W[(r + i) * in + j]) * xb[full * 16 + pos];
+        }
+        y[b * out + r + i] = acc;
       }
-      y[r] = _mm512_reduce_add_ps(a0);
     }
-    return;
-  } else {
-#ifdef __AVX512BF16__
-    int64_t r = r0;
-    for (; r + 4 <= r1; r += 4) {
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t j = 0; j < in; j += 32) {
-        __mmask32 k = in - j >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1ull << (in - j)) - 1);
-        __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(k, x + j);
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(k, W + r * in + j), xv);
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(k, W + (r + 1) * in + j), xv);
-        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_maskz_loadu_epi16(k, W + (r + 2) * in + j), xv);
-        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_maskz_loadu_epi16(k, W + (r + 3) * in + j), xv);
-      }
-      y[r] = _mm512_reduce_add_ps(a0); y[r + 1] = _mm512_reduce_add_ps(a1);
-      y[r + 2] = _mm512_reduce_add_ps(a2); y[r + 3] = _mm512_reduce_add_ps(a3);
-    }
-    for (; r < r1; ++r) {
-      __m512 a0 = _mm512_setzero_ps();
-      for (int64_t j = 0; j < in; j += 32) {
-        __mmask32 k = in - j >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1ull << (in - j)) - 1);
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(k, W + r * in + j), (__m512bh)_mm512_maskz_loadu_epi16(k, x + j));
-      }
-      y[r] = _mm512_reduce_add_ps(a0);
-    }
-    return;
-#endif
   }
-#endif
-  for (int64_t r = r0; r < r1; ++r) {
-    float acc = 0.f;
-    for (int64_t j = 0; j < in; ++j) {
-      if constexpr (sizeof(V) == 4) acc += reinterpret_cast<const float*>(W)[r * in + j] * reinterpret_cast<const float*>(x)[j];
-      else acc += bf16_to_f32(W[r * in + j]) * bf16_to_f32(x[j]);
+#else
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t b = 0; b < batch; ++b) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < in; ++j) acc += to_f32<V>(W[r * in + j]) * xp[b * xs + j];
+      y[b * out + r] = acc;
     }
-    y[r] = acc;
-  }
+#endif
 }
 
+// W [out, in] dense float32/bfloat16, x [batch, in] of W's dtype -> y [batch, out] float32.
 torch::Tensor dense_matmul(torch::Tensor W, torch::Tensor x) {
   TORCH_CHECK(W.dim() == 2 && x.dim() == 2 && W.is_contiguous() && x.is_contiguous() && W.dtype() == x.dtype() && x.size(1) == W.size(1),
               "W [out, in] and x [batch, in]: contiguous, same dtype");
   int64_t out = W.size(0), in = W.size(1), batch = x.size(0);
   auto y = torch::empty({batch, out}, x.options().dtype(torch::kFloat32));
   int64_t grain = std::max<int64_t>(4, 8192 / std::max<int64_t>(1, in / 16));
-  for (int64_t b = 0; b < batch; ++b) {
-    at::parallel_for(0, out, grain, [&](int64_t r0, int64_t r1) {
-      if (W.dtype() == torch::kFloat32)
-        dense_rows<float>(W.data_ptr<float>(), x.data_ptr<float>() + b * in, y.data_ptr<float>() + b * out, in, r0, r1);
-      else if (W.dtype() == torch::kBFloat16)
-        dense_rows<uint16_t>(reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>()),
-                             reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + b * in, y.data_ptr<float>() + b * out, in, r0, r1);
-      else TORCH_CHECK(false, "float32 or bfloat16");
-    });
-  }
+  float* yp = y.data_ptr<float>();
+  if (W.dtype() == torch::kFloat32) {
+    auto xp = prep_x<float>(x.data_ptr<float>(), batch, in, in);
+    const float* w = W.data_ptr<float>();
+    at::parallel_for(0, (out + 3) / 4, grain / 4 + 1, [&](int64_t k0, int64_t k1) {
+      dense_rows<float>(w, xp.data(), batch, yp, out, in, k0 * 4, std::min(out, k1 * 4)); });
+  } else if (W.dtype() == torch::kBFloat16) {
+    auto xp = prep_x<uint16_t>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), batch, in, in);
+    const uint16_t* w = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
+    at::parallel_for(0, (out + 3) / 4, grain / 4 + 1, [&](int64_t k0, int64_t k1) {
+      dense_rows<uint16_t>(w, xp.data(), batch, yp, out, in, k0 * 4, std::min(out, k1 * 4)); });
+  } else TORCH_CHECK(false, "float32 or bfloat16");
   return y;
 }
 
-// Dense [out, in] from CSR (values of any 16/32-bit float dtype copied as bits), rows split over threads.
-torch::Tensor csr_to_dense(torch::Tensor values, torch::Tensor crow, torch::Tensor col, int64_t out, int64_t in) {
-  TORCH_CHECK(crow.dtype() == torch::kInt64 && col.dtype() == torch::kInt32 && values.is_contiguous() && col.is_contiguous(),
-              "crow int64, col int32, contiguous");
-  auto W = torch::zeros({out, in}, values.options());
-  const int64_t* cr = crow.data_ptr<int64_t>();
-  const int32_t* cc = col.data_ptr<int32_t>();
-  int64_t es = values.element_size();
-  at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      if (es == 4) {
-        const float* v = reinterpret_cast<const float*>(values.data_ptr()); float* w = reinterpret_cast<float*>(W.data_ptr()) + r * in;
-        for (int64_t k = cr[r]; k < cr[r + 1]; ++k) w[cc[k]] = v[k];
-      } else {
-        const uint16_t* v = reinterpret_cast<const uint16_t*>(values.data_ptr()); uint16_t* w = reinterpret_cast<uint16_t*>(W.data_ptr()) + r * in;
-        for (int64_t k = cr[r]; k < cr[r + 1]; ++k) w[cc[k]] = v[k];
+template <typename T>
+static void scatter_rows(const T* src, const int64_t* of, const uint8_t* mk, int64_t wb, T* dst, int64_t in, int64_t r0, int64_t r1,
+                         int64_t nnz) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* v = src + of[r];
+    T* w = dst + r * in;
+    int64_t c = 0;
+#ifdef OATS_AVX2
+    if (of[r + 1] + OVERREAD <= nnz)  // the expand of the matmul, stored: 16 columns per step, no branch per bit
+      for (; (c + 2) * 8 <= in; c += 2) {
+        uint32_t m0 = mk[r * wb + c], m1 = mk[r * wb + c + 1];
+        int p0 = __builtin_popcount(m0);
+        if constexpr (sizeof(T) == 2) {
+          __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)v)),
+                                                _mm_loadu_si128((const __m128i*)(v + p0)), 1);
+          __m256i ctl = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_load_si128((const __m128i*)T_.shuf16[m0])),
+                                                _mm_load_si128((const __m128i*)T_.shuf16[m1]), 1);
+          _mm256_storeu_si256((__m256i*)(w + c * 8), _mm256_shuffle_epi8(raw, ctl));
+        } else {
+          const float* fv = reinterpret_cast<const float*>(v);
+          float* fw = reinterpret_cast<float*>(w + c * 8);
+          _mm256_storeu_ps(fw, _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(fv), _mm256_load_si256((const __m256i*)T_.perm32[m0])),
+                                             _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)T_.keep32[m0]))));
+          _mm256_storeu_ps(fw + 8, _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(fv + p0), _mm256_load_si256((const __m256i*)T_.perm32[m1])),
+                                                 _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)T_.keep32[m1]))));
+        }
+        v += p0 + __builtin_popcount(m1);
+      }
+#endif
+    for (; c < wb; ++c) {
+      uint32_t m = mk[r * wb + c];
+      while (m) {
+        w[c * 8 + __builtin_ctz(m)] = *v++;
+        m &= m - 1;
       }
     }
+  }
+}
+
+// Dense [out, in] (values' dtype) from the bitmask layout, rows split over threads.
+torch::Tensor bitmask_to_dense(torch::Tensor values, torch::Tensor offsets, torch::Tensor mask, int64_t in) {
+  TORCH_CHECK(mask.dtype() == torch::kUInt8 && offsets.dtype() == torch::kInt64 && values.is_contiguous() && mask.is_contiguous(),
+              "mask uint8, offsets int64, contiguous");
+  int64_t out = mask.size(0), wb = mask.size(1);
+  auto W = torch::zeros({out, in}, values.options());
+  const int64_t* of = offsets.data_ptr<int64_t>();
+  const uint8_t* mk = mask.data_ptr<uint8_t>();
+  int64_t es = values.element_size();
+  TORCH_CHECK(es == 2 || es == 4, "16- or 32-bit values");
+  at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
+    if (es == 4) scatter_rows<uint32_t>(reinterpret_cast<const uint32_t*>(values.data_ptr()), of, mk, wb, reinterpret_cast<uint32_t*>(W.data_ptr()), in, r0, r1, values.numel());
+    else scatter_rows<uint16_t>(reinterpret_cast<const uint16_t*>(values.data_ptr()), of, mk, wb, reinterpret_cast<uint16_t*>(W.data_ptr()), in, r0, r1, values.numel());
   });
   return W;
 }
 
-bool simd() {
-#ifdef OATS_AVX512
-  return true;
+std::string simd() {
+#if defined(OATS_AVX512)
+  return "avx512-vbmi2";
+#elif defined(OATS_AVX2)
+  return "avx2";
 #else
-  return false;
+  return "portable";
 #endif
 }

@@ -4,18 +4,22 @@ Candidates (every one computes ``x S^T + (x V^T) U^T + b``):
 
 * ``dense_merged``: ``W = S + U V`` materialised once (float32 sum, cast to the layer's dtype), then
   ``F.linear``. Fastest for prefill; costs a dense copy of the weight in memory.
-* ``torch_csr``: the layer's own forward (torch CSR @ dense, falling back to densifying S per call
-  where torch has no sparse kernel for the dtype, e.g. bfloat16 on the CPU).
-* ``bitmask_kernel``: the compiled AVX-512 bitmask x vector kernel of :mod:`factored.kernels` for S
-  plus two small dense kernel products for U, V. CPU only, when it compiled.
+* ``torch_csr``: torch CSR @ dense with the CSR indices built from the mask per call (falling back to
+  densifying S where torch has no sparse kernel for the dtype, e.g. bfloat16 on the CPU).
+* ``bitmask_kernel``: the compiled bitmask x vector kernel of :mod:`factored.kernels` reading the layer's
+  own values and mask, the low-rank part fused (``x Vᵀ`` once, ``U[r] · t`` added per output row). CPU
+  only, when it compiled.
 * ``densify``: S scattered into a fresh dense tensor on every call, then ``F.linear`` (+ the low-rank
   part in float32): no dense copy kept, close to dense speed for prefill where the product dominates.
-* ``dense_kernel``: the dense-merged W by the compiled dense kernel (AVX-512 BF16 dot products; torch's
-  bfloat16 batch-1 product is several times slower on the CPU). CPU only, when it compiled.
+* ``dense_kernel``: the dense-merged W by the compiled dense kernel (AVX2 FMAs; torch's bfloat16 batch-1
+  product is several times slower on the CPU). CPU only, when it compiled.
 
 :func:`choose_forward` times each candidate once on the layer's own tensors for a given number of input
 rows and caches the winner per ``(device, dtype, shape, rank, density bucket, rows bucket)``, so one
-calibration serves every layer of the same shape. :func:`install_auto_forward` makes every
+calibration serves every layer of the same shape, and on disk per machine (:mod:`factored.calibration`),
+so a later run on the same machine measures nothing. The forwards that keep a dense copy
+(:data:`DENSE_COPY`) are always timed as the reference ("best dense": the faster of the two), but chosen
+only when the caller allows a dense copy (``keep_dense``). :func:`install_auto_forward` makes every
 SparseLowRankLinear of a model pick, per call, the winner for the call's row count (decode and prefill
 differ), and :func:`forward_record` says what was chosen (a JSON-serialisable dict and a short string
 for the result record).
@@ -32,11 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from factored import calibration
+
 log = logging.getLogger(__name__)
 
 CANDIDATES = ("dense_merged", "torch_csr", "bitmask_kernel", "dense_kernel", "densify")
 DENSE_COPY = ("dense_merged", "dense_kernel")  # the forwards that hold W = S + U V in memory
 _CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
+_STORED: list[bool] = []  # non-empty once this process has read the stored calibrations (factored.calibration)
 
 
 def _slr_class():
@@ -62,7 +69,7 @@ def rows_bucket(rows: int) -> int:
 
 
 def _version(layer) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in (layer.values, layer.U, layer.V, layer.col_indices))
+    return tuple((t.data_ptr(), t._version) for t in (layer.values, layer.U, layer.V, layer.mask))
 
 
 def dense_merged_weight(layer) -> Tensor:
@@ -71,30 +78,16 @@ def dense_merged_weight(layer) -> Tensor:
     if cached is not None and cached[0] == _version(layer):
         return cached[1]
     with torch.no_grad():
-        S = layer.sparse_weight().to_dense()
+        S = layer.sparse_dense()
         W = (S.float() + layer.U.float() @ layer.V.float()).to(S.dtype) if layer.rank else S
     layer._oats_dense = (_version(layer), W)
     return W
 
 
-def bitmask_matrix(layer):
-    """The layer's S in the kernel's layout (cached on the layer until its tensors change)."""
-    from factored.kernels import BitmaskMatrix
-
-    cached = getattr(layer, "_oats_bitmask", None)
-    if cached is not None and cached[0] == _version(layer):
-        return cached[1]
-    bm = BitmaskMatrix.from_layer(layer)
-    layer._oats_bitmask = (_version(layer), bm)
-    return bm
-
-
 def drop_cached(layer, keep: Iterable[str] = ()) -> None:
-    """Free the representations not named in ``keep``."""
+    """Free the dense copy unless a forward named in ``keep`` uses it."""
     if not set(DENSE_COPY) & set(keep) and hasattr(layer, "_oats_dense"):
         del layer._oats_dense
-    if "bitmask_kernel" not in keep and hasattr(layer, "_oats_bitmask"):
-        del layer._oats_bitmask
 
 
 def _fw_dense_merged(layer, x2: Tensor) -> Tensor:
@@ -102,17 +95,18 @@ def _fw_dense_merged(layer, x2: Tensor) -> Tensor:
 
 
 def _fw_torch_csr(layer, x2: Tensor) -> Tensor:
-    return _slr_class().forward(layer, x2)
+    try:
+        ys = (layer.sparse_weight() @ x2.T).T  # CSR @ dense
+    except (RuntimeError, NotImplementedError):  # sparse kernels missing for this dtype/device
+        ys = F.linear(x2, layer.sparse_dense())
+    y = ys + _lowrank_f32(layer, x2) if layer.rank else ys
+    return y + layer.bias if layer.bias is not None else y
 
 
 def _fw_bitmask_kernel(layer, x2: Tensor) -> Tensor:
-    from factored.kernels import dense_matmul
+    from factored.kernels import bitmask_matmul
 
-    xs = x2.to(layer.values.dtype)
-    y = bitmask_matrix(layer).matmul(xs)  # float32
-    if layer.rank:  # (x V^T) U^T by the same kernel family: torch's bf16 products are slow at odd ranks
-        t = dense_matmul(layer.V.detach(), xs).to(layer.values.dtype)
-        y += dense_matmul(layer.U.detach(), t)
+    y = bitmask_matmul(layer.values, layer.row_offsets(), layer.mask, x2, layer.U if layer.rank else None, layer.V)
     if layer.bias is not None:
         y += layer.bias
     return y.to(x2.dtype)
@@ -125,21 +119,8 @@ def _lowrank_f32(layer, x2: Tensor) -> Tensor:
     return F.linear(F.linear(x2.float(), layer.V.float()), layer.U.float()).to(x2.dtype)
 
 
-def _densify_weight(layer) -> Tensor:
-    from factored.kernels import csr_to_dense
-
-    W = csr_to_dense(layer)
-    if W is None:
-        out, inp = layer.out_features, layer.in_features
-        rows = torch.repeat_interleave(torch.arange(out, device=layer.values.device), layer.crow_indices.diff())
-        W = torch.zeros(out * inp, dtype=layer.values.dtype, device=layer.values.device)
-        W.index_copy_(0, rows * inp + layer.col_indices.to(torch.int64), layer.values.detach())
-        W = W.view(out, inp)
-    return W
-
-
 def _fw_densify(layer, x2: Tensor) -> Tensor:
-    y = F.linear(x2, _densify_weight(layer), layer.bias)
+    y = F.linear(x2, layer.sparse_dense(), layer.bias)
     return y + _lowrank_f32(layer, x2) if layer.rank else y
 
 
@@ -157,7 +138,7 @@ FORWARDS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
     "dense_kernel": _fw_dense_kernel, "densify": _fw_densify}
 
 
-KERNEL_MAX_ROWS = 64  # the compiled kernels loop over input rows: never faster for prefill, not timed there
+KERNEL_MAX_ROWS = 1024  # the compiled kernels take 8 input rows per pass: timed up to this many rows (bf16 prefill can win)
 
 
 def available_forwards(layer, x: Tensor | None = None) -> list[str]:
@@ -175,7 +156,7 @@ def available_forwards(layer, x: Tensor | None = None) -> list[str]:
 
 def run_forward(layer, x: Tensor, impl: str) -> Tensor:
     """The layer's output for ``x`` [..., in] computed by forward ``impl`` (one of :data:`CANDIDATES`).
-    Only ``torch_csr`` has gradients; the others read cached copies (call under ``torch.no_grad()``)."""
+    Call under ``torch.no_grad()`` (the dense copies are cached without gradients)."""
     shape = x.shape
     y = FORWARDS[impl](layer, x.reshape(-1, layer.in_features))
     return y.reshape(*shape[:-1], layer.out_features)
@@ -236,39 +217,55 @@ def choose_forward(layer, rows: int = 1, candidates: Iterable[str] | None = None
     call (:func:`evict_caches`): a lone layer timed in a loop would sit in the cache, which is not what
     a model's decode step sees, and would favour the dense forward."""
     key = cache_key(layer, rows, dtype) + (tuple(candidates) if candidates is not None else None,)
+    if not _STORED:
+        _STORED.append(True)
+        for k, v in calibration.load().items():
+            _CACHE.setdefault(k, v)
     if not recalibrate and key in _CACHE:
         return _CACHE[key][0]
     dtype = dtype or layer.values.dtype
     x = torch.randn(rows_bucket(rows), layer.in_features, dtype=dtype, device=layer.values.device)
-    names = [c for c in (candidates or CANDIDATES) if c in available_forwards(layer, x)
+    runnable = available_forwards(layer, x)
+    names = [c for c in (candidates or CANDIDATES) if c in runnable
              and not (c.endswith("_kernel") and x.shape[0] > KERNEL_MAX_ROWS and len(candidates or CANDIDATES) > 1)]
     if not names:
         raise ValueError(f"none of {list(candidates or CANDIDATES)} can run here")
+    reference = [c for c in DENSE_COPY if c in runnable and c not in names and not (c.endswith("_kernel") and x.shape[0] > KERNEL_MAX_ROWS)]
     times = {}
     had = set(DENSE_COPY) if hasattr(layer, "_oats_dense") else set()
-    had |= {"bitmask_kernel"} if hasattr(layer, "_oats_bitmask") else set()
     with torch.no_grad():
-        for n in names:
+        for n in names + reference:
             try:
                 times[n] = _time(lambda n=n: FORWARDS[n](layer, x), cold=rows <= COLD_ROWS and x.device.type == "cpu")
             except Exception as e:  # a candidate that fails here is simply not chosen
                 log.warning("forward %s failed on %s: %s", n, key, e)
-    best = min(times, key=times.get)
+    best = min((n for n in names if n in times), key=times.get)
     drop_cached(layer, keep=had | {best})
     _CACHE[key] = (best, times)
-    log.info("forward for %s: %s (%s)", key, best, ", ".join(f"{k} {v * 1e6:.0f}us" for k, v in times.items()))
+    calibration.save(_CACHE)
+    log.info("forward for %s: %s (%s; best dense / choice %.2f)", key, best, ", ".join(f"{k} {v * 1e6:.0f}us" for k, v in times.items()),
+             best_dense(times) / times[best] if best_dense(times) else float("nan"))
     return best
 
 
+def best_dense(times: dict[str, float]) -> float | None:
+    """The best dense path's time among ``times``: the faster of ``dense_merged`` (F.linear) and ``dense_kernel``."""
+    ts = [times[c] for c in DENSE_COPY if c in times]
+    return min(ts) if ts else None
+
+
 def calibration_table() -> list[dict]:
-    """Every measured calibration: key fields, the choice and each candidate's best time (seconds)."""
+    """Every measured calibration: key fields, the choice, each forward's best time (seconds; the dense
+    ones are timed as the reference even where they may not be chosen) and the best dense time."""
     fields = ("device", "dtype", "out_features", "in_features", "rank", "bias", "density", "rows")
-    return [{**dict(zip(fields, k[:8])), "candidates": list(k[8]) if k[8] else None, "choice": c, "seconds": t}
-            for k, (c, t) in _CACHE.items()]
+    return [{**dict(zip(fields, k[:8])), "candidates": list(k[8]) if k[8] else None, "choice": c, "seconds": t,
+             "best_dense_seconds": best_dense(t)} for k, (c, t) in _CACHE.items()]
 
 
 def clear_calibration() -> None:
+    """Forget every calibration of this process (the stored ones are not read again in it)."""
     _CACHE.clear()
+    _STORED[:] = [True]
 
 
 def _auto_forward(self, x: Tensor) -> Tensor:
@@ -287,10 +284,10 @@ def _auto_forward(self, x: Tensor) -> Tensor:
 
 
 def install_auto_forward(model: nn.Module, candidates: Iterable[str] | None = None, fixed: str | None = None,
-                         keep_dense: bool = True) -> int:
+                         keep_dense: bool = False) -> int:
     """Make every SparseLowRankLinear of ``model`` use the measured-fastest forward per call's row count
-    (or always ``fixed``). ``keep_dense=False`` leaves ``dense_merged`` and ``dense_kernel`` out (no dense
-    copies in memory).
+    (or always ``fixed``). ``dense_merged`` and ``dense_kernel`` (a dense copy of S + U V in memory) are
+    timed as the reference but chosen only with ``keep_dense=True`` (or named by ``fixed``).
     Returns the number of layers. Undo with :func:`remove_auto_forward`."""
     cls = _slr_class()
     cands = tuple(candidates) if candidates is not None else CANDIDATES

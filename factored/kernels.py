@@ -1,25 +1,37 @@
-"""An optional compiled CPU kernel: bitmask-sparse matrix times a few vectors (batch-1 decode).
+"""An optional compiled CPU kernel: bitmask-sparse matrix (plus a low-rank pair) times 1-8 vectors (decode).
 
-Layout (:class:`BitmaskMatrix`): per row, the nonzeros in column order (float32 or bfloat16, the CSR
-values as they are), the row offsets (CSR ``crow_indices``) and a 1-bit mask padded to 32-bit words per
-row. For every word the AVX-512 path expands the next ``popcount`` values into their lanes
-(``vexpandps`` / ``vpexpandw``) and multiply-adds them with the input's 32 entries, so the bytes read per
-entry are ``density * e + 1/8`` (bfloat16 at 50%: 1.125 instead of 2). Rows are split over threads
-(``at::parallel_for``). Without AVX-512 (F, BW, VBMI2) a portable loop over set bits is compiled instead.
+Layout (the one ``SparseLowRankLinear`` holds, :mod:`factored.bitmask`): the nonzeros row-major
+(float32 or bfloat16) and a 1-bit mask per entry, rows padded to 32-bit words (``uint8 [out, 4*words]``,
+bit j of byte c = column 8c + j); the row offsets are recomputed from the mask. The bytes read per entry
+are ``density * e + 1/8`` (bfloat16 at 50%: 1.125 instead of 2).
 
-``dense_matmul`` is the same for a dense matrix (W x in float32 FMAs, or AVX-512 BF16 dot products):
-torch 2.13's bfloat16 products on this CPU are slow for batch 1 and pathologically slow (milliseconds)
-when an inner dimension is not a multiple of 8 (OATS ranks such as 43), so the low-rank part and the
-``dense_kernel`` forward use it.
+The SIMD path is chosen when the kernel is compiled (``-march=native``) and logged (:func:`isa`):
+
+* ``avx2`` (AVX2 + FMA): per mask byte a 256-entry ``pshufb`` table moves the next ``popcount`` packed
+  16-bit values into the 8 lanes of the set bits (32-bit values: ``vpermps`` + a lane mask); bf16 is widened
+  to f32 by a shift (even lanes) and a mask (odd lanes) against an input stored split the same way, and
+  multiply-added in f32; several rows per pass, every input row (up to 8) against each expanded group.
+* ``avx512-vbmi2`` (AVX-512 F/BW/VL/DQ/VBMI2 only): ``vexpandps`` / ``vpexpandw`` per 32-bit mask word,
+  one input row at a time. Not tested on a machine without VBMI2 (where it is not compiled);
+  ``OATS_KERNEL_ISA=avx2`` builds the AVX2 path there instead.
+* ``portable``: a C loop over the set bits (``OATS_KERNEL_ISA=portable`` forces it anywhere).
+
+The low-rank part is fused: ``t = x Vᵀ`` once per input row (:func:`dense_matmul`), then each output row
+adds ``U[r] · t`` in the same pass over the rows. Rows are split over threads (``at::parallel_for``).
+
+``dense_matmul`` is the dense counterpart (AVX2 FMAs, the same bf16 widening): torch 2.13's bfloat16
+products on the CPU are slow for batch 1 and pathologically slow when an inner dimension is not a
+multiple of 8 (OATS ranks such as 43), so the low-rank part and the ``dense_kernel`` forward use it.
 
 The C++ source is ``bitmask_kernel.cpp`` beside this file, compiled at first use with
 ``torch.utils.cpp_extension.load_inline`` (g++ -O3 -march=native) into
 ``$OATS_CACHE_DIR/kernels`` (default ``~/.cache/oats/kernels``), keyed by the source and the CPU's
-flags. Everything is optional: :func:`kernel` returns None (logged once) when compilation fails, and
+flags and ``OATS_KERNEL_ISA``. Everything is optional: :func:`kernel` returns None (logged once) when compilation fails, and
 the callers fall back to the torch forwards.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -59,8 +71,19 @@ def build_dir() -> Path:
     return cache_dir("kernels")
 
 
+ISA_FLAGS = {"native": [], "avx2": ["-DOATS_NO_AVX512"], "portable": ["-DOATS_FORCE_PORTABLE"]}
+
+
+def requested_isa() -> str:
+    """``OATS_KERNEL_ISA`` (``native``, the default: the best path the CPU has; ``avx2``; ``portable``)."""
+    isa = os.environ.get("OATS_KERNEL_ISA", "native") or "native"
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"OATS_KERNEL_ISA={isa!r}: one of {sorted(ISA_FLAGS)}")
+    return isa
+
+
 def kernel():
-    """The compiled extension module (functions ``bitmask_matmul``, ``simd``), or None if it cannot be
+    """The compiled extension module (functions ``bitmask_matmul``, ``dense_matmul``, ``bitmask_to_dense``, ``simd``), or None if it cannot be
     built here (the reason is logged once and kept in :func:`failure`). Set ``OATS_NO_KERNEL=1`` to skip."""
     global _module, _failed
     if _module is not None or _failed is not None:
@@ -71,7 +94,8 @@ def kernel():
         if os.environ.get("OATS_NO_KERNEL"):
             _failed = "disabled by OATS_NO_KERNEL"
             return None
-        digest = hashlib.sha1((CPP_SOURCE + _cpu_flags() + torch.__version__).encode()).hexdigest()[:12]
+        isa = requested_isa()
+        digest = hashlib.sha1((CPP_SOURCE + _cpu_flags() + torch.__version__ + isa).encode()).hexdigest()[:12]
         name = f"oats_bitmask_{digest}"
         directory = build_dir() / name
         try:
@@ -81,10 +105,10 @@ def kernel():
 
             directory.mkdir(parents=True, exist_ok=True)
             _lg.getLogger("torch.utils.cpp_extension").setLevel(_lg.ERROR)
-            _module = load_inline(name, cpp_sources=[CPP_SOURCE], functions=["bitmask_matmul", "dense_matmul", "csr_to_dense", "simd"],
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            _module = load_inline(name, cpp_sources=[CPP_SOURCE], functions=["bitmask_matmul", "dense_matmul", "bitmask_to_dense", "simd"],
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp", *ISA_FLAGS[isa]], extra_ldflags=["-fopenmp"],
                                   build_directory=str(directory), verbose=False)
-            log.info("oats bitmask kernel compiled (%s, AVX-512 path: %s) in %s", name, _module.simd(), directory)
+            log.info("oats bitmask kernel compiled (%s, SIMD path: %s) in %s", name, _module.simd(), directory)
         except Exception as e:  # no compiler, no headers, no ninja...
             _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
             log.warning("oats bitmask kernel unavailable, using the torch forwards (%s)", _failed)
@@ -101,63 +125,77 @@ def available() -> bool:
     return kernel() is not None
 
 
-class BitmaskMatrix:
-    """S [out, in] in the kernel's layout (built from CSR tensors; values shared, not copied)."""
+def isa() -> str | None:
+    """The SIMD path compiled: ``avx512-vbmi2``, ``avx2`` or ``portable``; None without the kernel."""
+    mod = kernel()
+    return None if mod is None else mod.simd()
 
-    def __init__(self, values: Tensor, crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int]):
-        out, inp = shape
-        self.shape = (out, inp)
-        self.words = (inp + 31) // 32
-        self.values = values.detach().contiguous()
-        self.offsets = crow_indices.detach().to(torch.int64).contiguous()
-        rows = torch.repeat_interleave(torch.arange(out), self.offsets.diff())
-        cols = col_indices.detach().to(torch.int64)
-        word_index = rows * self.words + cols // 32
-        bits = torch.ones_like(cols) << (cols % 32)
-        mask = torch.zeros(out * self.words, dtype=torch.int64).index_add_(0, word_index, bits)
-        mask = torch.where(mask >= 2**31, mask - 2**32, mask)  # reinterpret as int32
-        self.mask = mask.to(torch.int32).reshape(out, self.words)
 
-    @classmethod
-    def from_layer(cls, layer) -> "BitmaskMatrix":
-        return cls(layer.values, layer.crow_indices, layer.col_indices, (layer.out_features, layer.in_features))
+def _mod():
+    mod = kernel()
+    if mod is None:
+        raise RuntimeError(f"kernel unavailable: {failure()}")
+    return mod
 
-    @classmethod
-    def from_dense(cls, w: Tensor) -> "BitmaskMatrix":
-        import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            csr = w.detach().to_sparse_csr()
-        return cls(csr.values(), csr.crow_indices(), csr.col_indices(), tuple(w.shape))
+def bitmask_matmul(values: Tensor, offsets: Tensor, mask: Tensor, x: Tensor, U: Tensor | None = None,
+                   V: Tensor | None = None) -> Tensor:
+    """x [batch, in] -> x Sᵀ (+ (x Vᵀ) Uᵀ) [batch, out] float32 for S in the bitmask layout (values [nnz],
+    offsets [out+1] int64, mask uint8 [out, 4*words]); x and U, V are cast to the values' dtype.
+    Needs :func:`kernel`."""
+    mod = _module if _module is not None else _mod()
+    dt = values.dtype
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    if x.dtype != dt:
+        x = x.to(dt)
+    x = x.contiguous()
+    if U is not None and U.shape[1]:
+        t = mod.dense_matmul(V.to(dt).contiguous(), x)
+        U = U.to(dt).contiguous()
+    else:
+        U, t = _no_lowrank(mask.shape[0], x.shape[0], dt, str(values.device))
+    return mod.bitmask_matmul(values.contiguous(), offsets, mask, x, U, t)
 
-    def matmul(self, x: Tensor) -> Tensor:
-        """x [batch, in] -> x S^T [batch, out] float32, x cast to the values' dtype (the model's). Needs :func:`kernel`."""
-        mod = kernel()
-        if mod is None:
-            raise RuntimeError(f"bitmask kernel unavailable: {failure()}")
-        x = x.reshape(-1, self.shape[1]).to(self.values.dtype)
-        pad = self.words * 32 - self.shape[1]
-        x = F.pad(x, (0, pad)) if pad else x.contiguous()
-        return mod.bitmask_matmul(self.values, self.offsets, self.mask, x, self.shape[0])
 
-    def nbytes(self) -> int:
-        return self.values.numel() * self.values.element_size() + self.mask.numel() * 4 + self.offsets.numel() * 8
+@functools.lru_cache(maxsize=256)
+def _no_lowrank(out: int, batch: int, dtype: torch.dtype, device: str) -> tuple[Tensor, Tensor]:
+    """Empty U [out, 0] and t [batch, 0] for a rank-0 layer (made once: this runs on every decode call)."""
+    return torch.empty(out, 0, dtype=dtype, device=device), torch.empty(batch, 0, dtype=torch.float32, device=device)
 
 
 def dense_matmul(W: Tensor, x: Tensor) -> Tensor:
     """x [batch, in] @ W^T for a dense W [out, in] (float32/bfloat16, x cast to W's dtype) -> float32
-    [batch, out], by the compiled kernel (AVX-512 BF16 dot products for bfloat16). Needs :func:`kernel`."""
-    mod = kernel()
-    if mod is None:
-        raise RuntimeError(f"kernel unavailable: {failure()}")
-    return mod.dense_matmul(W.contiguous(), x.reshape(-1, W.shape[1]).to(W.dtype).contiguous())
+    [batch, out], by the compiled kernel. Needs :func:`kernel`."""
+    return _mod().dense_matmul(W.contiguous(), x.reshape(-1, W.shape[1]).to(W.dtype).contiguous())
 
 
-def csr_to_dense(layer) -> Tensor | None:
-    """S of a SparseLowRankLinear as a fresh dense tensor by the compiled scatter, or None without the kernel."""
+def bitmask_to_dense(values: Tensor, offsets: Tensor, mask: Tensor, in_features: int) -> Tensor | None:
+    """S as a fresh dense [out, in] tensor by the compiled scatter, or None without the kernel (or on a
+    device other than the CPU, or for 8-bit values)."""
     mod = kernel()
-    if mod is None or layer.values.element_size() not in (2, 4) or layer.values.device.type != "cpu":
+    if mod is None or values.element_size() not in (2, 4) or values.device.type != "cpu":
         return None
-    return mod.csr_to_dense(layer.values.detach().contiguous(), layer.crow_indices.to(torch.int64).contiguous(),
-                            layer.col_indices.to(torch.int32).contiguous(), layer.out_features, layer.in_features)
+    return mod.bitmask_to_dense(values.detach().contiguous(), offsets, mask, in_features)
+
+
+class BitmaskMatrix:
+    """A standalone S [out, in] in the bitmask layout (for benchmarks and tests of the kernel alone)."""
+
+    def __init__(self, w: Tensor):
+        from factored.bitmask import pack, row_offsets
+
+        self.shape = tuple(w.shape)
+        self.values, self.mask = pack(w.detach())
+        self.offsets = row_offsets(self.mask)
+
+    @classmethod
+    def from_dense(cls, w: Tensor) -> "BitmaskMatrix":
+        return cls(w)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """x [batch, in] -> x S^T [batch, out] float32. Needs :func:`kernel`."""
+        return bitmask_matmul(self.values, self.offsets, self.mask, x)
+
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size() + self.mask.numel()

@@ -1,9 +1,11 @@
 """Compress mode: a linear layer stored as a sparse part plus a low-rank pair, and saving/loading a
 model that holds such layers.
 
-``SparseLowRankLinear`` computes ``y = x S^T + (x V^T) U^T (+ b)``. S is stored in CSR form as three
-plain tensors (``crow_indices`` [d_out+1], ``col_indices`` [nnz] int32, ``values`` [nnz]), never as a
-dense tensor with zeros, so the state dict, ``safetensors`` files and memory hold only the nonzeros.
+``SparseLowRankLinear`` computes ``y = x S^T + (x V^T) U^T (+ b)``. S is held in the bitmask layout of
+:mod:`factored.bitmask`: its nonzeros row-major (``values`` [nnz]) and one bit per entry (``mask`` uint8
+[d_out, 4 * ceil(d_in / 32)]), never as a dense tensor or with per-nonzero indices, so the state dict,
+``safetensors`` files, checkpoints and memory hold ``nnz * e + d_out * d_in / 8`` bytes for S (bfloat16 at
+50%: 0.5625 of dense). A state dict holding S in CSR form (``crow_indices``, ``col_indices``) also loads.
 
 Saving (:func:`save_compressed`) writes the model with ``save_pretrained`` plus a manifest
 ``oats_compressed.json`` naming every factored layer and its shapes; :func:`load_compressed`
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from factored import bitmask as bm
+
 MANIFEST = "oats_compressed.json"
 
 
@@ -31,7 +35,7 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class SparseLowRankLinear(nn.Module):
-    """y = x S^T + (x V^T) U^T + bias. S [out, in] in CSR, U [out, r], V [r, in]."""
+    """y = x S^T + (x V^T) U^T + bias. S [out, in] as values + bitmask, U [out, r], V [r, in]."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, nnz: int, bias: bool = True,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
@@ -39,8 +43,7 @@ class SparseLowRankLinear(nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         kw = dict(dtype=dtype, device=device)
         self.values = nn.Parameter(torch.zeros(nnz, **kw))
-        self.register_buffer("crow_indices", torch.zeros(out_features + 1, dtype=torch.int64, device=device))
-        self.register_buffer("col_indices", torch.zeros(nnz, dtype=torch.int32, device=device))
+        self.register_buffer("mask", torch.zeros(out_features, bm.mask_bytes(in_features), dtype=torch.uint8, device=device))
         self.U = nn.Parameter(torch.zeros(out_features, rank, **kw))
         self.V = nn.Parameter(torch.zeros(rank, in_features, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
@@ -51,45 +54,69 @@ class SparseLowRankLinear(nn.Module):
         """Build from a dense-shaped ``sparse`` [out, in] (exact zeros are dropped), U [out, r], V [r, in]."""
         dtype = dtype or sparse.dtype
         d_out, d_in = sparse.shape
-        with warnings.catch_warnings():  # 'sparse CSR support is in beta'
-            warnings.simplefilter("ignore", UserWarning)
-            csr = sparse.detach().to_sparse_csr()
-        mod = cls(d_in, d_out, U.shape[1], int(csr.values().numel()), bias is not None, dtype, sparse.device)
+        values, mask = bm.pack(sparse.detach())
+        mod = cls(d_in, d_out, U.shape[1], int(values.numel()), bias is not None, dtype, sparse.device)
         with torch.no_grad():
-            mod.values.copy_(csr.values().to(dtype))
-            mod.crow_indices.copy_(csr.crow_indices().to(torch.int64))
-            mod.col_indices.copy_(csr.col_indices().to(torch.int32))
+            mod.values.copy_(values.to(dtype))
+            mod.mask.copy_(mask)
             mod.U.copy_(U.to(dtype))
             mod.V.copy_(V.to(dtype))
             if bias is not None:
                 mod.bias.copy_(bias.to(dtype))
         return mod
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        crow, col = prefix + "crow_indices", prefix + "col_indices"
+        if crow in state_dict and prefix + "mask" not in state_dict:  # S saved in CSR form
+            state_dict[prefix + "mask"] = bm.from_csr(state_dict.pop(crow), state_dict.pop(col),
+                                                      (self.out_features, self.in_features))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def nnz(self) -> int:
         return self.values.numel()
 
+    def row_offsets(self) -> Tensor:
+        """Where each row's values start: int64 [out + 1], recomputed from the mask when it changes."""
+        mask = self._buffers["mask"]  # (not through nn.Module.__getattr__: this runs on every decode call)
+        key = (mask.data_ptr(), mask._version)
+        cached = self.__dict__.get("_oats_offsets")
+        if cached is None or cached[0] != key:
+            cached = (key, bm.row_offsets(mask))
+            self.__dict__["_oats_offsets"] = cached
+        return cached[1]
+
+    def sparse_dense(self) -> Tensor:
+        """S as a fresh dense [out, in] tensor (differentiable in ``values`` when grad is enabled)."""
+        if not (torch.is_grad_enabled() and self.values.requires_grad):
+            from factored.kernels import bitmask_to_dense
+
+            W = bitmask_to_dense(self.values, self.row_offsets(), self.mask, self.in_features)
+            if W is not None:
+                return W
+        return bm.to_dense(self.values, self.mask, self.in_features)
+
     def sparse_weight(self) -> Tensor:
-        """S as a torch CSR tensor [out, in] (a view of the stored tensors)."""
-        return torch.sparse_csr_tensor(self.crow_indices, self.col_indices.to(torch.int64), self.values,
-                                       (self.out_features, self.in_features), check_invariants=False)
+        """S as a torch CSR tensor [out, in] (indices built from the mask; values shared)."""
+        crow, col = bm.to_csr_indices(self.mask, self.in_features)
+        with warnings.catch_warnings():  # 'sparse CSR support is in beta'
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(crow, col, self.values, (self.out_features, self.in_features), check_invariants=False)
 
     def dense_weight(self) -> Tensor:
-        """S + U V as a dense [out, in] tensor (for checks; the forward never builds it on CPU float32)."""
-        return self.sparse_weight().to_dense() + self.U @ self.V
+        """S + U V as a dense [out, in] tensor (for checks)."""
+        return self.sparse_dense() + self.U @ self.V
 
     def param_count(self) -> int:
         """Nonzeros of S plus the entries of U and V (the bias is not counted, as for dense layers)."""
         return self.nnz + self.U.numel() + self.V.numel()
 
     def forward(self, x: Tensor) -> Tensor:
+        """S densified per call (no copy kept; differentiable), then ``F.linear``, plus the low-rank part.
+        The fast forwards are :mod:`factored.forward`'s."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        try:
-            ys = (self.sparse_weight() @ x2.T).T  # CSR @ dense
-        except (RuntimeError, NotImplementedError):  # sparse kernels missing for this dtype/device
-            ys = F.linear(x2, self.sparse_weight().to_dense())
-        y = ys + (x2 @ self.V.T) @ self.U.T
+        y = F.linear(x2, self.sparse_dense()) + (x2 @ self.V.T) @ self.U.T
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -110,7 +137,7 @@ def write_manifest(model: nn.Module, directory: str | Path) -> Path | None:
     layers = compressed_layers(model)
     if not layers:
         return None
-    manifest = {"format": "oats-sparse-lowrank-v1", "layers": {
+    manifest = {"format": "oats-sparse-lowrank-v2", "layers": {
         n: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank, "nnz": m.nnz,
             "bias": m.bias is not None} for n, m in layers.items()}}
     atomic_write_text(Path(directory) / MANIFEST, json.dumps(manifest, indent=1))

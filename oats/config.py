@@ -181,7 +181,8 @@ COMMON_KEYS: dict[str, Key] = {
 # compressed layer (``Method.build_module``: the sparse + low-rank methods), so they change no other method's hash.
 COMPRESS_KEYS: dict[str, Key] = {
     "compress": Key(False, (bool,), "compress mode: replace linears by sparse + low-rank modules (True) or sum S + UV into dense weights (False)"),
-    "forward": Key("auto", (str,), "compress mode: how a SparseLowRankLinear computes, `auto` (the fastest measured per device, dtype, shape, density and rows) or one of `dense_merged`, `torch_csr`, `bitmask_kernel`, `dense_kernel`, `densify`; the record says which ran", choice("auto", *FORWARDS), result=False),
+    "forward": Key("auto", (str,), "compress mode: how a SparseLowRankLinear computes, `auto` (the fastest measured per device, dtype, shape, density and rows, keeping no dense copy unless `forward_dense_copy`) or one of `dense_merged`, `torch_csr`, `bitmask_kernel`, `dense_kernel`, `densify`; the record says which ran", choice("auto", *FORWARDS), result=False),
+    "forward_dense_copy": Key(False, (bool,), "compress mode with `forward: auto`: may also choose the forwards that keep a dense copy of S + UV (`dense_merged`, `dense_kernel`; faster prefill, the dense model's memory); they are always timed as the reference", result=False),
 }
 
 # Keys of vision experiments (image transformers): accepted, validated and hashed only when `cal_dataset` is a

@@ -292,7 +292,7 @@ def _choose_forwards(model: nn.Module, cfg: Any) -> None:
         from factored.forward import install_auto_forward
 
         fixed = cfg.get("forward", "auto")
-        install_auto_forward(model, fixed=None if fixed == "auto" else fixed)
+        install_auto_forward(model, fixed=None if fixed == "auto" else fixed, keep_dense=bool(cfg.get("forward_dense_copy", False)))
 
 
 def _forward_summary(model: nn.Module) -> dict[str, Any] | None:

@@ -68,7 +68,7 @@ def test_bitmask_kernel_matches_dense(dtype, shape, density):
     g = torch.Generator().manual_seed(1)
     W = (torch.randn(*shape, generator=g) * (torch.rand(*shape, generator=g) < density)).to(dtype)
     bm = BitmaskMatrix.from_dense(W)
-    assert bm.words == (shape[1] + 31) // 32
+    assert tuple(bm.mask.shape) == (shape[0], 4 * ((shape[1] + 31) // 32))
     for rows in (1, 2, 5):
         x = torch.randn(rows, shape[1], generator=g).to(dtype)
         ref = x.float() @ W.float().T
@@ -152,3 +152,49 @@ def test_training_mode_keeps_gradients():
     layer(x).sum().backward()
     assert layer.values.grad is not None and layer.U.grad is not None
     fw.remove_auto_forward(model)
+
+
+def test_auto_keeps_no_dense_copy_unless_allowed_and_times_best_dense():
+    fw.clear_calibration()
+    layer, *_ = _layer(48, 80, rank=2)
+    model = torch.nn.Sequential(layer)
+    fw.install_auto_forward(model)
+    x = torch.randn(3, 80)
+    with torch.no_grad():
+        for rows in (1, 40):
+            model(torch.randn(rows, 80))
+        out = model(x)
+    assert not hasattr(layer, "_oats_dense") and not set(layer._oats_choice.values()) & set(fw.DENSE_COPY)
+    assert torch.allclose(out, F.linear(x, layer.dense_weight(), layer.bias), atol=1e-4, rtol=1e-4)
+    table = fw.calibration_table()
+    assert table and all("dense_merged" in t["seconds"] and t["best_dense_seconds"] == fw.best_dense(t["seconds"]) for t in table)
+    fw.remove_auto_forward(model)
+    fw.clear_calibration()
+    fw.install_auto_forward(model, candidates=("dense_merged",), keep_dense=True)
+    with torch.no_grad():
+        model(x)
+    assert hasattr(layer, "_oats_dense")  # allowed and chosen: the copy is kept
+    fw.remove_auto_forward(model)
+
+
+def test_calibrations_are_stored_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("OATS_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("OATS_FORWARD_CACHE", raising=False)
+    monkeypatch.setattr(fw, "_STORED", [])
+    monkeypatch.setattr(fw, "_CACHE", {})
+    layer, *_ = _layer(40, 70)
+    first = fw.choose_forward(layer, 1)
+    from factored import calibration
+
+    assert calibration.path().is_file() and calibration.path().parent.parent == tmp_path
+    monkeypatch.setattr(fw, "_STORED", [])  # a new process on the same machine
+    monkeypatch.setattr(fw, "_CACHE", {})
+
+    timed = []
+    monkeypatch.setattr(fw, "_time", lambda fn, **k: timed.append(1) or 1.0)
+    assert fw.choose_forward(layer, 1) == first and not timed
+    monkeypatch.setenv("OATS_FORWARD_CACHE", "0")  # disabled: nothing read
+    monkeypatch.setattr(fw, "_STORED", [])
+    monkeypatch.setattr(fw, "_CACHE", {})
+    fw.choose_forward(layer, 1)
+    assert timed

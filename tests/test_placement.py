@@ -84,7 +84,7 @@ def _tiny(model_dir, name, **over) -> ConfigDict:
 
 
 def test_lazy_and_in_memory_runs_evaluate_placed_from_disk(tmp_path, tiny_model_dir):
-    """Compress mode (factored layers with CSR buffers): the in-memory model dispatched and the lazily written
+    """Compress mode (factored layers with bitmask buffers): the in-memory model dispatched and the lazily written
     shards loaded placed, every block on disk, give the perplexity of the unplaced runs."""
     every_block_on_disk = ["model.embed_tokens=cpu", "model.layers=disk", "model.norm=cpu", "model.rotary_emb=cpu", "lm_head=cpu"]
     runs = {"mem": {}, "mem-placed": dict(device_map=every_block_on_disk),

@@ -1,0 +1,72 @@
+"""The in-memory bitmask layout of a sparse matrix S [out, in]: its nonzeros row-major (``values``
+[nnz], any dtype) and one bit per entry, each row padded to 32-bit words (``mask`` uint8
+[out, 4 * ceil(in / 32)], bit j of byte c = column 8c + j, padding bits zero). When ``in`` is a multiple
+of 32 the mask bytes are exactly the exported bitmask (``export.formats.pack_bitmask``, little bit order).
+Pure tensor functions, no kernel needed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def mask_bytes(in_features: int) -> int:
+    """Bytes of one mask row: ``in_features`` bits padded to 32-bit words."""
+    return 4 * ((in_features + 31) // 32)
+
+
+def pack_mask(keep: Tensor) -> Tensor:
+    """keep [out, in] bool -> mask uint8 [out, mask_bytes(in)]."""
+    out, inp = keep.shape
+    width = mask_bytes(inp) * 8
+    bits = torch.zeros(out, width, dtype=torch.uint8, device=keep.device)
+    bits[:, :inp] = keep.to(torch.uint8)
+    weights = (1 << torch.arange(8, device=keep.device)).to(torch.int32)
+    return (bits.view(out, -1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_mask(mask: Tensor, in_features: int) -> Tensor:
+    """mask uint8 [out, mask_bytes(in)] -> keep [out, in] bool."""
+    shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
+    bits = (mask.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(mask.shape[0], -1)[:, :in_features].bool()
+
+
+def pack(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense w [out, in] -> (values [nnz] of w's dtype, row-major; mask uint8 [out, mask_bytes(in)]); exact zeros dropped."""
+    keep = w != 0
+    return w[keep].contiguous(), pack_mask(keep)
+
+
+def row_counts(mask: Tensor) -> Tensor:
+    """Nonzeros per row [out] int64."""
+    return _POPCOUNT8.to(mask.device)[mask.long()].sum(1)
+
+
+def row_offsets(mask: Tensor) -> Tensor:
+    """Where each row's values start in ``values``: int64 [out + 1] (the CSR ``crow_indices``)."""
+    counts = row_counts(mask)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def to_dense(values: Tensor, mask: Tensor, in_features: int) -> Tensor:
+    """S [out, in] of the values' dtype (differentiable in ``values``)."""
+    keep = unpack_mask(mask, in_features)
+    return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
+
+
+def from_csr(crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The mask of a CSR pattern (row-sorted column indices, as ``to_sparse_csr`` writes them)."""
+    out, inp = shape
+    rows = torch.repeat_interleave(torch.arange(out, device=crow_indices.device), crow_indices.to(torch.int64).diff())
+    keep = torch.zeros(out, inp, dtype=torch.bool, device=crow_indices.device)
+    keep[rows, col_indices.to(torch.int64)] = True
+    return pack_mask(keep)
+
+
+def to_csr_indices(mask: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
+    """(crow_indices int64 [out+1], col_indices int64 [nnz]) of the mask's pattern."""
+    keep = unpack_mask(mask, in_features)
+    return row_offsets(mask), keep.nonzero()[:, 1]

@@ -1,0 +1,142 @@
+"""The bitmask layout (pure tensor functions) and the compiled bitmask kernel against the dense-merged forward:
+random and SmolLM2 weights, every SmolLM2 linear shape, odd sizes, batch 1-8 (and past 8), float32 and
+bfloat16, with and without the fused low-rank part. The kernel tests are skipped without a compiler."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from export.formats import pack_bitmask
+from factored import bitmask as bm
+from factored import forward as fw
+from factored.kernels import available, failure, isa
+from factored.module import SparseLowRankLinear
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down [out, in]
+ODD_SHAPES = [(37, 70), (5, 33), (13, 45), (3, 17), (64, 96), (1, 1)]
+
+needs_kernel = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")) or not available(),
+                                  reason=f"kernel not compiled here ({failure()})")
+
+
+def _sparse(shape, density, g, dtype=torch.float32):
+    return (torch.randn(*shape, generator=g) * (torch.rand(*shape, generator=g) < density)).to(dtype)
+
+
+def test_layout_round_trips_and_matches_the_export_bitmask():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(7, 70), (4, 64), (3, 1), (5, 32)]:
+        S = _sparse(shape, 0.4, g)
+        values, mask = bm.pack(S)
+        assert mask.dtype == torch.uint8 and tuple(mask.shape) == (shape[0], bm.mask_bytes(shape[1]))
+        assert torch.equal(bm.unpack_mask(mask, shape[1]), S != 0) and torch.equal(bm.to_dense(values, mask, shape[1]), S)
+        assert torch.equal(bm.row_offsets(mask), torch.cat([torch.zeros(1, dtype=torch.int64), (S != 0).sum(1).cumsum(0)]))
+        csr = S.to_sparse_csr()
+        assert torch.equal(bm.from_csr(csr.crow_indices(), csr.col_indices(), shape), mask)
+        if shape[1] % 32 == 0:  # rows need no padding: the mask bytes are the exported bitmask
+            ev, em = pack_bitmask(S)
+            assert torch.equal(torch.as_tensor(ev), values) and bytes(torch.as_tensor(em).numpy()) == bytes(mask.flatten().numpy())
+
+
+def _check(layer, x, dtype):
+    """Kernel forward vs the dense-merged forward and a float64 reference of the stored tensors."""
+    with torch.no_grad():
+        out = fw.run_forward(layer, x, "bitmask_kernel")
+        merged = fw.run_forward(layer, x, "dense_merged")
+        W = layer.sparse_dense().double() + layer.U.double() @ layer.V.double()
+        ref = F.linear(x.double(), W, None if layer.bias is None else layer.bias.double())
+    assert out.dtype == x.dtype and out.shape == merged.shape
+    scale = max(1.0, ref.abs().max().item())
+    tol = 1e-4 if dtype == torch.float32 else 1.6e-2  # bf16: the output's own rounding (2^-7 relative)
+    assert (out.double() - ref).abs().max().item() <= tol * scale
+    assert (out.double() - merged.double()).abs().max().item() <= 2 * tol * scale
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SMOLLM2_SHAPES + ODD_SHAPES)
+def test_kernel_equals_dense_merged_random(dtype, shape):
+    g = torch.Generator().manual_seed(hash(shape) % 1000)
+    for density, rank, bias in [(0.5, 0, False), (0.05, 3, True), (1.0, 0, True), (0.0, 2, False), (0.3, 7, False)]:
+        S = _sparse(shape, density, g)
+        U, V = torch.randn(shape[0], rank, generator=g) * 0.2, torch.randn(rank, shape[1], generator=g) * 0.2
+        b = torch.randn(shape[0], generator=g) if bias else None
+        layer = SparseLowRankLinear.from_factors(S, U, V, b, dtype=dtype).eval()
+        with torch.no_grad():  # the compiled scatter (densify, dense_merged) is exact
+            assert torch.equal(layer.sparse_dense(), S.to(dtype))
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8) if density == 0.5 else (1, 8, 11):
+            _check(layer, torch.randn(rows, shape[1], generator=g).to(dtype), dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_dense_merged_on_smollm2_weights(dtype, smollm2):
+    from sparse_lowrank.common import oats_budget
+
+    model, _ = smollm2
+    block = model.model.layers[3]
+    g = torch.Generator().manual_seed(0)
+    lins = {"q": block.self_attn.q_proj, "k": block.self_attn.k_proj, "o": block.self_attn.o_proj,
+            "up": block.mlp.up_proj, "down": block.mlp.down_proj}
+    for name, lin in lins.items():
+        W = lin.weight.detach().float()
+        out, inp = W.shape
+        budget = oats_budget(out, inp, 0.5, 0.3)
+        keep = W.abs().topk(budget.keep_per_row, dim=1).indices
+        S = torch.zeros_like(W).scatter_(1, keep, W.gather(1, keep))
+        R = W - S  # the low-rank part: a truncated SVD of what S leaves out
+        Uf, sv, Vh = torch.linalg.svd(R, full_matrices=False)
+        U, V = Uf[:, :budget.rank] * sv[:budget.rank], Vh[:budget.rank]
+        for rank_part in (False, True):
+            layer = SparseLowRankLinear.from_factors(S, U if rank_part else U[:, :0], V if rank_part else V[:0], dtype=dtype).eval()
+            for rows in (1, 4, 8):
+                _check(layer, torch.randn(rows, inp, generator=g).to(dtype), dtype)
+
+
+@needs_kernel
+def test_kernel_path_is_the_best_the_cpu_has():
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    want = "avx2" if (" avx2" in flags and " fma" in flags) else "portable"
+    if all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2")):
+        want = "avx512-vbmi2"
+    if os.environ.get("OATS_KERNEL_ISA") in ("avx2", "portable"):
+        want = os.environ["OATS_KERNEL_ISA"] if want != "portable" else "portable"
+    assert isa() == want
+
+
+PORTABLE_CHECK = """
+import torch, torch.nn.functional as F
+from factored.kernels import isa, bitmask_matmul, dense_matmul
+from factored import bitmask as bm
+assert isa() == "portable", isa()
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    for shape in ((37, 70), (192, 576), (3, 17)):
+        S = (torch.randn(*shape, generator=g) * (torch.rand(*shape, generator=g) < 0.5)).to(dtype)
+        U, V = torch.randn(shape[0], 3, generator=g).to(dtype), torch.randn(3, shape[1], generator=g).to(dtype)
+        values, mask = bm.pack(S)
+        for rows in (1, 5, 9):
+            x = torch.randn(rows, shape[1], generator=g).to(dtype)
+            ref = x.double() @ (S.double() + U.double() @ V.double()).T
+            y = bitmask_matmul(values, bm.row_offsets(mask), mask, x, U, V).double()
+            assert (y - ref).abs().max() <= 1e-2 * max(1.0, ref.abs().max().item()), (dtype, shape, rows)
+            d = dense_matmul(S, x).double()
+            assert (d - x.double() @ S.double().T).abs().max() <= 1e-2 * max(1.0, d.abs().max().item())
+print("ok")
+"""
+
+
+@needs_kernel
+def test_portable_fallback_build_matches():
+    """The plain C build (what a CPU without AVX2 gets), forced with OATS_KERNEL_ISA=portable."""
+    env = {**os.environ, "OATS_KERNEL_ISA": "portable", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
