@@ -401,16 +401,19 @@ def _fast_loop(
 
     Where it departs from the exact path, and why the objective still never increases:
 
-    * The objective is kept in the ``H^{1/2}`` coordinates: with ``C = H^{1/2}``, ``M = (W - S) C`` (one
-      float64 product per iteration, ``W C`` formed once) and ``L C = P diag(sigma) Z^T`` (rank r),
-      ``f = ||M - L C||_F^2``. Both f after the sparse step (previous L) and f after the low-rank step
+    * The objective is kept in the coordinates of the Cholesky factor ``H = C C^T`` (C lower triangular;
+      the exact path's ``H^{1/2}`` serves the same purpose but needs an eigendecomposition, 1.1 s for
+      d_in = 1536 against 0.05 s): ``M = (W - S) C`` (one float64 product per iteration, ``W C``
+      formed once) and ``L C = P diag(sigma) Z^T`` (rank r), ``f = ||M - L C||_F^2``. The low-rank step
+      in these coordinates is still the reduced-rank regression ``L = [best rank-r of (W - S) C] C^{-1}``
+      (the same minimiser: the objective is the same function of L). Both f after the sparse step (previous L) and f after the low-rank step
       (new L) are read off M in float64, so every accept/reject below compares exact float64 values.
     * Sparse step ('optima'): the same Wanda-style mask of ``W - L``; its QP gets at most
       ``inner_iters`` Jacobi-preconditioned CG steps (:func:`masked_cg`, in ``optima_dtype``) from the
       previous S (zero on entries new to the mask), stopped earlier at the tolerance
       ``max(optima_tol, min(INNER_TOL_MAX, INNER_TOL_FACTOR sqrt(delta)))``, delta the relative decrease
-      of f in the previous outer iteration (the solves tighten as the loop converges). The first sparse
-      step (cold start) is solved to ``optima_tol``. 'sparsegpt' proposals are the exact path's (the OBS
+      of f in the previous outer iteration (the solves tighten as the loop converges); the first one
+      starts from ``W - L`` masked. 'sparsegpt' proposals are the exact path's (the OBS
       sweep is not iterative), refused as there when the sparse step itself raises f.
     * Objective check, per outer iteration (sparse step then low-rank step): if f ends above the
       previous iteration's, the proposal's QP is solved further, ``inner_iters`` steps at a time, until
@@ -427,8 +430,12 @@ def _fast_loop(
     """
     d_out, d_in = W.shape
     f0 = max(gram_objective(W, Hd), 1e-300)
-    sqrt_h = SqrtH.of(Hd)
-    C = sqrt_h.half
+    C = torch.linalg.cholesky(Hd)  # H = C C^T
+
+    def right_inv(B: Tensor) -> Tensor:
+        """B [r, d_in] -> B C^{-1}."""
+        return torch.linalg.solve_triangular(C, B, upper=False, left=False)
+
     WC = W @ C
     Hs = Hd.to(optima_dtype)
     WH = W @ Hd
@@ -479,17 +486,14 @@ def _fast_loop(
         return A_new, B_new, sig_new, f_lr
 
     for it in range(iters):
-        Td = W - A @ (B @ sqrt_h.inv_half)  # W - L
+        Td = W - A @ right_inv(B)  # W - L
         T = Td.to(optima_dtype)
-        TH = (WH - A @ (B @ C)).to(optima_dtype)  # (W - L) H, with L H = A B C
+        TH = (WH - A @ (B @ C.T)).to(optima_dtype)  # (W - L) H, with L H = A B C^T
         tol = max(optima_tol, min(INNER_TOL_MAX, INNER_TOL_FACTOR * math.sqrt(max(delta, 0.0))))
         info: dict[str, Any] = {"inner_tol": tol}
         if sparse_step_method == "optima":
             mask_new = wanda_gram_mask(Td, Hd, keep_per_row, nm)
-            if S is None:  # the cold start (W - L masked) is solved as on the exact path
-                S_new, n_cg = cg(TH, mask_new, T, optima_tol, optima_max_iters)
-            else:
-                S_new, n_cg = cg(TH, mask_new, S.to(optima_dtype), tol, inner_iters)
+            S_new, n_cg = cg(TH, mask_new, T if S is None else S.to(optima_dtype), tol, inner_iters)
             info["optima_iters"] = n_cg
         else:
             S_new, mask_new, sinfo = sparse_step(Td, Hd, keep_per_row, nm, "sparsegpt", blocksize)
@@ -535,7 +539,7 @@ def _fast_loop(
     root = sig.clamp(min=0).sqrt()
     inv_root = torch.where(root > 0, 1 / root.clamp(min=1e-300), z)
     U = A * inv_root  # P sigma^{1/2}
-    V = (root[:, None] * B) @ sqrt_h.inv_half
+    V = right_inv(root[:, None] * B)
     if steps:
         steps[-1]["lowrank_fallbacks"] = lr_fallbacks
     return GramSLRResult(S, U, V, mask, objective, rejected, stopped, steps)
