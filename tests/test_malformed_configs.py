@@ -43,6 +43,8 @@ CASES = {
     "rank_ratio on wanda": (configs(exp(method="wanda", rank_ratio=0.2)), "belongs to method 'oats'"),
     "compress on wanda": (configs(exp(method="wanda", compress=True)), "only to methods with a compress mode"),
     "blocksize on oats": (configs(exp(method="oats", blocksize=64)), "belongs to method 'sparsegpt'"),
+    "gram_slr solver typo": (configs(exp(method="gram_slr", gram_slr_solver="fastest")), "'gram_slr_solver'"),
+    "gram_slr inner_iters 0": (configs(exp(method="gram_slr", gram_slr_inner_iters=0)), "'gram_slr_inner_iters'"),
     "optima_tol inf": (HEAD + "CONFIGS = [ConfigDict(dict(B, method='wanda', weight_update='optima', optima_tol=float('inf')))]\n", "'optima_tol'"),
     "percdamp inf": (HEAD + "CONFIGS = [ConfigDict(dict(B, method='sparsegpt', percdamp=float('inf')))]\n", "'percdamp'"),
     "N:M ignores sparsity": (configs(exp(method="sparsegpt", sparsity_type="2:4", sparsity=0.7)), "removes exactly"),
