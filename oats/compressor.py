@@ -84,6 +84,9 @@ def compress_model(
         raise ValueError(f"block update {block_update.name!r} asks for a window of {window} blocks")
     if window > 1 and start_block > 0:
         raise ValueError("a block update fitting several blocks together cannot resume from a block checkpoint; set checkpoint_blocks False")
+    if window > 1 and getattr(weights, "lazy", False):
+        raise ValueError("a block update fitting several blocks together needs the earlier blocks of its window, which lazy_load frees; "
+                         "set lazy_load False")
     # the dense model's own activations, streamed beside the compressed ones (block i still holds its
     # dense weights when on_block runs, so one more forward per batch gives its dense outputs): the
     # targets of 'dense_model', and the inputs a block update asks for with dense_inputs

@@ -269,3 +269,12 @@ def test_window_past_the_blocks_refused_by_the_preflight(tiny_model_dir, tmp_pat
     with pytest.raises(ConfigError, match="config key 'recon_window': got 3, but the model has 2 blocks; allowed values: 1 to 2"):
         check_architecture(cfg)
     check_architecture(resolve(ConfigDict({**cfg.to_dict(), "recon_window": 2, "name": None})))
+
+
+def test_window_cannot_resume_from_a_block_checkpoint_nor_run_lazily():
+    dense, cal, _ = _model_and_inputs(layers=2)
+    cfg = _cfg(block_update="reconstruct", recon_window=2)
+    with pytest.raises(ValueError, match="checkpoint_blocks False"):
+        compress_model(copy.deepcopy(dense), cal, cfg, CPU, [0.5, 0.5], start_block=1)
+    with pytest.raises(ValueError, match="lazy_load False"):
+        compress_model(copy.deepcopy(dense), cal, cfg, CPU, [0.5, 0.5], weights=types.SimpleNamespace(lazy=True))
