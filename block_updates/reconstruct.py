@@ -258,7 +258,7 @@ def reconstruct_block(
             raise ValueError(f"{name}: compressed weight of shape {None if part is None else tuple(part.shape)}, layer {tuple(lin.weight.shape)}")
         originals[name] = lin
         swapped[name] = MaskedLinear(part, _mask_of(cw).to(part.device), cw.U, cw.V, lin.bias)
-    attn_name, attn = _attention_module(block) if parts_kind == "attn_mlp" else ("", None)
+    attn_name = _attention_module(block)[0] if parts_kind == "attn_mlp" else ""
     # a frozen dense copy when the training targets are not the given ones
     need_ref = parts_kind == "attn_mlp" or (alpha > 0 and target_kind == "dense_block")
     reference = copy.deepcopy(block).to(device).requires_grad_(False) if need_ref else None
