@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from factored.module import set_module
-from oats.architectures import Matrix, architecture_of, check_fused_rows, fused_order, matrices
+from oats.architectures import Matrix, architecture_of, check_fused_rows, fused_order, get_blocks, matrices
 from oats.config import selected_plugins
-from oats.interface import BLOCK_TARGETS, STATS_KINDS, Budget, CompressedWeight, InputStats
+from oats.interface import BLOCK_TARGETS, STATS_KINDS, BlockChain, Budget, CompressedWeight, InputStats
 from oats.keys import parse_nm
 from oats.pipeline import BlockInputs, StatsCollector, WeightSource, run_block, stream
 
@@ -77,16 +77,31 @@ def compress_model(
     target = block_update.target(cfg) if block_update is not None and block_update.target is not None else "dense_block"
     if target not in BLOCK_TARGETS:
         raise ValueError(f"block update {block_update.name!r} asks for targets {target!r}; allowed: {BLOCK_TARGETS}")
-    # 'dense_model': the dense model's own activations, streamed beside the compressed ones (block i still
-    # holds its dense weights when on_block runs, so one more forward per batch gives its dense outputs)
+    window = int(block_update.window(cfg)) if block_update is not None and block_update.window is not None else 1
+    wants_dense_inputs = block_update is not None and block_update.dense_inputs is not None and bool(block_update.dense_inputs(cfg))
+    n_blocks = len(get_blocks(model))
+    if window < 1:
+        raise ValueError(f"block update {block_update.name!r} asks for a window of {window} blocks")
+    if window > 1 and start_block > 0:
+        raise ValueError("a block update fitting several blocks together cannot resume from a block checkpoint; set checkpoint_blocks False")
+    if window > 1 and getattr(weights, "lazy", False):
+        raise ValueError("a block update fitting several blocks together needs the earlier blocks of its window, which lazy_load frees; "
+                         "set lazy_load False")
+    # the dense model's own activations, streamed beside the compressed ones (block i still holds its
+    # dense weights when on_block runs, so one more forward per batch gives its dense outputs): the
+    # targets of 'dense_model', and the inputs a block update asks for with dense_inputs
     dense_hidden: list[Tensor] | None = None
-    if target == "dense_model":
+    if target == "dense_model" or wants_dense_inputs:
         if start_block > 0:
             raise ValueError("a block update matching the dense model's activations cannot resume from a block checkpoint "
                              "(the dense stream is not saved); set checkpoint_blocks False")
         dense_hidden = list(inputs.hidden)
+    # the open window (window > 1): its inputs, the dense model's inputs of its first block, the dense
+    # window's outputs on its inputs (the 'dense_block' targets) and its blocks compressed so far
+    win: dict[str, Any] = {}
 
-    def on_block(i: int, block: nn.Module, layers: dict[str, nn.Linear], collector: StatsCollector | None, block_inputs: BlockInputs) -> None:
+    def on_block(i: int, block: nn.Module, layers: dict[str, nn.Linear], collector: StatsCollector | None,
+                 block_inputs: BlockInputs) -> BlockInputs | None:
         nonlocal dense_hidden
         budget = Budget(sparsity=sparsities[i], nm=nm, scope=cfg.mask_scope)
         chosen = matrices(i, block, arch, model.config, cfg.targets, cfg.ignore)
@@ -105,22 +120,80 @@ def compress_model(
             answers.setdefault(m.linear, []).append((m, cw))
             block_records.append(_layer_record(i, m, weight, cw, budget.sparsity, stats, time.perf_counter() - t0))
         merged = {name: _merge(layers[name], parts, name) for name, parts in answers.items()}
+        dense_in = dense_hidden
         if dense_hidden is not None:
             dense_hidden = [run_block(block, h, block_inputs.kwargs_for(h), device) for h in dense_hidden]
+        fused = {n: len(p) > 1 for n, p in answers.items()}
+        if block_update is not None and window > 1:
+            return _window_block(i, block, layers, merged, fused, block_records, block_inputs, dense_in)
         if block_update is not None:
             t0 = time.perf_counter()
-            targets = dense_hidden if dense_hidden is not None else [run_block(block, h, block_inputs.kwargs_for(h), device) for h in block_inputs.hidden]
-            updated, info = block_update.apply(block, dict(merged), block_inputs.hidden, block_inputs.kwargs_for, targets, cfg, device)
-            kept = _check_masks_kept(merged, updated, {n: len(p) > 1 for n, p in answers.items()})
+            targets = dense_hidden if target == "dense_model" else [run_block(block, h, block_inputs.kwargs_for(h), device) for h in block_inputs.hidden]
+            extra = {"dense_hidden": dense_in} if wants_dense_inputs else {}
+            updated, info = block_update.apply(block, dict(merged), block_inputs.hidden, block_inputs.kwargs_for, targets, cfg, device, **extra)
+            kept = _check_masks_kept(merged, updated, fused)
             merged = updated
             block_records[0]["block_update"] = {"name": block_update.name, **info, "seconds": time.perf_counter() - t0}
             for r in block_records:
                 r["kept_params_after_block_update"] = kept[r["layer"].split(".", 1)[1].split(":")[0]]
         for name, cw in merged.items():
             _write_back(block, name, layers[name], cw, method, cfg)
+        _finish(block_records)
+        return None
+
+    def _finish(block_records: list[dict[str, Any]]) -> None:
         for r in block_records:
             log.debug("%s: sparsity %.4f, error %s", r["layer"], r["sparsity"], r["scaled_rel_error"])
         records.extend(block_records)
+
+    def _window_block(i: int, block: nn.Module, layers: dict[str, nn.Linear], merged: dict[str, CompressedWeight],
+                      fused: dict[str, bool], block_records: list[dict[str, Any]], block_inputs: BlockInputs,
+                      dense_in: list[Tensor] | None) -> BlockInputs | None:
+        """Block i of a window of several: compressed like any block; at the window's last block, the block
+        update fits the whole window and the window's blocks are written back."""
+        if i % window == 0:
+            win.clear()
+            win.update(inputs=block_inputs, dense_inputs=dense_in, outputs=list(block_inputs.hidden), blocks=[])
+        if target == "dense_block":  # the dense window on the window's inputs, block by block (block i is still dense)
+            win["outputs"] = [run_block(block, h, block_inputs.kwargs_for(h), device) for h in win["outputs"]]
+        win["blocks"].append((block, layers, merged, fused, block_records))
+        if i % window != window - 1 and i != n_blocks - 1:
+            # until the window closes, the block runs with its answers' dense weights (its outputs feed
+            # the next block's statistics); its own weights are put back for the block update
+            saved = {name: layers[name].weight.detach().clone() for name in merged}
+            win["blocks"][-1] += (saved,)
+            for name, cw in merged.items():
+                layers[name].weight.data.copy_(cw.to_dense().to(layers[name].weight.dtype))
+            return None
+        t0 = time.perf_counter()
+        parts = win["blocks"]
+        for b, lay, _, _, _, *saved in parts[:-1]:
+            for name, w in saved[0].items():
+                lay[name].weight.data.copy_(w)
+            b.to(device)
+        chain = BlockChain([p[0] for p in parts])
+        answers = {f"{k}.{name}": cw for k, p in enumerate(parts) for name, cw in p[2].items()}
+        targets = dense_hidden if target == "dense_model" else win["outputs"]
+        extra = {"dense_hidden": win["dense_inputs"]} if wants_dense_inputs else {}
+        start: BlockInputs = win["inputs"]
+        updated, info = block_update.apply(chain, dict(answers), start.hidden, start.kwargs_for, targets, cfg, device, **extra)
+        first = i - len(parts) + 1
+        info = {"name": block_update.name, **info, "window_blocks": [first, i], "seconds": time.perf_counter() - t0}
+        hidden = list(start.hidden)
+        for k, (b, lay, merged_k, fused_k, recs, *_) in enumerate(parts):
+            mine = {name: updated.get(f"{k}.{name}") for name in merged_k}
+            kept = _check_masks_kept(merged_k, mine, fused_k)
+            recs[0]["block_update"] = info
+            for r in recs:
+                r["kept_params_after_block_update"] = kept[r["layer"].split(".", 1)[1].split(":")[0]]
+            for name, cw in mine.items():
+                _write_back(b, name, lay[name], cw, method, cfg)
+            _finish(recs)
+            if k < len(parts) - 1:
+                hidden = [run_block(b, h, start.kwargs_for(h), device) for h in hidden]
+                b.to("cpu")
+        win.clear()
+        return BlockInputs(hidden, block_inputs.kwargs)
 
     stats_device = None if cfg.get("stats_device") is None else torch.device(cfg.stats_device)
     stream(model, inputs, device, stats_kind_for(cfg), on_block, stats_dtype, start_block, after_block,

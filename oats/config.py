@@ -483,9 +483,19 @@ def resolve_all(cfgs: Sequence[Any]) -> list[ml_collections.ConfigDict]:
 
 
 def result_keys(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
-    """The keys of a resolved config that can change its result (common + selected plugins')."""
+    """The keys of a resolved config that can change its result (common + selected plugins'), less the
+    keys declared ``hash_default=False`` that hold their default."""
     d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
-    return {k: v for k, v in d.items() if (spec := selected_keys(d).get(k)) is None or spec.result}
+    specs = selected_keys(d)
+
+    def hashed(k: str, v: Any) -> bool:
+        spec = specs.get(k)
+        if spec is None:
+            return True
+        default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
+        return spec.result and (spec.hash_default or v != default)
+
+    return {k: v for k, v in d.items() if hashed(k, v)}
 
 
 def selected_keys(cfg: Mapping[str, Any]) -> dict[str, Key]:
@@ -530,6 +540,7 @@ def keys_markdown() -> str:
     for k, (spec, owners) in key_owners().items():
         default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
         note = "" if spec.result else " *(not hashed)*"
+        note = note if spec.hash_default else " *(hashed only when set away from its default)*"
         doc = spec.doc.replace("|", "\\|")
         lines.append(f"| `{k}` | `{default!r}` | {', '.join(owners)} | {doc}{note} |")
     return "\n".join(lines) + "\n"

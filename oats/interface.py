@@ -261,6 +261,16 @@ class BlockUpdate:
     model's own activations at the block's output (the framework streams the dense model beside the
     compressed one for it: one more block forward per batch).
     workspace(block_params, hidden, intermediate, cfg), optional: bytes it holds while updating one block.
+    window(cfg), optional (None: 1): how many consecutive blocks it fits together. With a window of w
+    the blocks are taken in windows [0, w), [w, 2w), ... (the last may be shorter): each block is
+    compressed as usual, and at a window's last block ``apply`` gets the window's blocks chained as one
+    module (``BlockChain``: its linears named ``<k>.<name>`` for the window's k-th block, every block
+    holding its dense weights), their answers, the window's inputs and the targets at the window's
+    output; the next block's inputs come from the updated window.
+    dense_inputs(cfg), optional: True when ``apply`` also needs the dense model's own inputs of the
+    block (or window), passed as the keyword ``dense_hidden`` (one [B, L, d] per batch of ``hidden``).
+    check_blocks(cfg, n_blocks), optional: checks needing the model's number of blocks (the preflight
+    calls it with the weightless model's before any model loads; raise ConfigError naming the key).
     """
 
     name: str
@@ -271,3 +281,17 @@ class BlockUpdate:
     validate: Validate | None = None
     target: Callable[[Any], str] | None = None
     workspace: Callable[[int, int, int, Any], int] | None = None
+    window: Callable[[Any], int] | None = None
+    dense_inputs: Callable[[Any], bool] | None = None
+    check_blocks: Callable[[Any, int], None] | None = None
+
+
+class BlockChain(nn.ModuleList):
+    """Consecutive blocks run as one: ``forward(h, **kwargs)`` passes ``h`` through each block in turn
+    with the same keyword arguments (an output tuple's [0] goes on) and returns the last hidden states."""
+
+    def forward(self, hidden: Tensor, **kwargs: Any) -> Tensor:
+        for block in self:
+            out = block(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+        return hidden

@@ -33,7 +33,9 @@ Check = Callable[[Any], "str | None"]  # returns an error message, or None if th
 class Key:
     """One config key: its default, accepted Python types, doc line, an optional extra check, and
     whether None is allowed. ``result`` False keeps a key out of the config hash (it changes how a
-    run goes, never what it computes: threads, checkpointing). A list value's items must be of
+    run goes, never what it computes: threads, checkpointing). ``hash_default`` False keeps it out of
+    the hash only while it holds its default: a key added to a plugin whose results exist already,
+    whose default reproduces them, so their hashes stay. A list value's items must be of
     ``item_types`` (strings unless a key says otherwise)."""
 
     default: Any
@@ -43,6 +45,7 @@ class Key:
     nullable: bool = False
     result: bool = True
     item_types: tuple[type, ...] = (str,)
+    hash_default: bool = True
 
     def validate(self, name: str, value: Any) -> Any:
         """``value`` checked against this key (lists normalised), or ConfigError naming ``name``."""

@@ -266,8 +266,10 @@ class Resident:
         pass
 
 
-# on_block(i, block, linears, collector, inputs): inputs are block i's BlockInputs (for block updates)
-BlockFn = Callable[[int, nn.Module, dict[str, nn.Linear], "StatsCollector | None", BlockInputs], None]
+# on_block(i, block, linears, collector, inputs): inputs are block i's BlockInputs (for block updates);
+# it may return other inputs for block i, from which its outputs are then computed (a block update
+# that changed earlier blocks too), or None
+BlockFn = Callable[[int, nn.Module, dict[str, nn.Linear], "StatsCollector | None", BlockInputs], "BlockInputs | None"]
 
 
 @torch.no_grad()
@@ -288,7 +290,8 @@ def stream(
 
     For each block: ``weights.load_block(i)``, statistics of the still-unchanged block (if
     ``stats_kind`` != 'none'), then ``on_block(i, block, linears, collector, inputs)`` (which may modify
-    the block in place), then the block's outputs on all batches become the next block's inputs.
+    the block in place; if it returns BlockInputs, they replace block i's inputs), then the block's
+    outputs on all batches become the next block's inputs.
     ``after_block(i, block, next_inputs)`` sees each finished block (shards, checkpoints, tests), then
     ``weights.free_block(i)``. ``weights`` defaults to the model in memory. The hidden states stay on
     the device they come on (each batch runs on ``device`` and its output comes back); the statistics
@@ -313,7 +316,9 @@ def stream(
                 for h in hidden:
                     run_block(block, h, inputs.kwargs_for(h), device)
                     collector.end_batch()
-        on_block(i, block, layers, collector, BlockInputs(hidden, inputs.kwargs))
+        replaced = on_block(i, block, layers, collector, BlockInputs(hidden, inputs.kwargs))
+        if replaced is not None:
+            hidden = replaced.hidden
         del collector
         hidden = [run_block(block, h, inputs.kwargs_for(h), device) for h in hidden]
         blocks[i] = block.to("cpu")

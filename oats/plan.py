@@ -239,7 +239,12 @@ def plan_experiment(cfg: Any, shapes: Shapes | None = None) -> MemoryPlan:
     if method.compresses:
         n, L, b = int(cfg.cal_nsamples), int(cfg.cal_seqlen), int(cfg.cal_batch_size)
         block_update = plugins.get("block_update")
-        copies = 2 + (block_update is not None and block_update.target is not None and block_update.target(cfg) == "dense_model")
+        dense_stream = block_update is not None and (
+            (block_update.target is not None and block_update.target(cfg) == "dense_model")
+            or (block_update.dense_inputs is not None and bool(block_update.dense_inputs(cfg))))
+        windowed = block_update is not None and block_update.window is not None and int(block_update.window(cfg)) > 1
+        # + the dense model's stream; + a window's inputs, its dense outputs and the dense model's inputs of its first block
+        copies = 2 + dense_stream + (windowed * (2 + dense_stream))
         p.parts["activations"] = copies * n * L * s.hidden * A
         qkv = b * L * (s.heads + 2 * s.kv_heads) * s.head_dim * A
         scores = b * s.heads * L * L * 4 * 2 if s.eager_attention else b * s.heads * L * 4

@@ -10,9 +10,9 @@ device it or ``max_memory`` names is on this machine, an explicit map names the 
 covers it, ``max_memory`` can hold one block, and the offload folder can be written; a ``stats_device``
 GPU is on this machine; the planned peak memory (``oats.plan``, what ``--plan`` prints) fits this
 machine and each GPU it uses; from the model's weightless copy, its modality matches the data's, it can
-generate when ``cal_dataset`` asks for ``self_generated`` text (an image transformer cannot), and
-``targets`` / ``ignore`` each match a layer
-and leave one to compress. Every problem is a
+generate when ``cal_dataset`` asks for ``self_generated`` text (an image transformer cannot),
+``targets`` / ``ignore`` each match a layer and leave one to compress, and the selected plugins' checks
+that need the number of blocks (``check_blocks``) pass. Every problem is a
 ``ConfigError`` naming the experiment and the key.
 """
 from __future__ import annotations
@@ -256,9 +256,9 @@ def _check_offload_dir(root: Path, name: str, marker: str) -> None:
 def check_architecture(cfg: Any) -> None:
     """What needs only the model's architecture, from its weightless copy (``oats.plan.weightless_model``):
     the calibration data's modality matches the model's, a model asked for ``self_generated`` text can
-    generate, and the layer selectors ``targets`` / ``ignore`` each match a linear layer and together
-    leave at least one to compress. Skipped when the model's config cannot be read here (the load
-    reports it)."""
+    generate, the selected plugins' ``check_blocks`` accept its number of blocks, and the layer selectors
+    ``targets`` / ``ignore`` each match a linear layer and together leave at least one to compress.
+    Skipped when the model's config cannot be read here (the load reports it)."""
     from oats.architectures import ArchitectureError, architecture_of, get_blocks, linear_layers, matrices
     from oats.config import selected_plugins, uses_self_generated
     from oats.tasks import cannot_generate, check_modality
@@ -273,8 +273,12 @@ def check_architecture(cfg: Any) -> None:
     check_modality(arch.modality, cfg)
     if uses_self_generated(cfg) and not model.can_generate():
         raise ConfigError("cal_dataset", cannot_generate(cfg.model, f"a {type(model).__name__}"))
-    if not selected_plugins(cfg)["method"].compresses:
+    plugins = selected_plugins(cfg)
+    if not plugins["method"].compresses:
         return
+    for plugin in plugins.values():
+        if getattr(plugin, "check_blocks", None) is not None:
+            plugin.check_blocks(cfg, len(get_blocks(model)))
     names: set[str] = set()
     chosen = 0
     for i, block in enumerate(get_blocks(model)):

@@ -77,6 +77,8 @@ CASES = {
     "targets matching no layer": (configs(exp(method="wanda", targets=["self_attn.q_porj"])), "config key 'targets': pattern 'self_attn.q_porj' matches no linear layer"),
     "ignore matching no layer": (configs(exp(method="wanda", ignore=["mlp.dwn_proj"])), "config key 'ignore': pattern 'mlp.dwn_proj' matches no linear layer"),
     "ignore leaving nothing": (configs(exp(method="wanda", ignore=["*"])), "leave no linear layer"),
+    "recon_window past the blocks": (configs(exp(method="wanda", block_update="reconstruct", recon_window=31)),
+                                     "config key 'recon_window': got 31, but the model has 30 blocks; allowed values: 1 to 30"),
     "images for a language model": (configs(exp(method="wanda", cal_dataset="photos")), "is a language model"),
     "model missing": (configs("ConfigDict(dict(method='wanda'))"), "'model'"),
     "model folder missing": (configs(exp(model="./no/such/model")), "'model'"),

@@ -128,7 +128,7 @@ def test_diverging_run_is_reverted_and_bad_keys_refused():
     assert info["reverted"] and info["loss_after"] > info["loss_before"]
     assert all(out[n] is answers[n] for n in answers)
     with pytest.raises(ValueError, match="recon_schedule"):
-        reconstruct_block(block, answers, inp.hidden, inp.kwargs_for, targets, {"recon_schedule": "linear"}, "cpu")
+        reconstruct_block(block, answers, inp.hidden, inp.kwargs_for, targets, {"recon_schedule": "exponential"}, "cpu")
     with pytest.raises(ValueError, match="recon_target"):
         reconstruct_block(block, answers, inp.hidden, inp.kwargs_for, targets, {"recon_target": "final_logits"}, "cpu")
     bad = {"mlp.down_proj": CompressedWeight(dense=torch.zeros(3, 3), mask=torch.ones(3, 3, dtype=torch.bool))}
@@ -136,4 +136,5 @@ def test_diverging_run_is_reverted_and_bad_keys_refused():
         reconstruct_block(block, bad, inp.hidden, inp.kwargs_for, targets, CFG, "cpu")
     out, info = reconstruct_block(block, {}, inp.hidden, inp.kwargs_for, targets, CFG, "cpu")  # nothing to train
     assert out == {} and info["steps"] == 0 and info["loss_before"] == info["loss_after"] == pytest.approx(0.0, abs=1e-10)
-    assert set(KEYS) == {"recon_lr", "recon_epochs", "recon_batch_size", "recon_schedule", "recon_norms", "recon_target"}
+    assert set(KEYS) == {"recon_lr", "recon_epochs", "recon_batch_size", "recon_schedule", "recon_norms", "recon_target",
+                         "recon_window", "recon_dense_inputs", "recon_dense_inputs_decay", "recon_parts", "recon_holdout"}
