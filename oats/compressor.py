@@ -27,6 +27,11 @@ def stats_kind_for(cfg: Any) -> str:
     return max(["diag", *kinds], key=STATS_KINDS.index)
 
 
+def stats_device_for(cfg: Any, device: torch.device) -> torch.device:
+    """Where the calibration hidden states and statistics live (``stats_device``; default ``device``)."""
+    return device if cfg.get("stats_device") is None else torch.device(cfg.stats_device)
+
+
 def scaled_relative_error(weight: Tensor, approx: Tensor, stats: InputStats | None) -> float | None:
     """||(W - W_hat) diag(sqrt D)||_F / ||W diag(sqrt D)||_F, D the input second moments."""
     if stats is None:
@@ -195,9 +200,8 @@ def compress_model(
         win.clear()
         return BlockInputs(hidden, block_inputs.kwargs)
 
-    stats_device = None if cfg.get("stats_device") is None else torch.device(cfg.stats_device)
     stream(model, inputs, device, stats_kind_for(cfg), on_block, stats_dtype, start_block, after_block,
-           desc=f"compress ({cfg.method})", weights=weights, stats_device=stats_device)
+           desc=f"compress ({cfg.method})", weights=weights, stats_device=stats_device_for(cfg, device))
     return records
 
 

@@ -113,15 +113,11 @@ def open_weights(cfg: Any):
     return tokenizer, InMemoryWeights(model), None
 
 
-def stats_device_for(cfg: Any, device: torch.device) -> torch.device:
-    """Where the calibration hidden states and statistics live (``stats_device``; default ``device``)."""
-    return device if cfg.get("stats_device") is None else torch.device(cfg.stats_device)
-
-
 def block_sparsities(weights: Any, inputs: BlockInputs, cfg: Any, device: torch.device) -> Allocation:
     """Per-block target sparsity: uniform, or from the selected layerwise plugin, which streams the
     dense model (loaded block by block when the weights are lazy)."""
     from oats.architectures import get_blocks
+    from oats.compressor import stats_device_for
 
     n = len(get_blocks(weights.model))
     layerwise = selected_plugins(cfg).get("layerwise")
@@ -154,6 +150,7 @@ def calibrate(cfg: Any, task: Task, weights: Any, device: torch.device, ckpt: An
     """A killed run's checkpoint (finished blocks back in), else the calibration inputs of block 0 and
     the allocation."""
     from oats.checkpoint import set_rng_state
+    from oats.compressor import stats_device_for
 
     resumed = ckpt.load(device) if ckpt is not None else None
     if resumed is not None:
