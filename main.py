@@ -119,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     from oats.sweep import STATUSES, run_all, status_of
 
     if args.plan:
+        from oats.placement import memory_problem
+
+        problem = memory_problem({"cpu": args.gpu_memory}) if args.gpu_memory is not None else None
+        if problem:
+            print(f"error: --gpu-memory: {problem.split(': ', 1)[1]}", file=sys.stderr)
+            return 2
         return _plan(cfgs, args.gpu_memory)
     if args.list:
         from oats.checkpoint import describe

@@ -179,3 +179,11 @@ def test_a_task_with_several_gpus_evaluates_placed_across_them():
     own = resolve(ConfigDict(dict(model="smollm2-135m", method="wanda", device_map="balanced")))
     assert with_task_gpus(own, gpus=4).device_map == "balanced"
     assert with_task_gpus(resolve(ConfigDict(dict(model="smollm2-135m", method="wanda", device="cpu"))), gpus=4).device_map is None
+
+
+def test_plan_gpu_memory_that_is_not_a_size_is_one_line(capsys):
+    import main
+
+    assert main.main(["--plan", "--gpu-memory", "80Gigs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: --gpu-memory: got '80Gigs'; a size is")
