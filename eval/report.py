@@ -32,7 +32,7 @@ def method_label(cfg: dict[str, Any], base: str | None = None) -> str:
     method = base or cfg.get("method", "?")
     if cfg.get("layerwise", "uniform") != "uniform":
         method = f"{cfg['layerwise'].upper()} + {method}"
-    for key in ("weight_update", "update", "block_update"):
+    for key in ("weight_update", "update", "block_update", "model_update"):
         if cfg.get(key, "none") not in ("none", None):
             method = f"{method} + {cfg[key].upper()}"
     return method

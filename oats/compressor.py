@@ -240,10 +240,16 @@ def _check_masks_kept(before: dict[str, CompressedWeight], after: dict[str, Comp
     return kept
 
 
+def factored_layers(cfg: Any) -> bool:
+    """Whether the compressed linears are held as the method's factored modules: compress mode, or a
+    model update (which trains their factors; ``oats.model_update`` merges them back without compress mode)."""
+    return bool(cfg.get("compress")) or cfg.get("model_update", "none") != "none"
+
+
 def _write_back(block: nn.Module, name: str, layer: nn.Linear, cw: CompressedWeight, method: Any, cfg: Any) -> None:
-    """Compress mode (``compress: true`` for a method with a factored module): the method's module takes
-    the linear's place; otherwise the dense weight is written back into the linear."""
-    module = method.build_module(cw, layer, cfg) if method.build_module is not None and cfg.get("compress") else None
+    """Compress mode or a model update (:func:`factored_layers`, for a method with a factored module):
+    the method's module takes the linear's place; otherwise the dense weight is written back into the linear."""
+    module = method.build_module(cw, layer, cfg) if method.build_module is not None and factored_layers(cfg) else None
     if module is not None:
         set_module(block, name, module)
     else:

@@ -140,6 +140,7 @@ COMMON_KEYS: dict[str, Key] = {
     "layerwise": Key("uniform", (str,), "per-block sparsity allocation: `uniform` or a layerwise plugin (`owl`: outlier-weighted, Yin et al. 2024)", _plugin_name(registry.LAYERWISE, ("uniform",))),
     "weight_update": Key("none", (str,), "per-layer weight update after the method, mask kept: `none` or `optima` (row-wise QP reconstruction); old name `update`", _plugin_name(registry.WEIGHT_UPDATES, ("none",))),
     "block_update": Key("none", (str,), "per-block update after a block's layers are compressed, masks kept: `none` or a registered block update", _plugin_name(registry.BLOCK_UPDATES, ("none",))),
+    "model_update": Key("none", (str,), "end-to-end update of the whole compressed model after the last block, masks and budget kept: `none` or `lowrank_recovery` (the low-rank factors distilled against the dense model's logits)", _plugin_name(registry.MODEL_UPDATES, ("none",)), hash_default=False),
     "targets": Key(None, (list, tuple), "fnmatch patterns of the linear layers to compress (`self_attn.*`, `3.mlp.down_proj`, `qkv_proj:q`); None = all", nullable=True),
     "ignore": Key((), (list, tuple), "fnmatch patterns of linear layers never compressed (matched like `targets`)"),
     # --- calibration ---------------------------------------------------------------------------
@@ -267,11 +268,12 @@ _LEGACY_NON_RESULT = ("checkpoint_blocks", "lazy_load")
 
 
 def selected_plugins(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """{'method': Method, 'layerwise': Layerwise?, 'weight_update': WeightUpdate?, 'block_update': BlockUpdate?}
+    """{'method': Method, 'layerwise': Layerwise?, 'weight_update': WeightUpdate?, 'block_update': BlockUpdate?,
+    'model_update': ModelUpdate?}
     of a resolved (or at least type-checked) config: each kind under the key that selects it."""
     out: dict[str, Any] = {"method": registry.method(raw["method"])}
     for kind, none in registry.BUILTIN.items():
-        if raw[kind] != none:
+        if raw.get(kind, none) != none:
             out[kind] = registry.plugin(kind, raw[kind])
     return out
 
@@ -318,6 +320,8 @@ def default_name(cfg: Mapping[str, Any], compresses: bool = True) -> str:
             parts.append(cfg["weight_update"])
         if cfg["block_update"] != "none":
             parts.append(cfg["block_update"])
+        if cfg.get("model_update", "none") != "none":
+            parts.append(cfg["model_update"])
     return "-".join(parts)
 
 
@@ -370,7 +374,8 @@ def _resolve(raw: dict[str, Any]) -> ml_collections.ConfigDict:
         owners = _owner_of(k)
         if owners:
             raise ConfigError(k, f"belongs to {' and '.join(owners)}, which this experiment does not select "
-                                 f"(method {out['method']!r}, layerwise {out['layerwise']!r}, weight_update {out['weight_update']!r}); remove it")
+                                 f"(method {out['method']!r}, layerwise {out['layerwise']!r}, weight_update {out['weight_update']!r}, "
+                                 f"block_update {out['block_update']!r}, model_update {out['model_update']!r}); remove it")
         known = all_known_keys()
         near = difflib.get_close_matches(k, known, 1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
@@ -403,7 +408,7 @@ def _check_combinations(out: dict[str, Any], plugins: Mapping[str, Any]) -> None
     if out["export_format"] and not out["save_model"]:
         raise ConfigError("export_format", f"{out['export_format']!r} exports the saved model: set save_model True too")
     if not method.compresses:
-        for key in ("sparsity_type", "layerwise", "weight_update", "block_update", "targets", "ignore"):
+        for key in ("sparsity_type", "layerwise", "weight_update", "block_update", "model_update", "targets", "ignore"):
             if out[key] != _default(key):
                 raise ConfigError(key, f"got {out[key]!r}, but method {method.name!r} compresses nothing; leave it at {_default(key)!r}")
     if "layerwise" in plugins and not method.supports_layerwise:
@@ -411,6 +416,24 @@ def _check_combinations(out: dict[str, Any], plugins: Mapping[str, Any]) -> None
     for kind in ("weight_update", "block_update"):
         if kind in plugins and not method.produces_mask:
             raise ConfigError(kind, f"{out[kind]!r} needs a method whose answer has a mask; {method.name!r} has none")
+    if "model_update" in plugins:
+        _check_model_update(out, plugins["model_update"], method)
+
+
+def _check_model_update(out: dict[str, Any], update: Any, method: Any) -> None:
+    """A model update trains the whole compressed text model in memory against the dense model's logits."""
+    if update.needs_lowrank and not method.lowrank:
+        lowrank = sorted(n for n, m in registry.declared("method").items() if m.lowrank)
+        raise ConfigError("model_update", f"{out['model_update']!r} trains the low-rank factors, and method {method.name!r} has none; "
+                                          f"use a sparse + low-rank method ({', '.join(lowrank)}) or model_update 'none'")
+    if method.build_module is None:
+        raise ConfigError("model_update", f"{out['model_update']!r} needs a method with a factored layer (build_module); {method.name!r} has none")
+    if out["lazy_load"]:
+        raise ConfigError("model_update", f"{out['model_update']!r} trains the whole model end to end, which lazy_load never holds in memory; "
+                                          "set lazy_load False or model_update 'none'")
+    if is_vision_config(out):
+        raise ConfigError("model_update", f"{out['model_update']!r} distils next-token distributions, and {out['cal_dataset']!r} makes a vision "
+                                          "experiment; use model_update 'none'")
 
 
 def _check_calibration(out: dict[str, Any]) -> None:
@@ -532,8 +555,8 @@ def keys_markdown() -> str:
     lines = ["# Config keys", "",
              "Generated from the key tables by `oats.config.keys_markdown()` (a test fails when this page and the code differ);",
              "regenerate with `python -c \"import oats.config as c; print(c.keys_markdown(), end='')\" > docs/config-keys.md`.",
-             "An experiment accepts the common keys plus the keys of what it selects: its method, `layerwise`, `weight_update`",
-             "and `block_update` plugins, compress mode (methods with a compress mode), the vision keys (image data sets),",
+             "An experiment accepts the common keys plus the keys of what it selects: its method, `layerwise`, `weight_update`,",
+             "`block_update` and `model_update` plugins, compress mode (methods with a compress mode), the vision keys (image data sets),",
              "the self_generated keys (`cal_dataset` names `self_generated`) and the calibration mix (`cal_dataset` is a list).",
              "Keys marked *not hashed* change how a run goes, never what it computes. Back to the [README](../README.md).", "",
              "| key | default | owners | meaning |", "|---|---|---|---|"]

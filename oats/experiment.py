@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from oats.config import config_hash, selected_plugins
-from oats.interface import Allocation
+from oats.interface import Allocation, DenseTargets
 from oats.pipeline import BlockInputs, capture_inputs, stream
 from oats.tasks import Task
 
@@ -144,6 +144,8 @@ class Calibrated:
     layers: list[dict[str, Any]]
     allocation: Allocation
     start_block: int = 0
+    dense_targets: DenseTargets | None = None  # the model update's, recorded on the dense model
+    model_update: dict[str, Any] | None = None  # what the model update did (the record's entry)
 
 
 def calibrate(cfg: Any, task: Task, weights: Any, device: torch.device, ckpt: Any) -> Calibrated:
@@ -152,19 +154,34 @@ def calibrate(cfg: Any, task: Task, weights: Any, device: torch.device, ckpt: An
     from oats.checkpoint import set_rng_state
     from oats.compressor import stats_device_for
 
+    update = selected_plugins(cfg).get("model_update")
     resumed = ckpt.load(device) if ckpt is not None else None
     if resumed is not None:
-        if not weights.lazy:  # lazy: the finished blocks are already in their output shards
-            ckpt.restore_blocks(weights.model, resumed.last_block)
-        set_rng_state(resumed.rng)
-        return Calibrated(resumed.inputs.to(stats_device_for(cfg, device)), resumed.records, Allocation(list(resumed.sparsities), resumed.layerwise_info or {}),
-                          resumed.last_block + 1)
+        targets = None
+        if update is not None:
+            from oats.model_update import load_targets
+
+            targets = load_targets(ckpt.dir)
+        if update is None or targets is not None:
+            if not weights.lazy:  # lazy: the finished blocks are already in their output shards
+                ckpt.restore_blocks(weights.model, resumed.last_block)
+            set_rng_state(resumed.rng)
+            return Calibrated(resumed.inputs.to(stats_device_for(cfg, device)), resumed.records,
+                              Allocation(list(resumed.sparsities), resumed.layerwise_info or {}), resumed.last_block + 1, targets)
+        log.warning("checkpoint of %s has no dense targets for the model update; starting over", cfg.name)
     ids = task.calibration_inputs()
     task.prepare_reference()  # on the dense model, before anything is compressed
+    targets = None
+    if update is not None:
+        from oats.model_update import dense_targets, save_targets
+
+        targets = dense_targets(weights.model, ids, int(update.topk(cfg)), device)  # one window at a time: its logits are vocab-wide
+        if ckpt is not None:
+            save_targets(targets, ckpt.dir)
     weights.load_head()
     inputs = capture_inputs(weights.model, ids, device, cfg.cal_batch_size, hidden_device=stats_device_for(cfg, device))
     weights.free_head()
-    return Calibrated(inputs, [], block_sparsities(weights, inputs, cfg, device))
+    return Calibrated(inputs, [], block_sparsities(weights, inputs, cfg, device), dense_targets=targets)
 
 
 def compress(cfg: Any, weights: Any, cal: Calibrated, ckpt: Any, exp_dir: Path, src: Path | None, tokenizer: Any,
@@ -192,6 +209,7 @@ def compress(cfg: Any, weights: Any, cal: Calibrated, ckpt: Any, exp_dir: Path, 
     compress_model(weights.model, cal.inputs, cfg, device, cal.allocation.sparsities, start_block=cal.start_block,
                    after_block=after_block, records=cal.layers, weights=weights)
     if writer is None:
+        update_model(cfg, weights.model, cal, device)
         _choose_forwards(weights.model, cfg)
         return weights, model_dir
     writer.write_rest_and_index(src, tokenizer)
@@ -200,11 +218,29 @@ def compress(cfg: Any, weights: Any, cal: Calibrated, ckpt: Any, exp_dir: Path, 
     return LazyModel.from_dir(model_dir, cfg.dtype), model_dir  # evaluate what was written
 
 
+def update_model(cfg: Any, model: nn.Module, cal: Calibrated, device: torch.device) -> None:
+    """The selected model update on the whole compressed model (its record goes to ``cal.model_update``);
+    without compress mode the factored layers are merged back into dense weights afterwards."""
+    update = selected_plugins(cfg).get("model_update")
+    if update is None:
+        return
+    from oats.model_update import merge_factored, run_model_update
+
+    if cal.dense_targets is None:
+        raise RuntimeError(f"model_update {update.name!r}: no dense targets were recorded before compression")
+    cal.model_update = run_model_update(model, update, cal.dense_targets, cfg, device)
+    cal.dense_targets = None
+    if not cfg.get("compress"):
+        merge_factored(model)
+
+
 def compression_record(cal: Calibrated) -> dict[str, Any]:
     """The record's allocation and the sparsity achieved over every compressed matrix."""
     out: dict[str, Any] = {"block_sparsity": list(cal.allocation.sparsities)}
     if cal.allocation.info:  # what a layerwise plugin measured (OWL: LOD per block)
         out["layerwise"] = cal.allocation.info
+    if cal.model_update is not None:
+        out["model_update"] = cal.model_update
     total = sum(r["shape"][0] * r["shape"][1] for r in cal.layers)
     out["achieved_sparsity"] = 1.0 - sum(r["kept_params"] for r in cal.layers) / total
     return out

@@ -8,8 +8,9 @@ A method is a pure function of tensors::
 unaware of models, files and devices. The pipeline computes the statistics once per input (layers
 reading the same input share them) and writes back whatever the method returns.
 
-Four kinds of plugin, each named like the config key that selects it: ``Method`` (``method``),
-``Layerwise`` (``layerwise``), ``WeightUpdate`` (``weight_update``) and ``BlockUpdate`` (``block_update``).
+Five kinds of plugin, each named like the config key that selects it: ``Method`` (``method``),
+``Layerwise`` (``layerwise``), ``WeightUpdate`` (``weight_update``), ``BlockUpdate`` (``block_update``)
+and ``ModelUpdate`` (``model_update``).
 Every plugin declares its own config keys (``oats.keys.Key``), its cross-key checks (``validate``:
 raise ``oats.keys.ConfigError`` naming the key) and the statistics it needs. The framework merges the
 common keys with those of the selected plugins, validates and hashes exactly those, and never names
@@ -284,6 +285,60 @@ class BlockUpdate:
     window: Callable[[Any], int] | None = None
     dense_inputs: Callable[[Any], bool] | None = None
     check_blocks: Callable[[Any, int], None] | None = None
+
+
+@dataclass
+class DenseTargets:
+    """What the dense model predicts on the calibration windows, recorded before anything is compressed.
+
+    ids:      [n, L] int64 token ids of the calibration windows.
+    logprobs: [n, L, k] float32, the dense model's k largest next-token log-probabilities at every position.
+    index:    [n, L, k] int64, their token ids.
+    The remaining mass, ``1 - exp(logprobs).sum(-1)``, is the probability of every other token together.
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+    index: Tensor
+
+    @property
+    def topk(self) -> int:
+        return int(self.logprobs.shape[-1])
+
+    def windows(self, rows: Tensor | list[int]) -> "DenseTargets":
+        """The targets of the windows ``rows`` only."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return DenseTargets(self.ids[rows], self.logprobs[rows], self.index[rows])
+
+
+LogitsFn = Callable[[Tensor], Tensor]  # token ids [B, L] -> next-token logits [B, L, vocab]
+
+
+@dataclass(frozen=True)
+class ModelUpdate:
+    """A model update (config key ``model_update``): an end-to-end update of the whole compressed model,
+    after every block is compressed, that keeps every mask and the parameter budget.
+
+    apply(model, layers {name: SparseLowRankLinear}, targets: DenseTargets, logits_of, cfg, device) -> info.
+    ``logits_of(ids [B, L]) -> [B, L, vocab]`` runs the model (differentiably). The model is in memory on ``device``, every compressed linear held as a ``factored.module.SparseLowRankLinear``
+    (whether or not ``compress`` is set: the framework merges them back into dense weights afterwards when
+    it is not); ``targets`` are the dense model's top-k next-token distributions on the calibration
+    windows, ``topk(cfg)`` wide. It updates the model in place and returns JSON-serialisable facts for
+    the record (the loss curve). The framework then checks that every layer's sparse values and mask are
+    bit for bit the ones given and its rank the same, and counts the kept parameters again.
+    needs_lowrank: it trains the low-rank factors, so the method's answers must have them (``Method.lowrank``).
+    workspace(model_params, trained_params, cfg), optional: bytes it holds beyond the model and the targets.
+    """
+
+    name: str
+    apply: Callable[..., dict[str, Any]]
+    topk: Callable[[Any], int]
+    doc: str = ""
+    paper: str = ""
+    keys: Mapping[str, Key] = field(default_factory=dict)
+    validate: Validate | None = None
+    needs_lowrank: bool = True
+    workspace: Callable[[int, int, Any], int] | None = None
 
 
 class BlockChain(nn.ModuleList):

@@ -262,6 +262,18 @@ def plan_experiment(cfg: Any, shapes: Shapes | None = None) -> MemoryPlan:
         if cfg.lazy_load:
             compression += block_bytes  # the compressed block written to its shard while the next is read
 
+    model_update = plugins.get("model_update")
+    if method.compresses and model_update is not None:
+        # the dense model's top-k targets, on the CPU from calibration to the update; the update trains the whole
+        # model: the dense S of every layer kept for the backward, one window's activations and logits, its workspace
+        n, L = int(cfg.cal_nsamples), int(cfg.cal_seqlen)
+        p.parts["dense_targets"] = n * L * min(int(model_update.topk(cfg)), s.vocab) * 12
+        linear_params = s.n_blocks * sum(lin.d_out * lin.d_in for lin in s.linears)
+        trained = int((1.0 - float(cfg.sparsity)) * linear_params)  # the low-rank part lies inside the kept budget
+        ws = model_update.workspace(s.n_blocks * s.block_params + s.head_params, trained, cfg) if model_update.workspace else 16 * trained
+        p.parts["model_update"] = (linear_params * E + L * s.n_blocks * (10 * s.hidden + 4 * s.intermediate) * 4
+                                   + 3 * L * s.vocab * 4 + int(ws))
+
     from oats.config import cal_sources, uses_self_generated
 
     if method.compresses and uses_self_generated(cfg):  # sampled from the whole dense model on `device`, KV cache and logits
@@ -316,10 +328,12 @@ def plan_experiment(cfg: Any, shapes: Shapes | None = None) -> MemoryPlan:
             p.other_gpus[d] = max(p.other_gpus.get(d, 0), placed_peak(d))
     if on_gpu:  # in memory, evaluation moves the whole model to the device; lazily, one block at a time
         eval_peak = placed_peak(compute) if gpus else (block_bytes if cfg.lazy_load else whole) + evaluation
-        p.device_peak = max(block_bytes + compression, eval_peak, whole + generation if generation else 0)
-        p.cpu_peak = FLOOR_BYTES + p.parts["weights"] + p.parts.get("weights_lm_eval", 0) + cpu_apart
+        update = whole + p.parts["model_update"] if p.parts.get("model_update") else 0
+        p.device_peak = max(block_bytes + compression, eval_peak, whole + generation if generation else 0, update)
+        p.cpu_peak = FLOOR_BYTES + p.parts["weights"] + p.parts.get("weights_lm_eval", 0) + cpu_apart + p.parts.get("dense_targets", 0)
     else:
-        p.cpu_peak = FLOOR_BYTES + p.parts["weights"] + max(compression + cpu_apart, evaluation + p.parts.get("weights_lm_eval", 0), generation)
+        p.cpu_peak = FLOOR_BYTES + p.parts["weights"] + p.parts.get("dense_targets", 0) + max(
+            compression + cpu_apart, evaluation + p.parts.get("weights_lm_eval", 0), generation, p.parts.get("model_update", 0))
     return p
 
 
@@ -368,7 +382,8 @@ def _human(n: int) -> str:
 
 def plan_markdown(plans: Sequence[MemoryPlan]) -> str:
     """One row per experiment: each part and the peaks, in MiB/GiB."""
-    parts = ["weights", "generation", "activations", "block_forward", "statistics", "decomposition", "block_update", "evaluation"]
+    parts = ["weights", "generation", "activations", "block_forward", "statistics", "decomposition", "block_update",
+             "dense_targets", "model_update", "evaluation"]
     head = "| experiment | device | " + " | ".join(parts) + " | CPU peak | device peak | other GPUs | notes |"
     rows = [head, "|" + "---|" * (len(parts) + 6)]
     for p in plans:

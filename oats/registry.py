@@ -1,8 +1,9 @@
 """The tables of plugins, one per config key that selects a plugin: ``method``, ``layerwise``,
-``weight_update`` and ``block_update``.
+``weight_update``, ``block_update`` and ``model_update``.
 
 A new plugin is one file that defines its declaration (``METHOD = Method(...)``, ``LAYERWISE =
-Layerwise(...)``, ``WEIGHT_UPDATE = WeightUpdate(...)`` or ``BLOCK_UPDATE = BlockUpdate(...)``; see
+Layerwise(...)``, ``WEIGHT_UPDATE = WeightUpdate(...)``, ``BLOCK_UPDATE = BlockUpdate(...)`` or
+``MODEL_UPDATE = ModelUpdate(...)``; see
 ``oats.interface``) and one line here naming that module. Modules are imported on first use, so the
 framework never imports a plugin package at load time (no import cycles) and a broken plugin fails
 only the experiments that select it.
@@ -13,7 +14,7 @@ import importlib
 from functools import lru_cache
 from typing import Any
 
-from oats.interface import BlockUpdate, Layerwise, Method, WeightUpdate
+from oats.interface import BlockUpdate, Layerwise, Method, ModelUpdate, WeightUpdate
 
 METHODS: dict[str, str] = {
     "dense": "baselines.dense",
@@ -27,6 +28,7 @@ METHODS: dict[str, str] = {
 LAYERWISE: dict[str, str] = {"owl": "layerwise.owl"}
 WEIGHT_UPDATES: dict[str, str] = {"optima": "weight_updates.optima"}
 BLOCK_UPDATES: dict[str, str] = {"reconstruct": "block_updates.reconstruct"}
+MODEL_UPDATES: dict[str, str] = {"lowrank_recovery": "model_updates.lowrank_recovery"}
 
 # kind (= the config key that selects it) -> (table, declaration attribute, declaration class)
 KINDS: dict[str, tuple[dict[str, str], str, type]] = {
@@ -34,8 +36,9 @@ KINDS: dict[str, tuple[dict[str, str], str, type]] = {
     "layerwise": (LAYERWISE, "LAYERWISE", Layerwise),
     "weight_update": (WEIGHT_UPDATES, "WEIGHT_UPDATE", WeightUpdate),
     "block_update": (BLOCK_UPDATES, "BLOCK_UPDATE", BlockUpdate),
+    "model_update": (MODEL_UPDATES, "MODEL_UPDATE", ModelUpdate),
 }
-BUILTIN = {"layerwise": "uniform", "weight_update": "none", "block_update": "none"}  # the value that selects no plugin
+BUILTIN = {"layerwise": "uniform", "weight_update": "none", "block_update": "none", "model_update": "none"}  # the value that selects no plugin
 
 
 def register(kind: str, name: str, module: str) -> None:
@@ -46,7 +49,7 @@ def register(kind: str, name: str, module: str) -> None:
 
 @lru_cache(maxsize=None)
 def plugin(kind: str, name: str) -> Any:
-    """The declaration of plugin ``name`` of ``kind`` ('method', 'layerwise', 'weight_update', 'block_update')."""
+    """The declaration of plugin ``name`` of ``kind`` ('method', 'layerwise', 'weight_update', 'block_update', 'model_update')."""
     if kind not in KINDS:
         raise KeyError(f"no plugin kind {kind!r}; kinds: {sorted(KINDS)}")
     table, attr, cls = KINDS[kind]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name != "tests")
-PLUGIN_PACKAGES = {"baselines", "sparse_lowrank", "layerwise", "weight_updates", "block_updates"}
+PLUGIN_PACKAGES = {"baselines", "sparse_lowrank", "layerwise", "weight_updates", "block_updates", "model_updates"}
 
 
 def imported_packages(package: str) -> dict[str, set[str]]:

@@ -1,0 +1,255 @@
+"""Model updates (``model_update``) and low-rank recovery: the coarsened KL against a float64 brute force,
+only the low-rank factors (and norms when asked) change, planted factors are recovered, the
+framework's checks catch an update that touches a mask, the merged model is S + U V, the plan counts
+the update, and bad input fails in one line before any model loads."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from ml_collections import ConfigDict
+from torch import nn
+
+import main
+from factored.module import SparseLowRankLinear, compressed_layers
+from model_updates.lowrank_recovery import coarse_kl
+from oats import registry
+from oats.compressor import compress_model
+from oats.config import config_hash, resolve
+from oats.experiment import Calibrated, update_model
+from oats.interface import Allocation, DenseTargets, ModelUpdate
+from oats.model_update import dense_targets, merge_factored, run_model_update
+from oats.pipeline import capture_inputs
+from tests.conftest import tiny_model
+
+CPU = torch.device("cpu")
+
+
+def _cfg(**kw):
+    base = dict(model="tiny", method="oats", sparsity=0.6, rank_ratio=0.3, num_iters=10, cal_batch_size=8,
+                model_update="lowrank_recovery", recovery_topk=16)
+    return resolve(ConfigDict({**base, **kw}))
+
+
+def _compressed(cfg, layers: int = 2, seed: int = 3):
+    """(dense copy, compressed model with SparseLowRankLinear layers, dense targets) of a tiny Llama."""
+    model = tiny_model("llama", layers=layers, seed=seed)
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(2))
+    targets = dense_targets(model, ids, int(cfg.recovery_topk), CPU, 4)
+    inputs = capture_inputs(model, ids, CPU, 8)
+    compress_model(model, inputs, cfg, CPU, [cfg.sparsity] * layers)
+    return dense, model, targets
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- the loss ---------------------------------------------------------------------------------------
+
+def _brute_kl(p_full: torch.Tensor, q_full: torch.Tensor, top: torch.Tensor) -> float:
+    """KL over the outcomes {each token of top, everything else}, float64, one position at a time."""
+    total = 0.0
+    for pos in range(p_full.shape[0]):
+        keep = set(top[pos].tolist())
+        p = [float(p_full[pos, t]) for t in top[pos].tolist()] + [float(sum(p_full[pos, t] for t in range(p_full.shape[1]) if t not in keep))]
+        q = [float(q_full[pos, t]) for t in top[pos].tolist()] + [float(sum(q_full[pos, t] for t in range(q_full.shape[1]) if t not in keep))]
+        total += sum(a * (torch.tensor(a).log() - torch.tensor(b).log()).item() for a, b in zip(p, q) if a > 0)
+    return total / p_full.shape[0]
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 10])
+def test_coarse_kl_is_the_kl_of_the_coarsened_distributions(k):
+    g = torch.Generator().manual_seed(k)
+    p_logits, q_logits = torch.randn(5, 10, generator=g, dtype=torch.float64) * 2, torch.randn(5, 10, generator=g, dtype=torch.float64) * 2
+    logp = torch.log_softmax(p_logits, -1)
+    top = logp.topk(k, -1)
+    got = float(coarse_kl(q_logits.float(), top.values.float(), top.indices))
+    want = _brute_kl(logp.exp(), torch.softmax(q_logits, -1), top.indices)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    if k == 10:  # the whole vocabulary: the full KL
+        assert got == pytest.approx(float(torch.nn.functional.kl_div(torch.log_softmax(q_logits, -1), logp, log_target=True,
+                                                                     reduction="sum") / 5), rel=1e-4)
+    assert float(coarse_kl(p_logits.float(), top.values.float(), top.indices)) == pytest.approx(0.0, abs=1e-6)
+
+
+# --- what the recovery changes ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norms", [False, True])
+def test_recovery_changes_only_the_low_rank_factors_and_norms_when_asked(norms):
+    cfg = _cfg(recovery_epochs=2, recovery_lr=1e-2, recovery_holdout=0.0, recovery_norms=norms)
+    _, model, targets = _compressed(cfg)
+    before, grads = _state(model), {n: p.requires_grad for n, p in model.named_parameters()}
+    info = run_model_update(model, registry.plugin("model_update", "lowrank_recovery"), targets, cfg, CPU)
+    after = _state(model)
+    assert before.keys() == after.keys() and grads == {n: p.requires_grad for n, p in model.named_parameters()}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    factors = {k for k in before if k.endswith((".U", ".V"))}
+    norm_weights = {k for k in before if "norm" in k and k.endswith(".weight")}
+    assert factors and changed >= factors - {k for k in factors if before[k].numel() == 0}
+    assert changed <= factors | (norm_weights if norms else set()), sorted(changed - factors)
+    if norms:
+        assert changed & norm_weights
+    assert info["kept_params_before"] == info["kept_params_after"] == sum(m.param_count() for m in compressed_layers(model).values())
+    assert all(isinstance(m.U, nn.Parameter) and isinstance(m.V, nn.Parameter) for m in compressed_layers(model).values())
+
+
+def test_recovery_finds_planted_factors():
+    """Targets from a model whose layers are exactly S + U* V*; the compressed model starts from perturbed
+    factors: recovery must remove most of the divergence."""
+    cfg = _cfg(recovery_epochs=10, recovery_lr=5e-3, recovery_holdout=0.0, recovery_batch_size=2, recovery_topk=128)
+    _, model, _ = _compressed(cfg, seed=5)
+    teacher = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in compressed_layers(teacher).values():  # the planted factors: the compressed ones, scaled up
+            m.U.mul_(3.0)
+    merge_factored(teacher)
+    ids = torch.randint(0, 128, (16, 32), generator=g)
+    targets = dense_targets(teacher, ids, 128, CPU, 4)
+    info = run_model_update(model, registry.plugin("model_update", "lowrank_recovery"), targets, cfg, CPU)
+    assert info["loss_measured_on"] == "all windows" and info["windows_holdout"] == 0
+    assert info["loss_after"] < 0.3 * info["loss_before"], (info["loss_before"], info["loss_after"])
+    assert not info["reverted"] and info["steps"] == len(info["train_loss_per_step"]) == 10 * 8
+
+
+def test_a_too_large_learning_rate_is_reverted():
+    cfg = _cfg(recovery_epochs=1, recovery_lr=10.0, recovery_holdout=0.0)
+    _, model, targets = _compressed(cfg)
+    before = _state(model)
+    info = run_model_update(model, registry.plugin("model_update", "lowrank_recovery"), targets, cfg, CPU)
+    assert info["reverted"] and info["loss_after"] == info["loss_before"]
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+
+
+def test_early_stopping_restores_the_best_epoch():
+    cfg = _cfg(recovery_epochs=4, recovery_lr=10.0, recovery_holdout=0.25)
+    _, model, targets = _compressed(cfg)
+    before = _state(model)
+    info = run_model_update(model, registry.plugin("model_update", "lowrank_recovery"), targets, cfg, CPU)
+    assert info["epochs_run"] == 1 and info["best_epoch"] == 0 and info["reverted"]
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+
+
+# --- the framework around it --------------------------------------------------------------------------
+
+def _rogue(touch: str):
+    def apply(model, layers, targets, logits_of, cfg, device):
+        m = next(iter(layers.values()))
+        with torch.no_grad():
+            if touch == "values":
+                m.values[0] += 1.0
+            elif touch == "mask":
+                m.mask[0, 0] ^= 1
+        return {}
+    return ModelUpdate("rogue", apply, topk=lambda cfg: 4)
+
+
+@pytest.mark.parametrize("touch", ["values", "mask"])
+def test_an_update_that_touches_the_sparse_part_is_refused(touch):
+    cfg = _cfg()
+    _, model, targets = _compressed(cfg)
+    with pytest.raises(RuntimeError, match="changed the sparse values, mask or rank"):
+        run_model_update(model, _rogue(touch), targets, cfg, CPU)
+
+
+def test_without_compress_mode_the_factors_are_merged_back_as_dense_weights():
+    cfg = _cfg(recovery_epochs=1, recovery_lr=1e-3)
+    _, model, targets = _compressed(cfg)
+    layers = compressed_layers(model)
+    assert layers, "a model update holds the compressed linears factored"
+    cal = Calibrated(None, [], Allocation.uniform(0.6, 2), dense_targets=targets)
+    update_model(cfg, model, cal, CPU)
+    expected = {n: (m.sparse_dense() + m.U @ m.V).detach().clone() for n, m in layers.items()}
+    assert not compressed_layers(model) and cal.model_update["name"] == "lowrank_recovery"
+    for n, W in expected.items():
+        lin = model.get_submodule(n)
+        assert type(lin) is nn.Linear and torch.allclose(lin.weight, W, atol=1e-6)
+
+    cfg2 = _cfg(recovery_epochs=1, recovery_lr=1e-3, compress=True)
+    _, model2, targets2 = _compressed(cfg2)
+    update_model(cfg2, model2, Calibrated(None, [], Allocation.uniform(0.6, 2), dense_targets=targets2), CPU)
+    assert compressed_layers(model2)
+
+
+def test_dense_targets_are_the_models_top_k_log_probabilities():
+    model = tiny_model("llama", layers=2, seed=1)
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    t = dense_targets(model, ids, 5, CPU, 2)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    assert t.logprobs.shape == (3, 16, 5) and torch.allclose(t.logprobs, ref.topk(5, -1).values, atol=1e-5)
+    assert torch.equal(ref.gather(-1, t.index), t.logprobs) or torch.allclose(ref.gather(-1, t.index), t.logprobs, atol=1e-5)
+    assert dense_targets(model, ids, 10_000, CPU).topk == 128  # at most the vocabulary
+    assert isinstance(t.windows([0, 2]), DenseTargets) and t.windows([0, 2]).ids.shape == (2, 16)
+
+
+def test_an_experiment_records_the_update(tiny_model_dir, tmp_path):
+    from oats.experiment import run_experiment
+
+    cfg = resolve(ConfigDict(dict(model=str(tiny_model_dir), method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=5,
+                                  cal_dataset="pydoc", cal_nsamples=6, cal_seqlen=32, eval_datasets=["pydoc"], eval_seqlen=32,
+                                  eval_max_windows=2, device="cpu", model_update="lowrank_recovery", recovery_epochs=1,
+                                  recovery_topk=8)))
+    rec = run_experiment(cfg, tmp_path / "x")
+    mu = rec["model_update"]
+    assert mu["name"] == "lowrank_recovery" and mu["sparse_parts_unchanged"] and mu["kept_params_after"] == mu["kept_params_before"]
+    assert mu["windows_holdout"] == 1 and mu["windows_train"] == 5 and mu["steps"] == 2
+    assert rec["achieved_sparsity"] == pytest.approx(1 - sum(r["kept_params"] for r in rec["layers"]) / sum(r["shape"][0] * r["shape"][1] for r in rec["layers"]))
+
+
+# --- config -----------------------------------------------------------------------------------------
+
+def test_the_key_keeps_existing_hashes_and_names_the_row():
+    plain = resolve(ConfigDict(dict(model="smollm2-135m", method="oats")))
+    assert config_hash(plain) == config_hash(resolve(ConfigDict(dict(model="smollm2-135m", method="oats", model_update="none"))))
+    upd = resolve(ConfigDict(dict(model="smollm2-135m", method="oats", model_update="lowrank_recovery")))
+    assert config_hash(upd) != config_hash(plain) and upd.name.endswith("-lowrank_recovery")
+    assert config_hash(upd) != config_hash(resolve(ConfigDict(dict(model="smollm2-135m", method="oats", model_update="lowrank_recovery",
+                                                                    recovery_lr=1e-4))))
+    assert "recovery_lr" not in plain
+
+
+def test_the_plan_counts_the_update():
+    from oats.plan import plan_experiment
+
+    plain = plan_experiment(resolve(ConfigDict(dict(model="smollm2-135m", method="oats", device="cpu"))))
+    upd = plan_experiment(resolve(ConfigDict(dict(model="smollm2-135m", method="oats", device="cpu", model_update="lowrank_recovery"))))
+    assert upd.parts["dense_targets"] == 128 * 2048 * 64 * 12
+    assert upd.parts["model_update"] > 0 and upd.cpu_peak > plain.cpu_peak
+
+
+HEAD = "from ml_collections import ConfigDict\nB = dict(model='smollm2-135m', cal_nsamples=4, cal_seqlen=32, eval_seqlen=32, eval_max_windows=1)\n"
+
+BAD = {
+    "a method without a low-rank part": (dict(method="wanda", model_update="lowrank_recovery"),
+                                         "config key 'model_update': 'lowrank_recovery' trains the low-rank factors, and method 'wanda' has none; use a sparse + low-rank method (gram_slr, oats)"),
+    "the dense row": (dict(method="dense", model_update="lowrank_recovery"), "config key 'model_update': got 'lowrank_recovery', but method 'dense' compresses nothing"),
+    "lazy_load": (dict(method="oats", model_update="lowrank_recovery", lazy_load=True),
+                  "config key 'model_update': 'lowrank_recovery' trains the whole model end to end, which lazy_load never holds in memory"),
+    "a vision experiment": (dict(model="dinov2-small-imgfocus", method="oats", cal_dataset="photos", model_update="lowrank_recovery"),
+                            "config key 'model_update': 'lowrank_recovery' distils next-token distributions, and 'photos' makes a vision experiment"),
+    "an unknown update": (dict(method="oats", model_update="lora"), "config key 'model_update'"),
+    "a recovery key without the update": (dict(method="oats", recovery_lr=1e-4), "config key 'recovery_lr': belongs to model_update 'lowrank_recovery'"),
+    "a bad holdout": (dict(method="oats", model_update="lowrank_recovery", recovery_holdout=1.0), "config key 'recovery_holdout'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_model_update_config_fails_in_one_line_before_any_model_loads(case, tmp_path, capsys, monkeypatch):
+    import oats.models
+    import oats.vision_models
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(oats.models, "load_model", boom)
+    monkeypatch.setattr(oats.vision_models, "load_vision_model", boom)
+    kw, message = BAD[case]
+    f = tmp_path / "bad.py"
+    f.write_text(HEAD + f"CONFIGS = [ConfigDict(dict(B, **{kw!r}))]\n")
+    assert main.main(["--config", str(f), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
