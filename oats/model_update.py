@@ -49,9 +49,10 @@ def dense_targets(model: nn.Module, ids: Tensor, topk: int, device: torch.device
 
 
 def save_targets(targets: DenseTargets, directory: Path) -> None:
-    from oats.checkpoint import _atomic_torch_save
+    from oats.checkpoint import MARKER, _atomic_torch_save
 
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / MARKER).touch()  # the folder is the runner's checkpoint folder from now on (only such are ever deleted)
     _atomic_torch_save({"ids": targets.ids, "logprobs": targets.logprobs, "index": targets.index}, directory / TARGETS_FILE)
 
 

@@ -253,3 +253,42 @@ def test_bad_model_update_config_fails_in_one_line_before_any_model_loads(case, 
     assert main.main(["--config", str(f), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
+
+
+def test_a_killed_run_resumes_with_the_recorded_targets(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+
+    from oats.checkpoint import CHECKPOINT_DIR, BlockCheckpointer
+    from oats.model_update import TARGETS_FILE
+    from oats.sweep import run_all
+
+    class Killed(BaseException):
+        pass
+
+    def cfg(**kw):
+        return resolve(ConfigDict(dict(model=str(tiny_model_dir), method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=5, cal_dataset="pydoc",
+                                       cal_nsamples=6, cal_seqlen=32, eval_datasets=["pydoc"], eval_seqlen=32, eval_max_windows=2,
+                                       device="cpu", model_update="lowrank_recovery", recovery_epochs=1, recovery_topk=8, name="r", **kw)))
+    assert run_all([cfg()], tmp_path / "ref") == {"r": "ok"}
+    reference = json.loads((tmp_path / "ref" / "r" / "result.json").read_text())
+    real_save = BlockCheckpointer.save
+
+    def save_then_die(self, i, *a, **k):
+        real_save(self, i, *a, **k)
+        raise Killed
+
+    monkeypatch.setattr(BlockCheckpointer, "save", save_then_die)
+    with pytest.raises(Killed):
+        run_all([cfg(checkpoint_blocks=True)], tmp_path / "out")
+    assert (tmp_path / "out" / "r" / CHECKPOINT_DIR / TARGETS_FILE).is_file()
+    monkeypatch.setattr(BlockCheckpointer, "save", real_save)
+    computed = []
+    import oats.model_update as mu
+    real_targets = mu.dense_targets
+    monkeypatch.setattr(mu, "dense_targets", lambda *a, **k: computed.append(1) or real_targets(*a, **k))
+    assert run_all([cfg(checkpoint_blocks=True)], tmp_path / "out") == {"r": "ok"}
+    result = json.loads((tmp_path / "out" / "r" / "result.json").read_text())
+    assert not computed and result["resumed_after_block"] == 1
+    assert result["model_update"]["loss_before"] == reference["model_update"]["loss_before"]
+    assert result["metrics"] == reference["metrics"]
+    assert not (tmp_path / "out" / "r" / CHECKPOINT_DIR).exists()
