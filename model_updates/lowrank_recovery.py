@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 SEED = 0
 
 KEYS = KeyTable({
-    "recovery_epochs": Key(2, (int,), "low-rank recovery: passes over the calibration windows", positive),
-    "recovery_lr": Key(5e-5, (float,), "low-rank recovery: Adam learning rate (cosine to 0 over all steps)", positive),
+    "recovery_epochs": Key(3, (int,), "low-rank recovery: passes over the calibration windows", positive),
+    "recovery_lr": Key(1e-4, (float,), "low-rank recovery: Adam learning rate (cosine to 0 over all steps)", positive),
     "recovery_batch_size": Key(4, (int,), "low-rank recovery: calibration windows per Adam step", positive),
     "recovery_topk": Key(64, (int,), "low-rank recovery: the dense model's k most likely next tokens kept per position (the rest is one outcome of the KL)", positive),
     "recovery_norms": Key(False, (bool,), "low-rank recovery: also train every RMSNorm/LayerNorm weight of the model"),

@@ -34,6 +34,7 @@ def test_rows_names_and_seeds(monkeypatch):
         "c4", "random_windows", 32, 512, ["wikitext2"], 512, 64)
     assert by["sparsegpt-optima-50-s1"].weight_update == "optima" and by["owl-sparsegpt-70-s1"].layerwise == "owl"
     assert by["gram_slr-50-k0.3-recon-s3"].block_update == "reconstruct"
+    assert by["oats-50-k0.3-recovery-s2"].model_update == "lowrank_recovery" and "model_update" not in by["oats-50-k0.3-s2"]
     assert by["gram_slr-24-s1"].sparsity_type == "2:4" and not any(n.startswith("owl-sparsegpt-24") for n in names)
 
 
@@ -41,7 +42,7 @@ def test_row_filters(monkeypatch):
     cfgs = _configs(monkeypatch, OATS_BENCH_ROWS="oats-50-*,dense", OATS_BENCH_RECON="wanda")
     names = [c.name for c in cfgs]
     assert names[0] == "dense" and all(n == "dense" or n.startswith("oats-50-") for n in names)
-    assert len(names) == 1 + 3 * 4
+    assert len(names) == 1 + 3 * 5  # rank ratios 0, 0.1, 0.2, 0.3 and the 0.3 row with low-rank recovery
     cfgs = _configs(monkeypatch, OATS_BENCH_ROWS="*-recon-*", OATS_BENCH_RECON="wanda", OATS_BENCH_RECON_DM="")
     assert sorted({base_name(c.name) for c in cfgs}) == ["wanda-24-recon", "wanda-50-recon", "wanda-70-recon"]
     cfgs = _configs(monkeypatch, OATS_BENCH_ROWS="*-recon-dm-*", OATS_BENCH_RECON="", OATS_BENCH_RECON_DM="sparsegpt")
