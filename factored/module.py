@@ -78,12 +78,21 @@ class SparseLowRankLinear(nn.Module):
 
     def row_offsets(self) -> Tensor:
         """Where each row's values start: int64 [out + 1], recomputed from the mask when it changes."""
+        return self._mask_derived("_oats_offsets", bm.row_offsets)
+
+    def two_four_rows(self) -> Tensor | None:
+        """The rows holding exactly 2 entries in every 4 columns (:func:`factored.bitmask.two_per_nibble`)
+        as uint8 [out], which the compiled kernel reads by its 2:4 path; None when no row does. Computed
+        from the mask once (again when it changes)."""
+        return self._mask_derived("_oats_two_four", lambda mask: bm.two_four_flags(mask, self.in_features))
+
+    def _mask_derived(self, name: str, fn):
         mask = self._buffers["mask"]  # (not through nn.Module.__getattr__: this runs on every decode call)
         key = (mask.data_ptr(), mask._version)
-        cached = self.__dict__.get("_oats_offsets")
+        cached = self.__dict__.get(name)
         if cached is None or cached[0] != key:
-            cached = (key, bm.row_offsets(mask))
-            self.__dict__["_oats_offsets"] = cached
+            cached = (key, fn(mask))
+            self.__dict__[name] = cached
         return cached[1]
 
     def sparse_dense(self) -> Tensor:
