@@ -83,6 +83,13 @@ def from_csr(crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int]) 
     return pack_mask(keep)
 
 
+def mask_from_csr(crow_indices: Tensor, col_indices: Tensor, mask_shape: tuple[int, int]) -> Tensor:
+    """The mask [out, 4 * words] of a CSR pattern, knowing only the mask's shape (a skeleton's buffer):
+    the rows are packed :func:`from_csr` at the padded width, whose padding bits are zero either way."""
+    out, nbytes = mask_shape
+    return from_csr(crow_indices, col_indices, (out, 8 * nbytes))
+
+
 def to_csr_indices(mask: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
     """(crow_indices int64 [out+1], col_indices int64 [nnz]) of the mask's pattern."""
     keep = unpack_mask(mask, in_features)
