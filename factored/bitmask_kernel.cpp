@@ -215,8 +215,10 @@ static inline void rows_select(const V* const* v0, const uint8_t* const* mk, int
 #pragma GCC unroll 8
         for (int b = 0; b < B; ++b) {
           const float* xb = xg + b * xstride;
-          __m256 xl = _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(xb), IL), _mm256_permutevar_ps(_mm256_loadu_ps(xb + 8), IL), 0xCC);
-          __m256 xh = _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(xb + 16), IH), _mm256_permutevar_ps(_mm256_loadu_ps(xb + 24), IH), 0xCC);
+          __m256 xl = _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(xb), IL),
+                                      _mm256_permutevar_ps(_mm256_loadu_ps(xb + 8), IL), 0xCC);
+          __m256 xh = _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(xb + 16), IH),
+                                      _mm256_permutevar_ps(_mm256_loadu_ps(xb + 24), IH), 0xCC);
           acc[i][b] = _mm256_fmadd_ps(wl, xl, acc[i][b]);
           acc[i][b] = _mm256_fmadd_ps(wh, xh, acc[i][b]);
         }
@@ -329,8 +331,8 @@ constexpr int SELECT_MAX_BATCH = 4;
 // The R-row block starting at r0: y[b, r] = sum_j S[r, j] x[b, j] (+ sum_k U[r, k] t[b, k]).
 template <typename V, int R, int B>
 static void block(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* mask, int64_t words, int64_t in,
-                  const uint8_t* regular, const float* xp, const float* xn, const V* xraw, int64_t batch, float* y, int64_t out, int64_t r0, const V* U, const float* t,
-                  int64_t rank) {
+                  const uint8_t* regular, const float* xp, const float* xn, const V* xraw, int64_t batch, float* y, int64_t out,
+                  int64_t r0, const V* U, const float* t, int64_t rank) {
   const V* v[R];
   std::vector<V> pad[R];
   for (int i = 0; i < R; ++i) {
@@ -376,7 +378,8 @@ static void block(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t
 
 template <typename V, int B, int R>
 static void run_rows(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* mask, int64_t words, int64_t in,
-                  const uint8_t* regular, const float* xp, const float* xn, const V* xraw, float* y, int64_t out, int64_t b0, const V* U, const float* t, int64_t rank) {
+                     const uint8_t* regular, const float* xp, const float* xn, const V* xraw, float* y, int64_t out, int64_t b0,
+                     const V* U, const float* t, int64_t rank) {
   int64_t xstride = words * 32;
   const float* xb = xp + b0 * xstride;
   const float* xnb = xn ? xn + b0 * xstride : nullptr;
@@ -389,7 +392,8 @@ static void run_rows(const V* vals, int64_t nnz, const int64_t* offs, const uint
     for (int64_t k = k0; k < k1; ++k) {
       int64_t r0 = k * R;
       if (r0 + R <= out) block<V, R, B>(vals, nnz, offs, mask, words, in, regular, xb, xnb, xr, B, yb, out, r0, U, tb, rank);
-      else for (int64_t r = r0; r < out; ++r) block<V, 1, B>(vals, nnz, offs, mask, words, in, regular, xb, xnb, xr, B, yb, out, r, U, tb, rank);
+      else
+        for (int64_t r = r0; r < out; ++r) block<V, 1, B>(vals, nnz, offs, mask, words, in, regular, xb, xnb, xr, B, yb, out, r, U, tb, rank);
     }
   });
 }
@@ -402,7 +406,8 @@ static void run_b(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t
                   const V* U, const float* t, int64_t rank) {
   constexpr int R = B == 1 ? 4 : (B == 2 ? 2 : 1);
   constexpr int RS = B <= 2 ? 2 : 1;
-  if (B <= SELECT_MAX_BATCH && regular) run_rows<V, B, RS>(vals, nnz, offs, mask, words, in, regular, xp, xn, xraw, y, out, b0, U, t, rank);
+  if (B <= SELECT_MAX_BATCH && regular)
+    run_rows<V, B, RS>(vals, nnz, offs, mask, words, in, regular, xp, xn, xraw, y, out, b0, U, t, rank);
   else run_rows<V, B, R>(vals, nnz, offs, mask, words, in, regular, xp, xn, xraw, y, out, b0, U, t, rank);
 }
 
@@ -422,7 +427,9 @@ static void run(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* 
   std::vector<float> xs(batch * stride + 16, 0.f);
   for (int64_t b = 0; b < batch; ++b) std::memcpy(xs.data() + b * stride, xp.data() + b * groups * 16, groups * 16 * sizeof(float));
   std::vector<float> xn;  // nibbles interleaved, for rows_select
+#if defined(OATS_AVX2) && !defined(OATS_AVX512)
   if (regular) xn = prep_x_select<V>(x, batch, in, stride);
+#endif
   const float* xnp = xn.empty() ? xs.data() : xn.data();
   for (int64_t b0 = 0; b0 < batch; b0 += 8) {
     switch (std::min<int64_t>(8, batch - b0)) {
@@ -450,7 +457,8 @@ torch::Tensor bitmask_matmul(torch::Tensor values, torch::Tensor offsets, torch:
               "mask: uint8 [out, 4*words]");
   int64_t out = mask.size(0), words = mask.size(1) / 4, batch = x.size(0), in = x.size(1);
   TORCH_CHECK(in <= words * 32 && in > (words - 1) * 32, "x's columns do not match the mask");
-  TORCH_CHECK(regular.numel() == 0 || (regular.dtype() == torch::kUInt8 && regular.is_contiguous() && regular.numel() == out && in % 4 == 0),
+  TORCH_CHECK(regular.numel() == 0 ||
+                  (regular.dtype() == torch::kUInt8 && regular.is_contiguous() && regular.numel() == out && in % 4 == 0),
               "regular: uint8 [out] (in % 4 == 0) or empty");
   const uint8_t* reg = regular.numel() ? regular.data_ptr<uint8_t>() : nullptr;
   TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.numel() == out + 1 && values.is_contiguous(), "offsets int64 [out+1]");
