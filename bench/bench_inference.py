@@ -164,7 +164,7 @@ def resident_bytes(model: nn.Module) -> int:
     for t in list(model.parameters()) + list(model.buffers()):
         add(t)
     for m in model.modules():
-        for cache in ("_oats_dense", "_oats_offsets"):
+        for cache in ("_oats_dense", "_oats_offsets", "_oats_two_four"):
             c = m.__dict__.get(cache)
             if c is not None:
                 add(c[1])

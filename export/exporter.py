@@ -5,7 +5,8 @@ Formats (``export_model(model, out_dir, format=...)``):
 * ``"dense"``: ``save_pretrained`` of the dense model (``S + U V`` summed for OATS layers); stock
   ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it. Not smaller.
 * ``"bitmask"``: every weight in its smallest exact layout (bitmask, N:M or dense; OATS layers as the
-  bitmask of S plus U, V, summed at load) in ``oats_bitmask.safetensors``, with the standalone reader
+  bitmask of S plus U, V, summed at load; a layer's bitmask is its own values and mask, cut or repacked to
+  this format's padding, :func:`layer_bitmasks`) in ``oats_bitmask.safetensors``, with the standalone reader
   ``oats_bitmask.py`` beside it; stock ``AutoModelForCausalLM.from_pretrained(out_dir,
   trust_remote_code=True)`` (or ``oats_bitmask.load(out_dir)``) returns the plain dense model.
 * ``"peft"`` (OATS models): ``out_dir/base`` holds S (``base_format="bitmask"`` as above, or
@@ -129,9 +130,23 @@ def _save_config(model: nn.Module, directory: Path, auto_map: bool) -> None:
             pass
 
 
+def layer_bitmasks(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    """{NAME.weight: (values, packed mask)} of every SparseLowRankLinear, taken from its own tensors
+    (:func:`export.formats.bitmask_from_layer`; a layer holding an exactly zero value is left out)."""
+    from export.formats import bitmask_from_layer
+
+    out = {}
+    for n, m in _slr_layers(model).items():
+        packed = bitmask_from_layer(m.values, m.mask, (m.out_features, m.in_features))
+        if packed is not None:
+            out[f"{n}.weight"] = packed
+    return out
+
+
 def _write_bitmask(model: nn.Module, directory: Path, merge_lowrank_into_file: bool, nm) -> dict:
     state, factors = plain_state_dict(model, merge=False)
-    specs = write_encoded(state, directory, lowrank=factors if merge_lowrank_into_file else None, nm=nm)
+    specs = write_encoded(state, directory, lowrank=factors if merge_lowrank_into_file else None, nm=nm,
+                          bitmasks=layer_bitmasks(model))
     _save_config(model, directory, auto_map=True)
     shutil.copy(LOADER_FILE, directory / LOADER_FILE.name)
     (directory / "README.md").write_text(

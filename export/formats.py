@@ -41,6 +41,28 @@ def pack_bitmask(w: Tensor) -> tuple[Tensor, Tensor]:
     return w[mask].clone(), _pack_bits(mask)
 
 
+def bitmask_from_layer(values: Tensor, mask: Tensor, shape) -> tuple[Tensor, Tensor] | None:
+    """:func:`pack_bitmask`'s output taken from a ``SparseLowRankLinear``'s own tensors (values [nnz] and
+    the row mask of :mod:`factored.bitmask`) instead of from a dense S: the same tensors, byte for byte.
+
+    The layer pads each mask row to 32-bit words; this format packs the flattened matrix, padding only the
+    last byte. When ``cols % 8 == 0`` the rows are whole bytes, so the layer's rows cut to ``cols / 8``
+    bytes are the packed mask (all of it when ``cols % 32 == 0``); otherwise the bits are repacked. None
+    when a stored value is exactly zero (:func:`pack_bitmask` would drop it: the caller packs S instead)."""
+    rows, cols = shape
+    values = values.detach().cpu().contiguous()
+    if bool((values == 0).any()):
+        return None
+    mask = mask.detach().cpu()
+    if cols % 8 == 0:
+        packed = mask[:, : cols // 8].contiguous().reshape(-1)
+    else:
+        from factored.bitmask import unpack_mask
+
+        packed = _pack_bits(unpack_mask(mask, cols))
+    return values.clone(), packed
+
+
 def bitmask_bytes(shape, nnz: int, dtype: torch.dtype) -> int:
     """Bytes of the bitmask layout: values + packed mask."""
     return nnz * element_size(dtype) + math.ceil(int(np.prod(shape)) / 8)
@@ -103,10 +125,11 @@ def choose_layout(w: Tensor, nm="auto") -> dict:
     return best
 
 
-def encode_tensor(name: str, w: Tensor, layout: dict) -> dict[str, Tensor]:
-    """The stored tensors of ``w`` under ``layout`` (from :func:`choose_layout`)."""
+def encode_tensor(name: str, w: Tensor, layout: dict, bitmask: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    """The stored tensors of ``w`` under ``layout`` (from :func:`choose_layout`); ``bitmask``: the
+    (values, packed mask) of ``w`` already at hand (:func:`bitmask_from_layer`), used for that layout."""
     if layout["format"] == "bitmask":
-        v, mk = pack_bitmask(w)
+        v, mk = bitmask if bitmask is not None else pack_bitmask(w)
         return {f"{name}.bitmask_values": v, f"{name}.bitmask": mk}
     if layout["format"] == "nm":
         v, ix = pack_nm(w, layout["n"], layout["m"])
@@ -115,10 +138,12 @@ def encode_tensor(name: str, w: Tensor, layout: dict) -> dict[str, Tensor]:
 
 
 def write_encoded(state: dict[str, Tensor], directory: str | Path, lowrank: dict[str, tuple[Tensor, Tensor]] | None = None,
-                  nm="auto", filename: str = WEIGHTS_NAME) -> dict[str, dict]:
+                  nm="auto", filename: str = WEIGHTS_NAME, bitmasks: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, dict]:
     """Write ``state`` (a plain state dict) into ``directory/filename`` with each tensor in its smallest
-    layout; ``lowrank`` maps a weight name to (U, V) stored beside it (summed at load). Returns the specs
-    (also in the file's metadata), each with ``bytes`` = the formula's byte count of its encoded tensors."""
+    layout; ``lowrank`` maps a weight name to (U, V) stored beside it (summed at load); ``bitmasks`` a
+    weight name to its (values, packed mask) when already at hand, stored as they are if the bitmask layout
+    is chosen. Returns the specs (also in the file's metadata), each with ``bytes`` = the formula's byte
+    count of its encoded tensors."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -128,7 +153,7 @@ def write_encoded(state: dict[str, Tensor], directory: str | Path, lowrank: dict
     specs: dict[str, dict] = {}
     for name, w in state.items():
         layout = choose_layout(w, nm)
-        out.update(encode_tensor(name, w, layout))
+        out.update(encode_tensor(name, w, layout, (bitmasks or {}).get(name)))
         if name in lowrank:
             U, V = lowrank[name]
             out[f"{name}.lowrank_U"], out[f"{name}.lowrank_V"] = U.detach().cpu().contiguous(), V.detach().cpu().contiguous()

@@ -45,6 +45,23 @@ def row_counts(mask: Tensor) -> Tensor:
     return _POPCOUNT8.to(mask.device)[mask.long()].sum(1)
 
 
+def two_per_nibble(mask: Tensor, in_features: int) -> Tensor:
+    """Per row [out] bool: every 4 columns hold exactly 2 entries (the rows of a 2:4 or 1:2 pattern, unless
+    a kept entry is exactly zero, which the layout drops). Such a row's values advance by a fixed stride of
+    2 per mask nibble, which the compiled kernel's 2:4 paths rely on. All False when ``in_features % 4``."""
+    out = mask.shape[0]
+    if in_features % 4 or in_features == 0:
+        return torch.zeros(out, dtype=torch.bool, device=mask.device)
+    nibbles = torch.stack([mask & 15, mask >> 4], -1).reshape(out, -1)[:, : in_features // 4]
+    return (_POPCOUNT8.to(mask.device)[nibbles.long()] == 2).all(1)
+
+
+def two_four_flags(mask: Tensor, in_features: int) -> Tensor | None:
+    """:func:`two_per_nibble` as the compiled kernel takes it: uint8 [out], or None when no row qualifies."""
+    rows = two_per_nibble(mask, in_features)
+    return rows.to(torch.uint8) if bool(rows.any()) else None
+
+
 def row_offsets(mask: Tensor) -> Tensor:
     """Where each row's values start in ``values``: int64 [out + 1] (the CSR ``crow_indices``)."""
     counts = row_counts(mask)
@@ -64,6 +81,13 @@ def from_csr(crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int]) 
     keep = torch.zeros(out, inp, dtype=torch.bool, device=crow_indices.device)
     keep[rows, col_indices.to(torch.int64)] = True
     return pack_mask(keep)
+
+
+def mask_from_csr(crow_indices: Tensor, col_indices: Tensor, mask_shape: tuple[int, int]) -> Tensor:
+    """The mask [out, 4 * words] of a CSR pattern, knowing only the mask's shape (a skeleton's buffer):
+    the rows are packed :func:`from_csr` at the padded width, whose padding bits are zero either way."""
+    out, nbytes = mask_shape
+    return from_csr(crow_indices, col_indices, (out, 8 * nbytes))
 
 
 def to_csr_indices(mask: Tensor, in_features: int) -> tuple[Tensor, Tensor]:

@@ -48,6 +48,26 @@ struct Tables {
 };
 static const Tables T_;
 
+// 2:4 rows (exactly 2 set bits in every mask nibble): per mask byte, the in-nibble positions (0-3) of the
+// low nibble's two set bits, then the high nibble's, as vpermilps indices, in both 128-bit halves (so two
+// bytes make one index vector by a blend, not a lane-crossing insert). A zero nibble, past a row's end,
+// selects position 0 of a zero input.
+struct NibTables {
+  alignas(32) int32_t sel[256][8];
+  NibTables() {
+    for (int m = 0; m < 256; ++m)
+      for (int h = 0; h < 2; ++h) {
+        int k = 0;
+        sel[m][2 * h] = sel[m][2 * h + 1] = 0;
+        for (int j = 0; j < 4 && k < 2; ++j)
+          if ((m >> (4 * h + j)) & 1) sel[m][2 * h + k++] = j;
+        sel[m][4 + 2 * h] = sel[m][2 * h];
+        sel[m][5 + 2 * h] = sel[m][2 * h + 1];
+      }
+  }
+};
+static const NibTables N_;
+
 // bf16 in 16-bit lanes -> two f32 vectors: the even lanes (<< 16) and the odd lanes (& 0xFFFF0000).
 // The input is stored split the same way (prep_x), so no lane crossing is needed.
 static inline __m256 even_f32(__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(e, 16)); }
@@ -71,6 +91,20 @@ static std::vector<float> prep_x(const V* x, int64_t batch, int64_t in, int64_t 
       xp[b * groups * 16 + g * 16 + pos] = v;
     }
   return xp;
+}
+
+// The input as rows_select reads it: f32 [batch, stride] (stride a multiple of 32, zero-padded), each
+// block of 2h nibbles (4 columns each; h = 2 for float32, 4 for bfloat16) stored n0, nh, n1, nh+1, ...
+template <typename V>
+static std::vector<float> prep_x_select(const V* x, int64_t batch, int64_t in, int64_t stride) {
+  std::vector<float> xq(batch * stride + 32, 0.f);
+  int64_t h = sizeof(V) == 4 ? 2 : 4;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t j = 0; j < in; ++j) {
+      int64_t blk = j / (8 * h), n = (j / 4) % (2 * h), pos = n < h ? 2 * n : 2 * (n - h) + 1;
+      xq[b * stride + blk * 8 * h + pos * 4 + j % 4] = to_f32<V>(x[b * in + j]);
+    }
+  return xq;
 }
 
 #ifdef OATS_AVX2
@@ -123,6 +157,72 @@ static inline void rows_avx2(const V* const* v0, const uint8_t* const* mk, int64
         }
       }
       v[i] += p01;
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int b = 0; b < B; ++b) {
+      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i][b]), _mm256_extractf128_ps(acc[i][b], 1));
+      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+      s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+      acc_out[i * B + b] = _mm_cvtss_f32(s);
+    }
+}
+#endif
+
+#ifdef OATS_AVX2
+// 2:4 rows, inputs selected instead of values expanded: the packed values are read as they are (2 per
+// nibble) and each multiplied by the input of its set bit, picked by vpermilps (in-lane, so no lane-crossing
+// shuffle) from an input stored with its 4-column nibbles interleaved (prep_x_select): per 16 columns for
+// float32, the values' two 128-bit halves are nibbles (0, 1) and (2, 3), matched by the blend of
+// vpermilps([n0 | n2]) and vpermilps([n1 | n3]) under one index vector built from the two mask bytes;
+// for bfloat16 per 32 columns, the values widened by unpacking with zeros (in-lane) are nibbles
+// (0, 1 | 4, 5) and (2, 3 | 6, 7), matched the same way from [n0 | n4], [n1 | n5], [n2 | n6], [n3 | n7].
+template <typename V, int R, int B>
+static inline void rows_select(const V* const* v0, const uint8_t* const* mk, int64_t in, const float* xq, int64_t xstride,
+                               float* acc_out) {
+  __m256 acc[R][B];
+  for (int i = 0; i < R; ++i) for (int b = 0; b < B; ++b) acc[i][b] = _mm256_setzero_ps();
+  auto idx = [](const uint8_t* m, int lo, int hi) {
+    return _mm256_blend_epi32(_mm256_load_si256((const __m256i*)N_.sel[m[lo]]), _mm256_load_si256((const __m256i*)N_.sel[m[hi]]), 0xF0);
+  };
+  if constexpr (sizeof(V) == 4) {
+    int64_t groups = (in + 15) / 16;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xg = xq + g * 16;
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        __m256i I = idx(mk[i] + 2 * g, 0, 1);
+        __m256 w = _mm256_loadu_ps(reinterpret_cast<const float*>(v0[i]) + 8 * g);
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b) {
+          const float* xb = xg + b * xstride;
+          __m256 xs = _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(xb), I), _mm256_permutevar_ps(_mm256_loadu_ps(xb + 8), I), 0xCC);
+          acc[i][b] = _mm256_fmadd_ps(w, xs, acc[i][b]);
+        }
+      }
+    }
+  } else {
+    int64_t groups = (in + 31) / 32;
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xg = xq + g * 32;
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const uint8_t* m = mk[i] + 4 * g;
+        __m256i IL = idx(m, 0, 2), IH = idx(m, 1, 3);
+        __m256i raw = _mm256_loadu_si256((const __m256i*)(v0[i] + 16 * g));
+        __m256 wl = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw)), wh = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b) {
+          const float* xb = xg + b * xstride;
+          __m256 xl = _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(xb), IL),
+                                      _mm256_permutevar_ps(_mm256_loadu_ps(xb + 8), IL), 0xCC);
+          __m256 xh = _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(xb + 16), IH),
+                                      _mm256_permutevar_ps(_mm256_loadu_ps(xb + 24), IH), 0xCC);
+          acc[i][b] = _mm256_fmadd_ps(wl, xl, acc[i][b]);
+          acc[i][b] = _mm256_fmadd_ps(wh, xh, acc[i][b]);
+        }
+      }
     }
   }
   for (int i = 0; i < R; ++i)
@@ -221,10 +321,18 @@ static inline float lowrank_row(const V* u, const float* t, int64_t rank) {
 
 constexpr int64_t OVERREAD = 32;  // elements a SIMD path may read past a row's last value
 
+// The rows the caller flags as 2:4 (`regular`: 2 set bits in every mask nibble) are read by rows_select
+// when a pass has at most SELECT_MAX_BATCH input rows and every row of its block is flagged; the other
+// rows, and every row past that batch, by rows_avx2 (which reads any mask). At more input rows the
+// selection, done per input row, costs more than the expansion, done once per weight row. The AVX-512 and
+// portable builds read every mask the one way they have.
+constexpr int SELECT_MAX_BATCH = 4;
+
 // The R-row block starting at r0: y[b, r] = sum_j S[r, j] x[b, j] (+ sum_k U[r, k] t[b, k]).
 template <typename V, int R, int B>
-static void block(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* mask, int64_t words, const float* xp,
-                  const V* xraw, int64_t batch, float* y, int64_t out, int64_t r0, const V* U, const float* t, int64_t rank) {
+static void block(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* mask, int64_t words, int64_t in,
+                  const uint8_t* regular, const float* xp, const float* xn, const V* xraw, int64_t batch, float* y, int64_t out,
+                  int64_t r0, const V* U, const float* t, int64_t rank) {
   const V* v[R];
   std::vector<V> pad[R];
   for (int i = 0; i < R; ++i) {
@@ -239,7 +347,7 @@ static void block(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t
   int64_t xstride = words * 32;
   float res[R * B];
 #if defined(OATS_AVX512)
-  (void)xp;
+  (void)xp; (void)in; (void)regular; (void)xn;
   const uint32_t* mw[R];
   for (int i = 0; i < R; ++i) mw[i] = reinterpret_cast<const uint32_t*>(mask + (r0 + i) * words * 4);
   for (int b = 0; b < B; ++b) {
@@ -252,9 +360,14 @@ static void block(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t
   const uint8_t* mk[R];
   for (int i = 0; i < R; ++i) mk[i] = mask + (r0 + i) * words * 4;
   int64_t n0 = offs[std::min(r0 + R, out)], n1 = offs[std::min(r0 + 2 * R, out)];
-  rows_avx2<V, R, B>(v, mk, words, xp, xstride, res, reinterpret_cast<const char*>(vals + n0), ((n1 - n0) * (int64_t)sizeof(V) + 63) / 64);
+  const char* pf = reinterpret_cast<const char*>(vals + n0);
+  int64_t pf_lines = ((n1 - n0) * (int64_t)sizeof(V) + 63) / 64;
+  bool select = B <= SELECT_MAX_BATCH && regular;
+  for (int i = 0; i < R && select; ++i) select = regular[r0 + i];
+  if (select) rows_select<V, R, B>(v, mk, in, xn, xstride, res);
+  else rows_avx2<V, R, B>(v, mk, words, xp, xstride, res, pf, pf_lines);
 #else
-  (void)xraw;
+  (void)xraw; (void)in; (void)regular; (void)xn;
   for (int i = 0; i < R; ++i)
     for (int b = 0; b < B; ++b)
       res[i * B + b] = row_portable<V>(v[i], reinterpret_cast<const uint32_t*>(mask + (r0 + i) * words * 4), words, xp + b * xstride);
@@ -263,12 +376,13 @@ static void block(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t
     for (int b = 0; b < B; ++b) y[b * out + r0 + i] = res[i * B + b] + (rank ? lowrank_row<V>(U + (r0 + i) * rank, t + b * rank, rank) : 0.f);
 }
 
-template <typename V, int B>
-static void run_b(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* mask, int64_t words, const float* xp,
-                  const V* xraw, float* y, int64_t out, int64_t b0, const V* U, const float* t, int64_t rank) {
-  constexpr int R = B == 1 ? 4 : (B == 2 ? 2 : 1);  // rows per pass: R * B accumulators
+template <typename V, int B, int R>
+static void run_rows(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* mask, int64_t words, int64_t in,
+                     const uint8_t* regular, const float* xp, const float* xn, const V* xraw, float* y, int64_t out, int64_t b0,
+                     const V* U, const float* t, int64_t rank) {
   int64_t xstride = words * 32;
   const float* xb = xp + b0 * xstride;
+  const float* xnb = xn ? xn + b0 * xstride : nullptr;
   const V* xr = xraw ? xraw + b0 * xstride : nullptr;
   float* yb = y + b0 * out;
   const float* tb = t + b0 * rank;
@@ -277,15 +391,30 @@ static void run_b(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t
   at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       int64_t r0 = k * R;
-      if (r0 + R <= out) block<V, R, B>(vals, nnz, offs, mask, words, xb, xr, B, yb, out, r0, U, tb, rank);
-      else for (int64_t r = r0; r < out; ++r) block<V, 1, B>(vals, nnz, offs, mask, words, xb, xr, B, yb, out, r, U, tb, rank);
+      if (r0 + R <= out) block<V, R, B>(vals, nnz, offs, mask, words, in, regular, xb, xnb, xr, B, yb, out, r0, U, tb, rank);
+      else
+        for (int64_t r = r0; r < out; ++r) block<V, 1, B>(vals, nnz, offs, mask, words, in, regular, xb, xnb, xr, B, yb, out, r, U, tb, rank);
     }
   });
 }
 
+// Rows per pass (R * B accumulators): rows_avx2 keeps 4 rows in flight at batch 1; rows_select, which
+// holds 4 input vectors and 2 index vectors per row as well, measured faster with 2.
+template <typename V, int B>
+static void run_b(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* mask, int64_t words, int64_t in,
+                  const uint8_t* regular, const float* xp, const float* xn, const V* xraw, float* y, int64_t out, int64_t b0,
+                  const V* U, const float* t, int64_t rank) {
+  constexpr int R = B == 1 ? 4 : (B == 2 ? 2 : 1);
+  constexpr int RS = B <= 2 ? 2 : 1;
+  if (B <= SELECT_MAX_BATCH && regular)
+    run_rows<V, B, RS>(vals, nnz, offs, mask, words, in, regular, xp, xn, xraw, y, out, b0, U, t, rank);
+  else run_rows<V, B, R>(vals, nnz, offs, mask, words, in, regular, xp, xn, xraw, y, out, b0, U, t, rank);
+}
+
 template <typename V>
-static void run(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* mask, int64_t words, const V* x, int64_t in,
-                float* y, int64_t out, int64_t batch, const V* U, const float* t, int64_t rank) {
+static void run(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* mask, int64_t words,
+                const uint8_t* regular, const V* x, int64_t in, float* y, int64_t out, int64_t batch, const V* U, const float* t,
+                int64_t rank) {
   std::vector<float> xp = prep_x<V>(x, batch, in, in);
   std::vector<V> xraw;
 #ifdef OATS_AVX512
@@ -297,16 +426,21 @@ static void run(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* 
   int64_t groups = (in + 15) / 16, stride = words * 32;
   std::vector<float> xs(batch * stride + 16, 0.f);
   for (int64_t b = 0; b < batch; ++b) std::memcpy(xs.data() + b * stride, xp.data() + b * groups * 16, groups * 16 * sizeof(float));
+  std::vector<float> xn;  // nibbles interleaved, for rows_select
+#if defined(OATS_AVX2) && !defined(OATS_AVX512)
+  if (regular) xn = prep_x_select<V>(x, batch, in, stride);
+#endif
+  const float* xnp = xn.empty() ? xs.data() : xn.data();
   for (int64_t b0 = 0; b0 < batch; b0 += 8) {
     switch (std::min<int64_t>(8, batch - b0)) {
-      case 1: run_b<V, 1>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
-      case 2: run_b<V, 2>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
-      case 3: run_b<V, 3>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
-      case 4: run_b<V, 4>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
-      case 5: run_b<V, 5>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
-      case 6: run_b<V, 6>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
-      case 7: run_b<V, 7>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
-      default: run_b<V, 8>(vals, nnz, offs, mask, words, xs.data(), xr, y, out, b0, U, t, rank); break;
+      case 1: run_b<V, 1>(vals, nnz, offs, mask, words, in, regular, xs.data(), xnp, xr, y, out, b0, U, t, rank); break;
+      case 2: run_b<V, 2>(vals, nnz, offs, mask, words, in, regular, xs.data(), xnp, xr, y, out, b0, U, t, rank); break;
+      case 3: run_b<V, 3>(vals, nnz, offs, mask, words, in, regular, xs.data(), xnp, xr, y, out, b0, U, t, rank); break;
+      case 4: run_b<V, 4>(vals, nnz, offs, mask, words, in, regular, xs.data(), xnp, xr, y, out, b0, U, t, rank); break;
+      case 5: run_b<V, 5>(vals, nnz, offs, mask, words, in, regular, xs.data(), xnp, xr, y, out, b0, U, t, rank); break;
+      case 6: run_b<V, 6>(vals, nnz, offs, mask, words, in, regular, xs.data(), xnp, xr, y, out, b0, U, t, rank); break;
+      case 7: run_b<V, 7>(vals, nnz, offs, mask, words, in, regular, xs.data(), xnp, xr, y, out, b0, U, t, rank); break;
+      default: run_b<V, 8>(vals, nnz, offs, mask, words, in, regular, xs.data(), xnp, xr, y, out, b0, U, t, rank); break;
     }
   }
 }
@@ -314,14 +448,19 @@ static void run(const V* vals, int64_t nnz, const int64_t* offs, const uint8_t* 
 // values [nnz] float32/bfloat16 (row-major nonzeros), offsets [out+1] int64 (row starts), mask uint8
 // [out, 4*words] (bit j of byte c = column 8c+j, rows padded to 32-bit words with zero bits), x [batch, in]
 // and U [out, rank] of the values' dtype, t = x V^T [batch, rank] float32 (rank may be 0)
-// -> y [batch, out] float32 = x S^T + t U^T.
+// and regular (uint8 [out], or empty: none) flagging the rows that hold 2 set bits in every mask nibble
+// (in % 4 == 0; a wrongly flagged row gives a wrong result) -> y [batch, out] float32 = x S^T + t U^T.
 torch::Tensor bitmask_matmul(torch::Tensor values, torch::Tensor offsets, torch::Tensor mask, torch::Tensor x,
-                             torch::Tensor U, torch::Tensor t) {
+                             torch::Tensor U, torch::Tensor t, torch::Tensor regular) {
   TORCH_CHECK(x.dtype() == values.dtype() && x.is_contiguous() && x.dim() == 2, "x: contiguous [batch, in], values' dtype");
   TORCH_CHECK(mask.dtype() == torch::kUInt8 && mask.is_contiguous() && mask.dim() == 2 && mask.size(1) % 4 == 0,
               "mask: uint8 [out, 4*words]");
   int64_t out = mask.size(0), words = mask.size(1) / 4, batch = x.size(0), in = x.size(1);
   TORCH_CHECK(in <= words * 32 && in > (words - 1) * 32, "x's columns do not match the mask");
+  TORCH_CHECK(regular.numel() == 0 ||
+                  (regular.dtype() == torch::kUInt8 && regular.is_contiguous() && regular.numel() == out && in % 4 == 0),
+              "regular: uint8 [out] (in % 4 == 0) or empty");
+  const uint8_t* reg = regular.numel() ? regular.data_ptr<uint8_t>() : nullptr;
   TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.numel() == out + 1 && values.is_contiguous(), "offsets int64 [out+1]");
   TORCH_CHECK(U.dtype() == values.dtype() && t.dtype() == torch::kFloat32 && U.is_contiguous() && t.is_contiguous() &&
               U.dim() == 2 && t.dim() == 2 && U.size(0) == out && t.size(0) == batch && U.size(1) == t.size(1),
@@ -330,10 +469,10 @@ torch::Tensor bitmask_matmul(torch::Tensor values, torch::Tensor offsets, torch:
   int64_t nnz = values.numel(), rank = U.size(1);
   const uint8_t* mk = mask.data_ptr<uint8_t>();
   if (values.dtype() == torch::kFloat32)
-    run<float>(values.data_ptr<float>(), nnz, offsets.data_ptr<int64_t>(), mk, words, x.data_ptr<float>(), in, y.data_ptr<float>(),
+    run<float>(values.data_ptr<float>(), nnz, offsets.data_ptr<int64_t>(), mk, words, reg, x.data_ptr<float>(), in, y.data_ptr<float>(),
                out, batch, U.data_ptr<float>(), t.data_ptr<float>(), rank);
   else if (values.dtype() == torch::kBFloat16)
-    run<uint16_t>(reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()), nnz, offsets.data_ptr<int64_t>(), mk, words,
+    run<uint16_t>(reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()), nnz, offsets.data_ptr<int64_t>(), mk, words, reg,
                   reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), in, y.data_ptr<float>(), out, batch,
                   reinterpret_cast<const uint16_t*>(U.data_ptr<at::BFloat16>()), t.data_ptr<float>(), rank);
   else TORCH_CHECK(false, "values: float32 or bfloat16");

@@ -2,8 +2,8 @@
 measures each (shape, dtype, density, rows) once per machine rather than once per process.
 
 The file is ``$OATS_CACHE_DIR/forward/calibration-<machine>.json`` (default ``~/.cache/oats``), where
-``<machine>`` hashes the CPU model and flags, the torch version, the thread count and the compiled
-kernel's SIMD path: another machine, build or thread count measures afresh. Delete the file (or set
+``<machine>`` hashes the CPU model and flags, the torch version, the thread count, the compiled
+kernel's SIMD path and its source: another machine, build, kernel or thread count measures afresh. Delete the file (or set
 ``OATS_FORWARD_CACHE=0``, which also stops writing it) to measure again.
 """
 from __future__ import annotations
@@ -24,14 +24,15 @@ def enabled() -> bool:
 
 
 def machine_key() -> str:
-    from factored.kernels import _cpu_flags, isa
+    from factored.kernels import CPP_SOURCE, _cpu_flags, isa
 
     model = ""
     try:
         model = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "")
     except OSError:
         pass
-    text = "|".join([model, _cpu_flags(), torch.__version__, str(torch.get_num_threads()), str(isa())])
+    source = hashlib.sha1(CPP_SOURCE.encode()).hexdigest()
+    text = "|".join([model, _cpu_flags(), torch.__version__, str(torch.get_num_threads()), str(isa()), source])
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -55,7 +56,7 @@ def load() -> dict[tuple, tuple[str, dict[str, float]]]:
         return {}
     out = {}
     for key, choice, times in rows:
-        key[8] = tuple(key[8]) if key[8] is not None else None
+        key[-1] = tuple(key[-1]) if key[-1] is not None else None  # the candidates
         out[tuple(key)] = (choice, times)
     return out
 

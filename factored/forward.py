@@ -7,15 +7,15 @@ Candidates (every one computes ``x S^T + (x V^T) U^T + b``):
 * ``torch_csr``: torch CSR @ dense with the CSR indices built from the mask per call (falling back to
   densifying S where torch has no sparse kernel for the dtype, e.g. bfloat16 on the CPU).
 * ``bitmask_kernel``: the compiled bitmask x vector kernel of :mod:`factored.kernels` reading the layer's
-  own values and mask, the low-rank part fused (``x Vᵀ`` once, ``U[r] · t`` added per output row). CPU
-  only, when it compiled.
+  own values and mask (its 2:4 rows by selecting inputs, :meth:`SparseLowRankLinear.two_four_rows`), the
+  low-rank part fused (``x Vᵀ`` once, ``U[r] · t`` added per output row). CPU only, when it compiled.
 * ``densify``: S scattered into a fresh dense tensor on every call, then ``F.linear`` (+ the low-rank
   part in float32): no dense copy kept, close to dense speed for prefill where the product dominates.
 * ``dense_kernel``: the dense-merged W by the compiled dense kernel (AVX2 FMAs; torch's bfloat16 batch-1
   product is several times slower on the CPU). CPU only, when it compiled.
 
 :func:`choose_forward` times each candidate once on the layer's own tensors for a given number of input
-rows and caches the winner per ``(device, dtype, shape, rank, density bucket, rows bucket)``, so one
+rows and caches the winner per ``(device, dtype, shape, rank, density bucket, 2:4 or not, rows bucket)``, so one
 calibration serves every layer of the same shape, and on disk per machine (:mod:`factored.calibration`),
 so a later run on the same machine measures nothing. The forwards that keep a dense copy
 (:data:`DENSE_COPY`) are always timed as the reference ("best dense": the faster of the two), but chosen
@@ -106,7 +106,8 @@ def _fw_torch_csr(layer, x2: Tensor) -> Tensor:
 def _fw_bitmask_kernel(layer, x2: Tensor) -> Tensor:
     from factored.kernels import bitmask_matmul
 
-    y = bitmask_matmul(layer.values, layer.row_offsets(), layer.mask, x2, layer.U if layer.rank else None, layer.V)
+    y = bitmask_matmul(layer.values, layer.row_offsets(), layer.mask, x2, layer.U if layer.rank else None, layer.V,
+                       regular=layer.two_four_rows())
     if layer.bias is not None:
         y += layer.bias
     return y.to(x2.dtype)
@@ -201,9 +202,20 @@ def _time(fn: Callable[[], object], budget_s: float = 0.02, max_reps: int = 7, c
     return best
 
 
+def pattern(layer) -> str:
+    """``"2:4"`` when at least 90% of the layer's rows are 2:4 (:meth:`two_four_rows`: the kernel reads them
+    its faster way), else ``"any"``: a 2:4 layer and an unstructured one of the same density calibrate apart."""
+    rows = layer.two_four_rows()
+    return "2:4" if rows is not None and int(rows.sum()) >= 0.9 * layer.out_features else "any"
+
+
+KEY_FIELDS = ("device", "dtype", "out_features", "in_features", "rank", "bias", "density", "pattern", "rows")
+
+
 def cache_key(layer, rows: int, dtype: torch.dtype | None = None) -> tuple:
+    """The calibration key, fields :data:`KEY_FIELDS` (:func:`choose_forward` appends the candidates)."""
     return (layer.values.device.type, str(dtype or layer.values.dtype), layer.out_features, layer.in_features, layer.rank,
-            layer.bias is not None, density_bucket(density(layer)), rows_bucket(rows))
+            layer.bias is not None, density_bucket(density(layer)), pattern(layer), rows_bucket(rows))
 
 
 COLD_ROWS = 16  # calibrations for at most this many rows time each candidate with cold caches
@@ -257,8 +269,8 @@ def best_dense(times: dict[str, float]) -> float | None:
 def calibration_table() -> list[dict]:
     """Every measured calibration: key fields, the choice, each forward's best time (seconds; the dense
     ones are timed as the reference even where they may not be chosen) and the best dense time."""
-    fields = ("device", "dtype", "out_features", "in_features", "rank", "bias", "density", "rows")
-    return [{**dict(zip(fields, k[:8])), "candidates": list(k[8]) if k[8] else None, "choice": c, "seconds": t,
+    n = len(KEY_FIELDS)
+    return [{**dict(zip(KEY_FIELDS, k[:n])), "candidates": list(k[n]) if k[n] else None, "choice": c, "seconds": t,
              "best_dense_seconds": best_dense(t)} for k, (c, t) in _CACHE.items()]
 
 

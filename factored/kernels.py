@@ -11,6 +11,12 @@ The SIMD path is chosen when the kernel is compiled (``-march=native``) and logg
   16-bit values into the 8 lanes of the set bits (32-bit values: ``vpermps`` + a lane mask); bf16 is widened
   to f32 by a shift (even lanes) and a mask (odd lanes) against an input stored split the same way, and
   multiply-added in f32; several rows per pass, every input row (up to 8) against each expanded group.
+  Rows that are 2:4 (exactly 2 entries in every 4 columns, :func:`factored.bitmask.two_per_nibble`; the
+  caller passes them as ``regular``) are read the other way round when a pass has at most 4 input rows:
+  their values advance by a fixed stride, are read as they are, and the inputs of the set bits are
+  selected to meet them (``vpermilps`` per 128-bit half from a per-byte index table, the input stored with
+  its 4-column groups interleaved so that no lane-crossing shuffle is needed). Selecting costs per input
+  row what expanding costs per weight row, so more input rows per pass go back to expanding.
 * ``avx512-vbmi2`` (AVX-512 F/BW/VL/DQ/VBMI2 only): ``vexpandps`` / ``vpexpandw`` per 32-bit mask word,
   one input row at a time. Not tested on a machine without VBMI2 (where it is not compiled);
   ``OATS_KERNEL_ISA=avx2`` builds the AVX2 path there instead.
@@ -139,10 +145,12 @@ def _mod():
 
 
 def bitmask_matmul(values: Tensor, offsets: Tensor, mask: Tensor, x: Tensor, U: Tensor | None = None,
-                   V: Tensor | None = None) -> Tensor:
+                   V: Tensor | None = None, regular: Tensor | None = None) -> Tensor:
     """x [batch, in] -> x Sᵀ (+ (x Vᵀ) Uᵀ) [batch, out] float32 for S in the bitmask layout (values [nnz],
     offsets [out+1] int64, mask uint8 [out, 4*words]); x and U, V are cast to the values' dtype.
-    Needs :func:`kernel`."""
+    ``regular``: the 2:4 rows (bool or uint8 [out]) exactly as :func:`factored.bitmask.two_per_nibble`
+    flags them (a wrongly flagged row gives a wrong result), read by selecting inputs for up to 4 input rows
+    per pass; None reads every row by expanding values. Needs :func:`kernel`."""
     mod = _module if _module is not None else _mod()
     dt = values.dtype
     if x.dim() != 2:
@@ -155,7 +163,14 @@ def bitmask_matmul(values: Tensor, offsets: Tensor, mask: Tensor, x: Tensor, U: 
         U = U.to(dt).contiguous()
     else:
         U, t = _no_lowrank(mask.shape[0], x.shape[0], dt, str(values.device))
-    return mod.bitmask_matmul(values.contiguous(), offsets, mask, x, U, t)
+    if regular is None:
+        regular = _NO_ROWS
+    elif regular.dtype != torch.uint8:
+        regular = regular.to(torch.uint8)
+    return mod.bitmask_matmul(values.contiguous(), offsets, mask, x, U, t, regular)
+
+
+_NO_ROWS = torch.empty(0, dtype=torch.uint8)
 
 
 @functools.lru_cache(maxsize=256)
@@ -183,11 +198,12 @@ class BitmaskMatrix:
     """A standalone S [out, in] in the bitmask layout (for benchmarks and tests of the kernel alone)."""
 
     def __init__(self, w: Tensor):
-        from factored.bitmask import pack, row_offsets
+        from factored.bitmask import pack, row_offsets, two_four_flags
 
         self.shape = tuple(w.shape)
         self.values, self.mask = pack(w.detach())
         self.offsets = row_offsets(self.mask)
+        self.regular = two_four_flags(self.mask, self.shape[1])
 
     @classmethod
     def from_dense(cls, w: Tensor) -> "BitmaskMatrix":
@@ -195,7 +211,7 @@ class BitmaskMatrix:
 
     def matmul(self, x: Tensor) -> Tensor:
         """x [batch, in] -> x S^T [batch, out] float32. Needs :func:`kernel`."""
-        return bitmask_matmul(self.values, self.offsets, self.mask, x)
+        return bitmask_matmul(self.values, self.offsets, self.mask, x, regular=self.regular)
 
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.mask.numel()

@@ -5,7 +5,8 @@ model that holds such layers.
 :mod:`factored.bitmask`: its nonzeros row-major (``values`` [nnz]) and one bit per entry (``mask`` uint8
 [d_out, 4 * ceil(d_in / 32)]), never as a dense tensor or with per-nonzero indices, so the state dict,
 ``safetensors`` files, checkpoints and memory hold ``nnz * e + d_out * d_in / 8`` bytes for S (bfloat16 at
-50%: 0.5625 of dense). A state dict holding S in CSR form (``crow_indices``, ``col_indices``) also loads.
+50%: 0.5625 of dense). A state dict or saved folder holding S in the older CSR form (``crow_indices``,
+``col_indices``) also loads, in memory and through the loaders that read tensors by name (:func:`read_tensors`).
 
 Saving (:func:`save_compressed`) writes the model with ``save_pretrained`` plus a manifest
 ``oats_compressed.json`` naming every factored layer and its shapes; :func:`load_compressed`
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Container, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,31 @@ from torch import Tensor, nn
 from factored import bitmask as bm
 
 MANIFEST = "oats_compressed.json"
+
+
+def csr_masks(names: Iterable[str], stored: Container[str]) -> dict[str, tuple[str, str]]:
+    """``{PREFIX.mask: (PREFIX.crow_indices, PREFIX.col_indices)}`` for each SparseLowRankLinear mask among
+    ``names`` that ``stored`` (a state dict, a checkpoint's tensor names) lacks but holds in the older CSR form."""
+    out = {}
+    for n in names:
+        if n.endswith("mask") and (n == "mask" or n.endswith(".mask")) and n not in stored:
+            prefix = n[: -len("mask")]
+            crow, col = prefix + "crow_indices", prefix + "col_indices"
+            if crow in stored and col in stored:
+                out[n] = (crow, col)
+    return out
+
+
+def read_tensors(names: Sequence[str], stored: Container[str], read: Callable[[list[str]], dict[str, Tensor]],
+                 mask_shape: Callable[[str], tuple[int, int]]) -> dict[str, Tensor]:
+    """``read(names)``, except that a mask saved in the older CSR form (:func:`csr_masks`) is read as its two
+    index tensors and converted (``mask_shape(name)``: the mask's shape, e.g. from a meta skeleton). The
+    loaders that look tensors up by name (lazy blocks, placed evaluation) read through this."""
+    csr = csr_masks(names, stored)
+    got = read([n for n in names if n not in csr] + [t for pair in csr.values() for t in pair])
+    for name, (crow, col) in csr.items():
+        got[name] = bm.mask_from_csr(got.pop(crow), got.pop(col), tuple(mask_shape(name)))
+    return got
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -66,10 +92,8 @@ class SparseLowRankLinear(nn.Module):
         return mod
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        crow, col = prefix + "crow_indices", prefix + "col_indices"
-        if crow in state_dict and prefix + "mask" not in state_dict:  # S saved in CSR form
-            state_dict[prefix + "mask"] = bm.from_csr(state_dict.pop(crow), state_dict.pop(col),
-                                                      (self.out_features, self.in_features))
+        for name, (crow, col) in csr_masks([prefix + "mask"], state_dict).items():  # S saved in CSR form
+            state_dict[name] = bm.mask_from_csr(state_dict.pop(crow), state_dict.pop(col), tuple(self.mask.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -78,12 +102,21 @@ class SparseLowRankLinear(nn.Module):
 
     def row_offsets(self) -> Tensor:
         """Where each row's values start: int64 [out + 1], recomputed from the mask when it changes."""
+        return self._mask_derived("_oats_offsets", bm.row_offsets)
+
+    def two_four_rows(self) -> Tensor | None:
+        """The rows holding exactly 2 entries in every 4 columns (:func:`factored.bitmask.two_per_nibble`)
+        as uint8 [out], which the compiled kernel reads by its 2:4 path; None when no row does. Computed
+        from the mask once (again when it changes)."""
+        return self._mask_derived("_oats_two_four", lambda mask: bm.two_four_flags(mask, self.in_features))
+
+    def _mask_derived(self, name: str, fn):
         mask = self._buffers["mask"]  # (not through nn.Module.__getattr__: this runs on every decode call)
         key = (mask.data_ptr(), mask._version)
-        cached = self.__dict__.get("_oats_offsets")
+        cached = self.__dict__.get(name)
         if cached is None or cached[0] != key:
-            cached = (key, bm.row_offsets(mask))
-            self.__dict__["_oats_offsets"] = cached
+            cached = (key, fn(mask))
+            self.__dict__[name] = cached
         return cached[1]
 
     def sparse_dense(self) -> Tensor:

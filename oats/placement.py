@@ -364,11 +364,14 @@ def load_placed(model_dir: Path, cfg: Any, exp_dir: Path) -> Placed:
     placed: built on the meta device; each tensor of a module on a device read from the shards and sent
     there, one tensor at a time; each tensor of a module on disk left in its shard, named in accelerate's
     offload index (``safetensors_file``), from which the dispatched model reads it when the module runs.
-    Nothing is copied to an offload folder."""
+    Nothing is copied to an offload folder. A folder saved with masks in the older CSR form has them
+    converted on reading (:func:`factored.module.read_tensors`); those of modules on disk, held by no
+    shard as such, stay in memory (1 bit per weight)."""
     from accelerate import dispatch_model
-    from accelerate.utils import retie_parameters, set_module_tensor_to_device
+    from accelerate.utils import extract_submodules_state_dict, retie_parameters, set_module_tensor_to_device
 
     from data.files import torch_dtype
+    from factored.module import csr_masks, read_tensors
     from oats.weights import ShardedWeights, empty_model
 
     model = empty_model(model_dir, cfg.dtype)
@@ -380,21 +383,34 @@ def load_placed(model_dir: Path, cfg: Any, exp_dir: Path) -> Placed:
     partner = {n: next((m for m in g if m in source.file_of), None) for g in placed.tied for n in g if n not in source.file_of}
     skeleton = model.state_dict(keep_vars=True)
     dtype, index = torch_dtype(cfg.dtype), {}
+    csr = csr_masks(skeleton, source.file_of)  # masks saved in the older CSR form: converted on reading
+    converted: dict[str, torch.Tensor] = {}  # those of modules on disk, which no shard holds as such: kept in memory
     try:
         for module, device in dm.items():
-            wanted = {n: n if n in source.file_of else partner.get(n) for n in skeleton if _under(n, module)}
+            wanted = {n: n if n in source.file_of or n in csr else partner.get(n) for n in skeleton if _under(n, module)}
             absent = [n for n, s in wanted.items() if s is None]
             if absent:
                 raise KeyError(f"{model_dir}: tensors {absent[:5]} are in no shard")
             for n, s in wanted.items():
-                if device == "disk":
+                if n in csr:
+                    mask = read_tensors([n], source.file_of, source.load, lambda n: skeleton[n].shape)[n]
+                    if device == "disk":
+                        converted[n] = mask
+                    else:
+                        set_module_tensor_to_device(model, n, device, value=mask)
+                elif device == "disk":
                     index[n] = {"safetensors_file": str(source.directory / source.file_of[s]), "weight_name": s,
                                 **({"dtype": cfg.dtype} if skeleton[n].is_floating_point() else {})}
                 else:
                     set_module_tensor_to_device(model, n, device, value=source.load([s], dtype, device=device)[s])
         same_device = [g for g in placed.tied if len({_device_of(n, dm) for n in g}) == 1 and _device_of(g[0], dm) != "disk"]
         retie_parameters(model, same_device)  # one tensor again, as the model was built
-        dispatch_model(model, dm, main_device=str(placed.input_device), offload_index=index or None, offload_buffers=True)
+        state = None
+        if converted:  # read before the index (given, dispatch_model no longer collects the CPU modules itself)
+            cpu_modules = [m for m, d in dm.items() if d == "cpu"] if str(placed.input_device) != "cpu" else []
+            state = {**(extract_submodules_state_dict(model.state_dict(), cpu_modules) if cpu_modules else {}), **converted}
+        dispatch_model(model, dm, main_device=str(placed.input_device), offload_index=index or None, offload_buffers=True,
+                       state_dict=state)
     except BaseException:
         placed.close()
         raise

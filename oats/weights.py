@@ -202,10 +202,13 @@ class LazyModel:
 
     def load_block(self, i: int) -> None:
         """Read block ``i``'s weights from the shards into the skeleton (CPU, the configured dtype)."""
+        from factored.module import read_tensors
+
         block = get_blocks(self.model)[i]
-        want = list(_persistent_tensors(block))
+        skeleton = _persistent_tensors(block)
         pre = f"{self.prefix}.{i}."
-        tensors = self.source.load([pre + n for n in want], self.dtype)
+        tensors = read_tensors([pre + n for n in skeleton], self.source.file_of, lambda names: self.source.load(names, self.dtype),
+                               lambda n: skeleton[n[len(pre):]].shape)
         block.load_state_dict({n[len(pre):]: t for n, t in tensors.items()}, strict=True, assign=True)
 
     def free_block(self, i: int) -> None:

@@ -291,3 +291,56 @@ def test_smollm2_peft_export_reproduces_logits(tmp_path, fresh_smollm2):
             assert e["bytes"] == bitmask_bytes(e["shape"], e["nnz"], torch.float32) + e["rank"] * sum(e["shape"]) * 4
             assert n.startswith("model.layers.1.") or e["bytes"] < two_four
     assert (tmp_path / "smol" / "base" / "tokenizer_config.json").is_file()
+
+
+# ------------------------------------------------------------------------------ the layer's own tensors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 64), (3, 96), (4, 40), (3, 70), (6, 36), (2, 1), (1, 33)])
+def test_bitmask_from_layer_is_pack_bitmask_of_s(dtype, shape):
+    """The layer's values and 32-bit-padded mask rows give exactly pack_bitmask(S): cut to whole bytes when
+    cols % 8 == 0, repacked otherwise; a stored exact zero is refused (pack_bitmask would drop it)."""
+    from export.formats import bitmask_from_layer
+
+    S = _sparse(shape, 0.4, dtype, seed=shape[1])
+    layer = SparseLowRankLinear.from_factors(S, torch.zeros(shape[0], 0), torch.zeros(0, shape[1]), dtype=dtype)
+    values, mask = bitmask_from_layer(layer.values, layer.mask, shape)
+    ref_values, ref_mask = pack_bitmask(S)
+    assert values.dtype == dtype and torch.equal(values, ref_values)
+    assert mask.dtype == torch.uint8 and bytes(mask.numpy()) == bytes(ref_mask.numpy())
+    if layer.nnz:
+        with torch.no_grad():
+            layer.values[0] = 0.0
+        assert bitmask_from_layer(layer.values, layer.mask, shape) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitmask_export_takes_the_layer_tensors_and_writes_the_same_bytes(tmp_path, monkeypatch, dtype):
+    """The export's S tensors come from the layers (pack_bitmask is not called for them) and the file holds
+    byte for byte the tensors and header that packing the dense S writes; a layer holding an exact zero
+    value is packed from S."""
+    import export.formats as formats
+    from export.exporter import plain_state_dict
+    from export.formats import write_encoded
+
+    model = _oats_tiny(dtype=dtype)
+    layers = list(compressed_layers(model).values())
+    with torch.no_grad():
+        layers[1].values[3] = 0.0  # stored, but zero: this layer falls back to packing S
+    state, factors = plain_state_dict(model, merge=False)
+    write_encoded(state, tmp_path / "old", lowrank=factors, nm=None)  # the packing of the dense S
+    packed = []
+    real = formats.pack_bitmask
+    monkeypatch.setattr(formats, "pack_bitmask", lambda w: packed.append(tuple(w.shape)) or real(w))
+    export_model(model, tmp_path / "new", "bitmask", nm=None)
+    assert len(packed) == 1  # only the layer with a stored zero was packed from S
+    (old_header, old_data), (new_header, new_data) = (_safetensors_parts(tmp_path / d / WEIGHTS_NAME) for d in ("old", "new"))
+    assert old_header == new_header and old_data == new_data
+
+
+def _safetensors_parts(path: Path) -> tuple[dict, bytes]:
+    """(parsed header, data bytes): the header's metadata keys come out in no fixed order, the rest is exact."""
+    b = path.read_bytes()
+    n = int.from_bytes(b[:8], "little")
+    return json.loads(b[8:8 + n]), b[8 + n:]

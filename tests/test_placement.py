@@ -265,3 +265,61 @@ def test_offloading_a_lazily_loaded_model_lowers_peak_memory(tmp_path):
     rss = {"whole": whole["peak_memory_mb"]["cpu_rss"], "offloaded": offloaded["peak_memory_mb"]["cpu_rss"]}
     print(f"peak RSS MiB: {rss}")
     assert rss["offloaded"] < rss["whole"] - 200, rss  # the model's 513 MiB of weights never all resident
+
+
+def _csr_folder(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+    """A tiny compressed model (one layer of in_features 128 % 32 == 0, the others 64) saved, then its
+    safetensors rewritten in the older CSR form: ``crow_indices`` and ``col_indices`` instead of ``mask``."""
+    from safetensors.torch import load_file, save_file
+
+    from factored import bitmask as bm
+    from factored.module import SparseLowRankLinear, compressed_layers, save_compressed, set_module
+
+    model = _tiny_lm()
+    g = torch.Generator().manual_seed(1)
+    for i, (name, lin) in enumerate([(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]):
+        W = lin.weight.detach()
+        r = i % 3
+        set_module(model, name, SparseLowRankLinear.from_factors(W * (torch.rand(W.shape, generator=g) < 0.4),
+                                                               torch.randn(W.shape[0], r, generator=g) * 0.1,
+                                                               torch.randn(r, W.shape[1], generator=g) * 0.1))
+    path = save_compressed(model, tmp_path / "csr")
+    layers = compressed_layers(model)
+    for f in path.glob("*.safetensors"):
+        state = load_file(str(f))
+        for k in [k for k in state if k.endswith(".mask")]:
+            crow, col = bm.to_csr_indices(state.pop(k), layers[k[: -len(".mask")]].in_features)
+            state[k[: -len("mask")] + "crow_indices"], state[k[: -len("mask")] + "col_indices"] = crow, col
+        save_file(state, str(f), metadata={"format": "pt"})
+    assert not any(".mask" in k for f in path.glob("*.safetensors") for k in load_file(str(f)))
+    return model, path
+
+
+@pytest.mark.parametrize("device_map", [["model.layers=disk", "model.embed_tokens=cpu", "model.norm=cpu", "model.rotary_emb=cpu", "lm_head=cpu"],
+                                        ["=cpu"]])
+def test_a_folder_saved_in_csr_form_loads_lazily_and_placed(tmp_path, device_map):
+    from factored.module import compressed_layers, load_compressed
+    from oats.placement import load_placed
+    from oats.weights import LazyModel
+
+    model, path = _csr_folder(tmp_path)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert torch.allclose(load_compressed(path)(ids).logits, ref, atol=1e-5)  # in memory (load_state_dict)
+    want = {n: m.mask for n, m in compressed_layers(model).items()}
+
+    lazy = LazyModel.from_dir(path)
+    for i in range(lazy.n_blocks):
+        lazy.load_block(i)
+    got = compressed_layers(lazy.model)
+    assert got.keys() == want.keys() and all(torch.equal(got[n].mask, want[n]) for n in want)
+
+    placed = load_placed(path, ConfigDict(dict(name="t", device_map=device_map, max_memory=None, offload_dir=None, device="cpu",
+                                               dtype="float32")), tmp_path / "exp")
+    try:
+        with torch.no_grad():
+            out = placed.model(ids).logits
+        assert torch.allclose(out, ref, atol=1e-5)
+    finally:
+        placed.close()
