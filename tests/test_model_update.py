@@ -208,7 +208,7 @@ def test_the_key_keeps_existing_hashes_and_names_the_row():
     upd = resolve(ConfigDict(dict(model="smollm2-135m", method="oats", model_update="lowrank_recovery")))
     assert config_hash(upd) != config_hash(plain) and upd.name.endswith("-lowrank_recovery")
     assert config_hash(upd) != config_hash(resolve(ConfigDict(dict(model="smollm2-135m", method="oats", model_update="lowrank_recovery",
-                                                                    recovery_lr=1e-4))))
+                                                                    recovery_lr=3e-4))))
     assert "recovery_lr" not in plain
 
 
