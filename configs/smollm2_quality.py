@@ -19,7 +19,8 @@ compression '50', '70' or '24'):
 * ``wanda``, ``sparsegpt``, ``sparsegpt-optima`` (weight_update 'optima'), ``owl-sparsegpt``
   (layerwise 'owl'; unstructured only, OWL sets per-block sparsities that N:M fixes);
 * ``oats`` at rank_ratio 0, 0.1, 0.2, 0.3; ``oats-optima`` at 0.3; ``oats-k0.3-recovery`` (model_update
-  'lowrank_recovery': the low-rank factors distilled against the dense model's logits after compression);
+  'lowrank_recovery': the low-rank factors distilled against the dense model's logits after compression)
+  and ``oats-k0.3-recovery-e8`` (the same, 8 epochs instead of 3);
 * ``gram_slr`` (full-Gram sparse + low-rank, sparse step 'optima') at rank_ratio 0, 0.1, 0.2, 0.3, and
   ``gram_slr-k0.3-d0.1`` (percdamp 0.1 instead of 0.01; unstructured only);
 * ``<row>-recon``: block_update 'reconstruct' on the rows named in $OATS_BENCH_RECON (comma-separated
@@ -82,6 +83,7 @@ def _methods(label: str) -> list[tuple[str, dict]]:
         rows += [(f"oats-{_ratio(k)}", dict(method="oats", rank_ratio=k)) for k in RATIOS]
         rows.append(("oats-optima-k0.3", dict(method="oats", rank_ratio=0.3, weight_update="optima")))
         rows.append(("oats-k0.3-recovery", dict(method="oats", rank_ratio=0.3, model_update="lowrank_recovery")))
+        rows.append(("oats-k0.3-recovery-e8", dict(method="oats", rank_ratio=0.3, model_update="lowrank_recovery", recovery_epochs=8)))
         rows += [(f"gram_slr-{_ratio(k)}", dict(method="gram_slr", rank_ratio=k, gram_slr_sparse_step="optima")) for k in RATIOS]
         # stronger dampening: on one SmolLM2 block it narrowed gram_slr's calibration/held-out gap (sparse_lowrank/gram_slr.py)
         rows.append(("gram_slr-k0.3-d0.1", dict(method="gram_slr", rank_ratio=0.3, gram_slr_sparse_step="optima", percdamp=0.1)))
