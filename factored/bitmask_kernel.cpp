@@ -72,6 +72,14 @@ static const NibTables N_;
 // The input is stored split the same way (prep_x), so no lane crossing is needed.
 static inline __m256 even_f32(__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(e, 16)); }
 static inline __m256 odd_f32(__m256i e) { return _mm256_castsi256_ps(_mm256_and_si256(e, _mm256_set1_epi32((int)0xFFFF0000u))); }
+
+// The sum of a register's 8 floats.
+static inline float hsum8(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
 #endif
 
 // x [batch, in] -> f32 [batch, groups*16], groups = ceil(in/16), zero-padded. For bfloat16 under AVX2 the
@@ -160,12 +168,7 @@ static inline void rows_avx2(const V* const* v0, const uint8_t* const* mk, int64
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int b = 0; b < B; ++b) {
-      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i][b]), _mm256_extractf128_ps(acc[i][b], 1));
-      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-      s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-      acc_out[i * B + b] = _mm_cvtss_f32(s);
-    }
+    for (int b = 0; b < B; ++b) acc_out[i * B + b] = hsum8(acc[i][b]);
 }
 #endif
 
@@ -226,12 +229,7 @@ static inline void rows_select(const V* const* v0, const uint8_t* const* mk, int
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int b = 0; b < B; ++b) {
-      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i][b]), _mm256_extractf128_ps(acc[i][b], 1));
-      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-      s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-      acc_out[i * B + b] = _mm_cvtss_f32(s);
-    }
+    for (int b = 0; b < B; ++b) acc_out[i * B + b] = hsum8(acc[i][b]);
 }
 #endif
 
@@ -310,10 +308,7 @@ static inline float lowrank_row(const V* u, const float* t, int64_t rank) {
     else uf = _mm256_loadu_ps(reinterpret_cast<const float*>(u + k));
     a = _mm256_fmadd_ps(uf, _mm256_loadu_ps(t + k), a);
   }
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  s = _mm_cvtss_f32(h);
+  s = hsum8(a);
 #endif
   for (; k < rank; ++k) s += to_f32<V>(u[k]) * t[k];
   return s;
@@ -510,10 +505,7 @@ static void dense_rows(const V* W, const float* xp, int64_t batch, float* y, int
         }
       }
       for (int i = 0; i < nr; ++i) {
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(a[i]), _mm256_extractf128_ps(a[i], 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        float acc = _mm_cvtss_f32(s);
+        float acc = hsum8(a[i]);
         for (int64_t j = full * 16; j < in; ++j) {
           int64_t c = j % 16, pos = c;
           if constexpr (sizeof(V) == 2) pos = (c % 2) * 8 + (c % 8) / 2 + (c / 8) * 4;
