@@ -1,4 +1,5 @@
-"""Shared fixtures: one loaded SmolLM2 for the whole session, tiny random models, the shared data root."""
+"""Shared fixtures: one loaded SmolLM2 for the whole session, tiny random models, the shared data root,
+and the check that a bad config fails in one line before any model loads."""
 from __future__ import annotations
 
 import os
@@ -75,3 +76,32 @@ def tiny_model_dir(tmp_path_factory, smollm2) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any model load (in memory, the embedded checkpoint, lazily from shards, an image model) fails the test."""
+    import oats.models
+    import oats.vision_models
+    import oats.weights
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(oats.models, "load_model", boom)
+    monkeypatch.setattr(oats.models, "embedded_checkpoint", boom)
+    monkeypatch.setattr(oats.vision_models, "load_vision_model", boom)
+    monkeypatch.setattr(oats.weights.LazyModel, "from_dir", classmethod(lambda cls, *a, **k: boom()))
+
+
+def config_error(tmp_path: Path, capsys, text: str) -> str:
+    """``main`` on a config file holding ``text``: it must exit 2 with a one-line error, which is returned."""
+    import main
+
+    f = tmp_path / "cfg.py"
+    f.write_text(text)
+    rc = main.main(["--config", str(f), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1, err
+    return err

@@ -7,6 +7,7 @@ import textwrap
 import pytest
 
 import main
+from tests.conftest import config_error
 
 HEAD = "from ml_collections import ConfigDict\nB = dict(model='smollm2-135m', cal_nsamples=2, cal_seqlen=32, eval_seqlen=32, eval_max_windows=1)\n"
 
@@ -89,19 +90,6 @@ CASES = {
 }
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    import oats.models
-    import oats.weights
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(oats.models, "load_model", boom)
-    monkeypatch.setattr(oats.weights.LazyModel, "from_dir", classmethod(lambda cls, *a, **k: boom()))
-    monkeypatch.setattr(oats.models, "embedded_checkpoint", boom)
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_malformed_config_fails_in_one_line_before_any_model_loads(case, tmp_path, capsys, no_model_loads):
     text, fragment = CASES[case]
@@ -114,13 +102,8 @@ def test_malformed_config_fails_in_one_line_before_any_model_loads(case, tmp_pat
     elif case == "zero-shot files missing":
         (tmp_path / "data").mkdir()
         text = configs(exp(eval_datasets=[], zero_shot_tasks=["boolq"], data_dir=str(tmp_path / "data")))
-    f = tmp_path / "cfg.py"
-    f.write_text(text)
-    rc = main.main(["--config", str(f), "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert fragment in err, err
+    err = config_error(tmp_path, capsys, text)
+    assert err.startswith("error: ") and fragment in err, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing written
 
 

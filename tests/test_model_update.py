@@ -11,7 +11,6 @@ import torch
 from ml_collections import ConfigDict
 from torch import nn
 
-import main
 from factored.module import SparseLowRankLinear, compressed_layers
 from model_updates.lowrank_recovery import coarse_kl
 from oats import registry
@@ -21,7 +20,7 @@ from oats.experiment import Calibrated, update_model
 from oats.interface import Allocation, DenseTargets, ModelUpdate
 from oats.model_update import dense_targets, merge_factored, run_model_update
 from oats.pipeline import capture_inputs
-from tests.conftest import tiny_model
+from tests.conftest import config_error, tiny_model
 
 CPU = torch.device("cpu")
 
@@ -238,21 +237,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_model_update_config_fails_in_one_line_before_any_model_loads(case, tmp_path, capsys, monkeypatch):
-    import oats.models
-    import oats.vision_models
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(oats.models, "load_model", boom)
-    monkeypatch.setattr(oats.vision_models, "load_vision_model", boom)
+def test_bad_model_update_config_fails_in_one_line_before_any_model_loads(case, tmp_path, capsys, no_model_loads):
     kw, message = BAD[case]
-    f = tmp_path / "bad.py"
-    f.write_text(HEAD + f"CONFIGS = [ConfigDict(dict(B, **{kw!r}))]\n")
-    assert main.main(["--config", str(f), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and message in err, err
+    err = config_error(tmp_path, capsys, HEAD + f"CONFIGS = [ConfigDict(dict(B, **{kw!r}))]\n")
+    assert message in err, err
 
 
 def test_a_killed_run_resumes_with_the_recorded_targets(tiny_model_dir, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from data.self_generated import (SELF_GENERATED, cache_path, pick, self_generate
                                  window_generator)
 from data.tokens import mix_counts
 from oats.config import ConfigError, cal_sources, config_hash, legacy_config_hash, resolve
-from tests.conftest import tiny_model
+from tests.conftest import config_error, tiny_model
 
 
 class TinyTokenizer:
@@ -231,21 +231,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_calibration_config_fails_in_one_line_before_any_model_loads(case, tmp_path, capsys, monkeypatch):
-    import oats.models
-    import oats.vision_models
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(oats.models, "load_model", boom)
-    monkeypatch.setattr(oats.vision_models, "load_vision_model", boom)
+def test_bad_calibration_config_fails_in_one_line_before_any_model_loads(case, tmp_path, capsys, no_model_loads):
     kw, message = BAD[case]
-    f = tmp_path / "bad.py"
-    f.write_text(HEAD + f"CONFIGS = [ConfigDict(dict(B, **{kw!r}))]\n")
-    assert main.main(["--config", str(f), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and message in err, err
+    err = config_error(tmp_path, capsys, HEAD + f"CONFIGS = [ConfigDict(dict(B, **{kw!r}))]\n")
+    assert message in err, err
 
 
 def test_a_local_image_transformer_is_refused_before_it_loads_and_when_it_runs(tmp_path):
