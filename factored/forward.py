@@ -77,9 +77,7 @@ def dense_merged_weight(layer) -> Tensor:
     cached = getattr(layer, "_oats_dense", None)
     if cached is not None and cached[0] == _version(layer):
         return cached[1]
-    with torch.no_grad():
-        S = layer.sparse_dense()
-        W = (S.float() + layer.U.float() @ layer.V.float()).to(S.dtype) if layer.rank else S
+    W = layer.merged_weight()
     layer._oats_dense = (_version(layer), W)
     return W
 

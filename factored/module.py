@@ -136,6 +136,12 @@ class SparseLowRankLinear(nn.Module):
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(crow, col, self.values, (self.out_features, self.in_features), check_invariants=False)
 
+    def merged_weight(self) -> Tensor:
+        """W = S + U V as a fresh dense [out, in] tensor in the layer's dtype, the product summed in float32."""
+        with torch.no_grad():
+            S = self.sparse_dense()
+            return (S.float() + self.U.float() @ self.V.float()).to(S.dtype) if self.rank else S
+
     def dense_weight(self) -> Tensor:
         """S + U V as a dense [out, in] tensor (for checks)."""
         return self.sparse_dense() + self.U @ self.V

@@ -121,8 +121,7 @@ def merge_factored(model: nn.Module) -> int:
         dtype = m.values.dtype
         linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype, device=m.values.device)
         with torch.no_grad():
-            W = m.sparse_dense().float() + m.U.float() @ m.V.float()
-            linear.weight.copy_(W.to(dtype))
+            linear.weight.copy_(m.merged_weight())
             if m.bias is not None:
                 linear.bias.copy_(m.bias)
         set_module(model, name, linear)
