@@ -19,8 +19,9 @@ compression '50', '70' or '24'):
 * ``wanda``, ``sparsegpt``, ``sparsegpt-optima`` (weight_update 'optima'), ``owl-sparsegpt``
   (layerwise 'owl'; unstructured only, OWL sets per-block sparsities that N:M fixes);
 * ``oats`` at rank_ratio 0, 0.1, 0.2, 0.3; ``oats-optima`` at 0.3; ``oats-k0.3-recovery`` (model_update
-  'lowrank_recovery': the low-rank factors distilled against the dense model's logits after compression)
-  and ``oats-k0.3-recovery-e8`` (the same, 8 epochs instead of 3);
+  'lowrank_recovery': the low-rank factors distilled against the dense model's logits after compression),
+  ``oats-k0.3-recovery-e8`` (the same, 8 epochs instead of 3) and ``oats-k0.3-recovery-64k`` (the same,
+  calibrated and recovered on 128 windows, 64k tokens, instead of 32);
 * ``gram_slr`` (full-Gram sparse + low-rank, sparse step 'optima') at rank_ratio 0, 0.1, 0.2, 0.3, and
   ``gram_slr-k0.3-d0.1`` (percdamp 0.1 instead of 0.01; unstructured only);
 * ``<row>-recon``: block_update 'reconstruct' on the rows named in $OATS_BENCH_RECON (comma-separated
@@ -84,6 +85,7 @@ def _methods(label: str) -> list[tuple[str, dict]]:
         rows.append(("oats-optima-k0.3", dict(method="oats", rank_ratio=0.3, weight_update="optima")))
         rows.append(("oats-k0.3-recovery", dict(method="oats", rank_ratio=0.3, model_update="lowrank_recovery")))
         rows.append(("oats-k0.3-recovery-e8", dict(method="oats", rank_ratio=0.3, model_update="lowrank_recovery", recovery_epochs=8)))
+        rows.append(("oats-k0.3-recovery-64k", dict(method="oats", rank_ratio=0.3, model_update="lowrank_recovery", cal_nsamples=128)))
         rows += [(f"gram_slr-{_ratio(k)}", dict(method="gram_slr", rank_ratio=k, gram_slr_sparse_step="optima")) for k in RATIOS]
         # stronger dampening: on one SmolLM2 block it narrowed gram_slr's calibration/held-out gap (sparse_lowrank/gram_slr.py)
         rows.append(("gram_slr-k0.3-d0.1", dict(method="gram_slr", rank_ratio=0.3, gram_slr_sparse_step="optima", percdamp=0.1)))
