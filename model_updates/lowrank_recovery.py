@@ -49,12 +49,12 @@ log = logging.getLogger(__name__)
 SEED = 0
 
 KEYS = KeyTable({
-    "recovery_epochs": Key(3, (int,), "low-rank recovery: passes over the calibration windows", positive),
-    "recovery_lr": Key(1e-4, (float,), "low-rank recovery: Adam learning rate (cosine to 0 over all steps)", positive),
-    "recovery_batch_size": Key(4, (int,), "low-rank recovery: calibration windows per Adam step", positive),
-    "recovery_topk": Key(64, (int,), "low-rank recovery: the dense model's k most likely next tokens kept per position (the rest is one outcome of the KL)", positive),
-    "recovery_norms": Key(False, (bool,), "low-rank recovery: also train every RMSNorm/LayerNorm weight of the model"),
-    "recovery_holdout": Key(0.125, (float, int), "low-rank recovery: share of the calibration windows held out (seeded) for early stopping, best epoch restored; 0 = off (then the factors are kept only if the loss over all windows fell)", interval(0.0, 1.0)),
+    "recovery_epochs": Key(3, (int,), "distillation (lowrank_recovery, masked_distill): passes over the calibration windows", positive),
+    "recovery_lr": Key(1e-4, (float,), "distillation (lowrank_recovery, masked_distill): Adam learning rate (cosine to 0 over all steps)", positive),
+    "recovery_batch_size": Key(4, (int,), "distillation (lowrank_recovery, masked_distill): calibration windows per Adam step", positive),
+    "recovery_topk": Key(64, (int,), "distillation (lowrank_recovery, masked_distill): the dense model's k most likely next tokens kept per position (the rest is one outcome of the KL)", positive),
+    "recovery_norms": Key(False, (bool,), "distillation (lowrank_recovery, masked_distill): also train every RMSNorm/LayerNorm weight of the model"),
+    "recovery_holdout": Key(0.125, (float, int), "distillation (lowrank_recovery, masked_distill): share of the calibration windows held out (seeded) for early stopping, best epoch restored; 0 = off (then the factors are kept only if the loss over all windows fell)", interval(0.0, 1.0)),
 })
 
 
@@ -119,8 +119,17 @@ def _norms(model: nn.Module) -> list[nn.Module]:
 def recover(model: nn.Module, layers: dict[str, nn.Module], targets: DenseTargets, logits_of: LogitsFn, cfg: Any,
             device: torch.device) -> dict[str, Any]:
     """Train ``layers``' U and V (and the norms with ``recovery_norms``) of ``model`` (on ``device``; its
-    logits ``logits_of(ids)``) against ``targets``; in place. Returns the record's facts: the loss before and after, the per-step training
-    loss and per-epoch held-out loss (the loss curve), steps, the trained parameter count."""
+    logits ``logits_of(ids)``) against ``targets``; in place. Returns the record's facts (:func:`distill`)."""
+    owners = [(m, a) for m in layers.values() for a in ("U", "V") if getattr(m, a).numel() > 0]
+    return distill(model, owners, targets, logits_of, cfg, device)
+
+
+def distill(model: nn.Module, owners: list[tuple[nn.Module, str]], targets: DenseTargets, logits_of: LogitsFn, cfg: Any,
+            device: torch.device) -> dict[str, Any]:
+    """Train the parameters ``owners`` [(module, attribute name)] of ``model`` (and every norm's weight with
+    ``recovery_norms``), every other parameter frozen, by the KL distillation of the module docstring; in
+    place. Returns the record's facts: the loss before and after, the per-step training loss and per-epoch
+    held-out loss (the loss curve), steps, the trained parameter count."""
     from block_updates.reconstruct import holdout_windows
 
     t0 = time.perf_counter()
@@ -129,7 +138,7 @@ def recover(model: nn.Module, layers: dict[str, nn.Module], targets: DenseTarget
     n = int(targets.ids.shape[0])
     held = holdout_windows(n, share, SEED)
     train = [i for i in range(n) if i not in set(held)]
-    owners = [(m, a) for m in layers.values() for a in ("U", "V") if getattr(m, a).numel() > 0]
+    owners = list(owners)
     if train_norms:
         owners += [(m, "weight") for m in _norms(model)]
     was_training = model.training
@@ -159,7 +168,7 @@ def recover(model: nn.Module, layers: dict[str, nn.Module], targets: DenseTarget
         gen = torch.Generator().manual_seed(SEED)
         train_curve, held_curve, step = [], [], 0
         stopped_at = None
-        bar = tqdm(total=total, desc="low-rank recovery", leave=False)
+        bar = tqdm(total=total, desc="distillation", leave=False)
         for epoch in range(epochs):
             order = [train[j] for j in torch.randperm(len(train), generator=gen).tolist()]
             for b in range(0, len(order), bs):
@@ -179,7 +188,7 @@ def recover(model: nn.Module, layers: dict[str, nn.Module], targets: DenseTarget
             if held:
                 h = mean_loss(held)
                 held_curve.append(round(h, 6))
-                log.info("low-rank recovery: epoch %d, held-out KL %.5f (best %.5f)", epoch + 1, h, best[0])
+                log.info("distillation: epoch %d, held-out KL %.5f (best %.5f)", epoch + 1, h, best[0])
                 if h < best[0]:
                     best = (h, masters.snapshot(), epoch + 1)
                 else:

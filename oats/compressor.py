@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from factored.module import set_module
+from factored.module import SparseLowRankLinear, set_module
 from oats.architectures import Matrix, architecture_of, check_fused_rows, fused_order, get_blocks, matrices
 from oats.config import selected_plugins
 from oats.interface import BLOCK_TARGETS, STATS_KINDS, BlockChain, Budget, CompressedWeight, InputStats
@@ -248,8 +248,15 @@ def factored_layers(cfg: Any) -> bool:
 
 def _write_back(block: nn.Module, name: str, layer: nn.Linear, cw: CompressedWeight, method: Any, cfg: Any) -> None:
     """Compress mode or a model update (:func:`factored_layers`, for a method with a factored module):
-    the method's module takes the linear's place; otherwise the dense weight is written back into the linear."""
+    the method's module takes the linear's place; otherwise the dense weight is written back into the linear.
+    Under a model update a dense (pruned) answer is held as a rank-0 ``SparseLowRankLinear`` (its nonzeros
+    the mask), so the update sees every compressed linear (the config allows this only for updates that
+    train the sparse values)."""
     module = method.build_module(cw, layer, cfg) if method.build_module is not None and factored_layers(cfg) else None
+    if module is None and cfg.get("model_update", "none") != "none":
+        dense = cw.to_dense()
+        module = SparseLowRankLinear.from_factors(dense, dense.new_zeros(layer.out_features, 0), dense.new_zeros(0, layer.in_features),
+                                                  layer.bias, dtype=layer.weight.dtype)
     if module is not None:
         set_module(block, name, module)
     else:

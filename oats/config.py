@@ -426,7 +426,7 @@ def _check_model_update(out: dict[str, Any], update: Any, method: Any) -> None:
         lowrank = sorted(n for n, m in registry.declared("method").items() if m.lowrank)
         raise ConfigError("model_update", f"{out['model_update']!r} trains the low-rank factors, and method {method.name!r} has none; "
                                           f"use a sparse + low-rank method ({', '.join(lowrank)}) or model_update 'none'")
-    if method.build_module is None:
+    if method.build_module is None and not update.trains_sparse:
         raise ConfigError("model_update", f"{out['model_update']!r} needs a method with a factored layer (build_module); {method.name!r} has none")
     if out["lazy_load"]:
         raise ConfigError("model_update", f"{out['model_update']!r} trains the whole model end to end, which lazy_load never holds in memory; "

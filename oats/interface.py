@@ -324,9 +324,12 @@ class ModelUpdate:
     (whether or not ``compress`` is set: the framework merges them back into dense weights afterwards when
     it is not); ``targets`` are the dense model's top-k next-token distributions on the calibration
     windows, ``topk(cfg)`` wide. It updates the model in place and returns JSON-serialisable facts for
-    the record (the loss curve). The framework then checks that every layer's sparse values and mask are
-    bit for bit the ones given and its rank the same, and counts the kept parameters again.
+    the record (the loss curve). The framework then checks that every layer's mask is bit for bit the one
+    given and its rank the same (and its sparse values, unless ``trains_sparse``), and counts the kept
+    parameters again.
     needs_lowrank: it trains the low-rank factors, so the method's answers must have them (``Method.lowrank``).
+    trains_sparse: it trains the sparse values on their masks; the framework then also holds a method's
+    pruned (dense-answer) linears as rank-0 factored layers, so every method can be selected.
     workspace(model_params, trained_params, cfg), optional: bytes it holds beyond the model and the targets.
     """
 
@@ -339,6 +342,7 @@ class ModelUpdate:
     validate: Validate | None = None
     needs_lowrank: bool = True
     workspace: Callable[[int, int, Any], int] | None = None
+    trains_sparse: bool = False
 
 
 class BlockChain(nn.ModuleList):

@@ -1,10 +1,11 @@
 """The model-update step of the lifecycle (config key ``model_update``): the dense model's targets recorded
 before compression, the selected ``ModelUpdate`` run on the whole compressed model after the last
-block, and the framework's checks around it (masks and sparse values bit for bit, ranks, kept
-parameters counted again). It names no plugin.
+block, and the framework's checks around it (masks bit for bit, and sparse values too unless the update
+trains them; ranks; kept parameters counted again). It names no plugin.
 
 While the update runs every compressed linear is a ``factored.module.SparseLowRankLinear`` (the
-compressor builds them when a model update is selected, as compress mode does); without ``compress``
+compressor builds them when a model update is selected, as compress mode does, and for an update that
+trains the sparse values also holds a pure-sparse method's pruned linears as rank-0 ones); without ``compress``
 they are merged back into dense weights afterwards (:func:`merge_factored`), so the evaluated model is
 the one plain compression would have given, only with the updated factors.
 """
@@ -68,9 +69,9 @@ def _digest(t: Tensor) -> str:
     return hashlib.blake2b(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
 
 
-def _fingerprint(layers: dict[str, nn.Module]) -> dict[str, tuple[str, str, int]]:
-    """Per layer: digests of its sparse values and mask, and its rank."""
-    return {n: (_digest(m.values), _digest(m.mask), int(m.rank)) for n, m in layers.items()}
+def _fingerprint(layers: dict[str, nn.Module], values: bool = True) -> dict[str, tuple[str, str, int]]:
+    """Per layer: digests of its sparse values (or '' without ``values``) and mask, and its rank."""
+    return {n: (_digest(m.values) if values else "", _digest(m.mask), int(m.rank)) for n, m in layers.items()}
 
 
 def run_model_update(model: nn.Module, update: ModelUpdate, targets: DenseTargets, cfg: Any, device: torch.device) -> dict[str, Any]:
@@ -81,7 +82,8 @@ def run_model_update(model: nn.Module, update: ModelUpdate, targets: DenseTarget
     layers = compressed_layers(model)
     if not layers:
         raise RuntimeError(f"model_update {update.name!r}: the compressed model holds no factored layer to update")
-    before = _fingerprint(layers)
+    keep_values = not update.trains_sparse
+    before = _fingerprint(layers, keep_values)
     kept_before = sum(m.param_count() for m in layers.values())
     home = next(model.parameters()).device
     arch = architecture_of(model)
@@ -99,15 +101,17 @@ def run_model_update(model: nn.Module, update: ModelUpdate, targets: DenseTarget
     after_layers = compressed_layers(model)
     if set(after_layers) != set(layers):
         raise RuntimeError(f"model_update {update.name!r} replaced factored layers: {sorted(set(layers) ^ set(after_layers))[:5]}")
-    after = _fingerprint(after_layers)
+    after = _fingerprint(after_layers, keep_values)
     changed = [n for n in layers if before[n] != after[n]]
     if changed:
-        raise RuntimeError(f"model_update {update.name!r} changed the sparse values, mask or rank of {changed[:5]}")
+        what = "sparse values, mask or rank" if keep_values else "mask or rank"
+        raise RuntimeError(f"model_update {update.name!r} changed the {what} of {changed[:5]}")
     kept_after = sum(m.param_count() for m in after_layers.values())
     if kept_after != kept_before:
         raise RuntimeError(f"model_update {update.name!r} changed the kept parameters: {kept_before} -> {kept_after}")
     log.info("model_update %s: %d factored layers, %.0f s", update.name, len(layers), seconds)
-    return {"name": update.name, **info, "layers": len(layers), "sparse_parts_unchanged": True,
+    checked = {"sparse_parts_unchanged": True} if keep_values else {"masks_unchanged": True}
+    return {"name": update.name, **info, "layers": len(layers), **checked,
             "kept_params_before": kept_before, "kept_params_after": kept_after, "seconds": seconds}
 
 

@@ -28,7 +28,7 @@ METHODS: dict[str, str] = {
 LAYERWISE: dict[str, str] = {"owl": "layerwise.owl"}
 WEIGHT_UPDATES: dict[str, str] = {"optima": "weight_updates.optima"}
 BLOCK_UPDATES: dict[str, str] = {"reconstruct": "block_updates.reconstruct"}
-MODEL_UPDATES: dict[str, str] = {"lowrank_recovery": "model_updates.lowrank_recovery"}
+MODEL_UPDATES: dict[str, str] = {"lowrank_recovery": "model_updates.lowrank_recovery", "masked_distill": "model_updates.masked_distill"}
 
 # kind (= the config key that selects it) -> (table, declaration attribute, declaration class)
 KINDS: dict[str, tuple[dict[str, str], str, type]] = {

@@ -5,6 +5,7 @@ the update, and bad input fails in one line before any model loads."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def _compressed(cfg, layers: int = 2, seed: int = 3):
     model = tiny_model("llama", layers=layers, seed=seed)
     dense = copy.deepcopy(model)
     ids = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(2))
-    targets = dense_targets(model, ids, int(cfg.recovery_topk), CPU, 4)
+    targets = dense_targets(model, ids, int(cfg.get("recovery_topk", 16)), CPU, 4)
     inputs = capture_inputs(model, ids, CPU, 8)
     compress_model(model, inputs, cfg, CPU, [cfg.sparsity] * layers)
     return dense, model, targets
@@ -280,3 +281,91 @@ def test_a_killed_run_resumes_with_the_recorded_targets(tiny_model_dir, tmp_path
     assert result["model_update"]["loss_before"] == reference["model_update"]["loss_before"]
     assert result["metrics"] == reference["metrics"]
     assert not (tmp_path / "out" / "r" / CHECKPOINT_DIR).exists()
+
+
+# --- masked distillation: every kept weight trained, masks fixed ------------------------------------------
+
+def test_masked_distill_trains_the_kept_values_and_factors_on_fixed_masks():
+    cfg = _cfg(model_update="masked_distill", recovery_epochs=2, recovery_lr=1e-3, recovery_holdout=0.0)
+    _, model, targets = _compressed(cfg)
+    before = _state(model)
+    info = run_model_update(model, registry.plugin("model_update", "masked_distill"), targets, cfg, CPU)
+    after = _state(model)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    trained = {k for k in before if k.endswith((".values", ".U", ".V")) and before[k].numel() > 0}
+    assert not info["reverted"] and info["loss_after"] < info["loss_before"]
+    assert changed == trained  # every trained tensor moved, nothing else did (masks, biases, norms, embeddings)
+    assert info["masks_unchanged"] and "sparse_parts_unchanged" not in info
+    assert info["trained_params"] == info["kept_params_after"] == info["kept_params_before"]
+    assert all(isinstance(m.values, nn.Parameter) for m in compressed_layers(model).values())
+
+
+def test_masked_distill_finds_planted_sparse_values():
+    """Targets from the compressed model with its sparse values scaled (masks and factors as they are):
+    training from the unscaled values must remove most of the divergence, which the low-rank factors
+    alone cannot (they are trained too, so the test also holds them to the planted ones' use)."""
+    cfg = _cfg(model_update="masked_distill", recovery_epochs=10, recovery_lr=5e-3, recovery_holdout=0.0, recovery_batch_size=2,
+               recovery_topk=128)
+    _, model, _ = _compressed(cfg, seed=5)
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in compressed_layers(teacher).values():
+            m.values.mul_(2.0)
+    merge_factored(teacher)
+    targets = dense_targets(teacher, torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0)), 128, CPU, 4)
+    student = copy.deepcopy(model)
+    info = run_model_update(model, registry.plugin("model_update", "masked_distill"), targets, cfg, CPU)
+    low = run_model_update(student, registry.plugin("model_update", "lowrank_recovery"), targets, cfg, CPU)
+    assert info["loss_after"] < 0.3 * info["loss_before"], (info["loss_before"], info["loss_after"])
+    assert info["loss_after"] < low["loss_after"]
+
+
+def test_masked_distill_holds_a_pure_sparse_methods_layers_as_rank_zero_and_keeps_its_zeros():
+    base = dict(model="tiny", method="sparsegpt", sparsity=0.5, cal_batch_size=8)
+    plain_cfg = resolve(ConfigDict(base))
+    cfg = resolve(ConfigDict(dict(base, model_update="masked_distill", recovery_topk=16, recovery_epochs=2, recovery_lr=1e-3,
+                                  recovery_holdout=0.0)))
+    _, plain, _ = _compressed(plain_cfg)
+    _, model, targets = _compressed(cfg)
+    layers = compressed_layers(model)
+    pruned = {n: m for n, m in plain.named_modules() if isinstance(m, nn.Linear) and n in layers}
+    assert layers and set(layers) == set(pruned) and all(m.rank == 0 for m in layers.values())
+    for n, m in layers.items():  # before the update: exactly the pruned weight SparseGPT wrote
+        assert torch.equal(m.merged_weight(), pruned[n].weight.detach())
+    run_model_update(model, registry.plugin("model_update", "masked_distill"), targets, cfg, CPU)
+    merge_factored(model)
+    for n, lin in pruned.items():
+        w = dict(model.named_modules())[n].weight.detach()
+        assert torch.equal(w[lin.weight == 0], torch.zeros_like(w[lin.weight == 0]))  # pruned stays pruned
+        assert not torch.equal(w, lin.weight.detach())
+
+
+def test_an_update_that_trains_values_may_not_touch_a_mask():
+    cfg = _cfg(model_update="masked_distill")
+    _, model, targets = _compressed(cfg)
+    values, mask = (dataclasses.replace(_rogue(t), trains_sparse=True) for t in ("values", "mask"))
+    assert run_model_update(model, values, targets, cfg, CPU)["masks_unchanged"]
+    with pytest.raises(RuntimeError, match="changed the mask or rank"):
+        run_model_update(model, mask, targets, cfg, CPU)
+
+
+def test_an_experiment_records_masked_distillation_of_a_sparse_method(tiny_model_dir, tmp_path):
+    from oats.experiment import run_experiment
+
+    def cfg(**kw):
+        return resolve(ConfigDict(dict(model=str(tiny_model_dir), method="sparsegpt", sparsity=0.5, cal_dataset="pydoc", cal_nsamples=6,
+                                       cal_seqlen=32, eval_datasets=["pydoc"], eval_seqlen=32, eval_max_windows=2, device="cpu", **kw)))
+    plain = run_experiment(cfg(), tmp_path / "plain")
+    rec = run_experiment(cfg(model_update="masked_distill", recovery_epochs=1, recovery_topk=8), tmp_path / "x")
+    mu = rec["model_update"]
+    assert mu["name"] == "masked_distill" and mu["masks_unchanged"] and mu["steps"] == 2
+    assert mu["trained_params"] == mu["kept_params_before"] == mu["kept_params_after"]
+    assert rec["achieved_sparsity"] == pytest.approx(plain["achieved_sparsity"], abs=1e-3)
+
+
+def test_masked_distill_accepts_every_compressing_method_and_lowrank_recovery_only_sparse_plus_low_rank():
+    for method in ("magnitude", "wanda", "sparsegpt", "oats", "gram_slr"):
+        cfg = resolve(ConfigDict(dict(model="smollm2-135m", method=method, model_update="masked_distill", recovery_epochs=2)))
+        assert cfg.model_update == "masked_distill" and cfg.recovery_epochs == 2
+    assert config_hash(resolve(ConfigDict(dict(model="smollm2-135m", method="wanda", model_update="masked_distill")))) != \
+        config_hash(resolve(ConfigDict(dict(model="smollm2-135m", method="wanda"))))
