@@ -22,6 +22,9 @@ compression '50', '70' or '24'):
   'lowrank_recovery': the low-rank factors distilled against the dense model's logits after compression),
   ``oats-k0.3-recovery-e8`` (the same, 8 epochs instead of 3) and ``oats-k0.3-recovery-64k`` (the same,
   calibrated and recovered on 128 windows, 64k tokens, instead of 32);
+* ``<row>-distill`` (model_update 'masked_distill': every kept weight, sparse values on their fixed masks and
+  low-rank factors, distilled the same way): ``sparsegpt-distill`` at every setting, ``oats-k0.3-distill``
+  (unstructured) and ``oats-distill`` (2:4, rank 0), the end-to-end step for pure-sparse rows too;
 * ``gram_slr`` (full-Gram sparse + low-rank, sparse step 'optima') at rank_ratio 0, 0.1, 0.2, 0.3, and
   ``gram_slr-k0.3-d0.1`` (percdamp 0.1 instead of 0.01; unstructured only);
 * ``<row>-recon``: block_update 'reconstruct' on the rows named in $OATS_BENCH_RECON (comma-separated
@@ -72,12 +75,14 @@ def _methods(label: str) -> list[tuple[str, dict]]:
         ("sparsegpt", dict(method="sparsegpt")),
         ("sparsegpt-optima", dict(method="sparsegpt", weight_update="optima")),
     ]
+    rows.append(("sparsegpt-distill", dict(method="sparsegpt", model_update="masked_distill")))
     if not structured:
         rows.append(("owl-sparsegpt", dict(method="sparsegpt", layerwise="owl")))
     if structured:
         rows += [
             ("oats", dict(method="oats", rank_ratio=0.0)),
             ("oats-optima", dict(method="oats", rank_ratio=0.0, weight_update="optima")),
+            ("oats-distill", dict(method="oats", rank_ratio=0.0, model_update="masked_distill")),
             ("gram_slr", dict(method="gram_slr", rank_ratio=0.0, gram_slr_sparse_step="optima")),
         ]
     else:
@@ -86,6 +91,7 @@ def _methods(label: str) -> list[tuple[str, dict]]:
         rows.append(("oats-k0.3-recovery", dict(method="oats", rank_ratio=0.3, model_update="lowrank_recovery")))
         rows.append(("oats-k0.3-recovery-e8", dict(method="oats", rank_ratio=0.3, model_update="lowrank_recovery", recovery_epochs=8)))
         rows.append(("oats-k0.3-recovery-64k", dict(method="oats", rank_ratio=0.3, model_update="lowrank_recovery", cal_nsamples=128)))
+        rows.append(("oats-k0.3-distill", dict(method="oats", rank_ratio=0.3, model_update="masked_distill")))
         rows += [(f"gram_slr-{_ratio(k)}", dict(method="gram_slr", rank_ratio=k, gram_slr_sparse_step="optima")) for k in RATIOS]
         # stronger dampening: on one SmolLM2 block it narrowed gram_slr's calibration/held-out gap (sparse_lowrank/gram_slr.py)
         rows.append(("gram_slr-k0.3-d0.1", dict(method="gram_slr", rank_ratio=0.3, gram_slr_sparse_step="optima", percdamp=0.1)))
