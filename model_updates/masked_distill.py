@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from model_updates.lowrank_recovery import KEYS, distill
+from model_updates.lowrank_recovery import MODEL_UPDATE as LOWRANK_RECOVERY
 from oats.interface import DenseTargets, LogitsFn, ModelUpdate
 
 
@@ -34,14 +35,9 @@ def train_kept(model: nn.Module, layers: dict[str, nn.Module], targets: DenseTar
     return distill(model, owners, targets, logits_of, cfg, device)
 
 
-def _workspace(model_params: int, trained_params: int, cfg: Any) -> int:
-    """Masters, gradients and Adam's two moments of the trained tensors (float32)."""
-    return 4 * 4 * trained_params
-
-
 MODEL_UPDATE = ModelUpdate(
-    "masked_distill", train_kept, topk=lambda cfg: int(KEYS.value(cfg, "recovery_topk")), keys=KEYS,
-    needs_lowrank=False, trains_sparse=True, workspace=_workspace,
+    "masked_distill", train_kept, topk=LOWRANK_RECOVERY.topk, keys=KEYS,
+    needs_lowrank=False, trains_sparse=True, workspace=LOWRANK_RECOVERY.workspace,  # the same targets and Adam state per trained weight
     doc="train every kept weight (sparse values on their fixed masks, low-rank factors, optionally norms) end to end by KL "
         "distillation against the dense model's next-token distributions on the calibration text; masks and budget kept",
     paper="masked knowledge distillation after pruning (fine-tuning with fixed masks, e.g. Kurtic et al., 2023)",
