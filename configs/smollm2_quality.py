@@ -21,7 +21,8 @@ compression '50', '70' or '24'):
 * ``oats`` at rank_ratio 0, 0.1, 0.2, 0.3; ``oats-optima`` at 0.3; ``oats-k0.3-recovery`` (model_update
   'lowrank_recovery': the low-rank factors distilled against the dense model's logits after compression),
   ``oats-k0.3-recovery-e8`` (the same, 8 epochs instead of 3) and ``oats-k0.3-recovery-64k`` (the same,
-  calibrated and recovered on 128 windows, 64k tokens, instead of 32);
+  calibrated and recovered on 128 windows, 64k tokens, instead of 32) and ``oats-k0.3-recovery-64k-e4`` (64k
+  tokens, 4 epochs);
 * ``<row>-distill`` (model_update 'masked_distill': every kept weight, sparse values on their fixed masks and
   low-rank factors, distilled the same way): ``sparsegpt-distill`` at every setting, ``oats-k0.3-distill``
   (unstructured) and ``oats-distill`` (2:4, rank 0), the end-to-end step for pure-sparse rows too;
@@ -91,6 +92,8 @@ def _methods(label: str) -> list[tuple[str, dict]]:
         rows.append(("oats-k0.3-recovery", dict(method="oats", rank_ratio=0.3, model_update="lowrank_recovery")))
         rows.append(("oats-k0.3-recovery-e8", dict(method="oats", rank_ratio=0.3, model_update="lowrank_recovery", recovery_epochs=8)))
         rows.append(("oats-k0.3-recovery-64k", dict(method="oats", rank_ratio=0.3, model_update="lowrank_recovery", cal_nsamples=128)))
+        rows.append(("oats-k0.3-recovery-64k-e4", dict(method="oats", rank_ratio=0.3, model_update="lowrank_recovery", cal_nsamples=128,
+                                                       recovery_epochs=4)))
         rows.append(("oats-k0.3-distill", dict(method="oats", rank_ratio=0.3, model_update="masked_distill")))
         rows += [(f"gram_slr-{_ratio(k)}", dict(method="gram_slr", rank_ratio=k, gram_slr_sparse_step="optima")) for k in RATIOS]
         # stronger dampening: on one SmolLM2 block it narrowed gram_slr's calibration/held-out gap (sparse_lowrank/gram_slr.py)

@@ -42,8 +42,8 @@ def test_row_filters(monkeypatch):
     cfgs = _configs(monkeypatch, OATS_BENCH_ROWS="oats-50-*,dense", OATS_BENCH_RECON="wanda")
     names = [c.name for c in cfgs]
     assert names[0] == "dense" and all(n == "dense" or n.startswith("oats-50-") for n in names)
-    # rank ratios 0, 0.1, 0.2, 0.3 and the 0.3 rows with low-rank recovery (3 and 8 epochs, 64k tokens) and masked distillation
-    assert len(names) == 1 + 3 * 8
+    # rank ratios 0, 0.1, 0.2, 0.3 and the 0.3 rows with low-rank recovery (3 and 8 epochs, 64k tokens at 3 and 4 epochs) and masked distillation
+    assert len(names) == 1 + 3 * 9
     cfgs = _configs(monkeypatch, OATS_BENCH_ROWS="*-recon-*", OATS_BENCH_RECON="wanda", OATS_BENCH_RECON_DM="")
     assert sorted({base_name(c.name) for c in cfgs}) == ["wanda-24-recon", "wanda-50-recon", "wanda-70-recon"]
     cfgs = _configs(monkeypatch, OATS_BENCH_ROWS="*-recon-dm-*", OATS_BENCH_RECON="", OATS_BENCH_RECON_DM="sparsegpt")
