@@ -74,7 +74,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -85,7 +85,7 @@ from baselines.sparsegpt import sparsegpt_prune
 from oats.interface import Budget, CompressedWeight, InputStats, Method
 from oats.keys import Key, KeyTable, choice, positive
 from sparse_lowrank.common import RANK_RATIO, budget_info, build_module, oats_budget, validate
-from sparse_lowrank.decompose import SVD_TOL, _LowRank
+from sparse_lowrank.decompose import SVD_TOL, _LowRank, _RowThreshold
 from weight_updates.optima import KEYS as OPTIMA_KEYS
 from weight_updates.optima import batched, dampen
 
@@ -125,6 +125,9 @@ DEFAULT_ITERS = 20
 INNER_TOL_FACTOR = 0.1
 INNER_TOL_MAX = 1e-3
 DEFAULT_INNER_ITERS = 4
+
+# below this share of ||M||^2 the fast loop's objective is computed directly, not by its expansion (``obj``)
+OBJ_EXPANSION_FLOOR = 1e-4
 
 # Its own keys, and the keys it shares with OATS (the budget), SparseGPT (dampening, block size) and
 # OPTIMA (the QP solver), declared by their owners and reused here so the two can never differ.
@@ -251,39 +254,94 @@ def _requad(T: Tensor, H: Tensor, mask: Tensor, init: Tensor, H_inv: Tensor | No
     return S, {"requad_iters": info["iters"]}
 
 
-def masked_cg(TH: Tensor, H: Tensor, mask: Tensor, X0: Tensor, tol: float, max_iters: int) -> tuple[Tensor, int]:
+class MaskedCG(NamedTuple):
+    """What :func:`masked_cg` returns."""
+
+    X: Tensor  # [d_out, d_in] the solution, exact zeros off the mask
+    steps: int  # CG steps taken
+    XH: Tensor  # [d_out, d_in] X @ H, carried along the iteration (no product of its own)
+
+
+def lower_matmul(X: Tensor, C: Tensor, block: int = 256) -> Tensor:
+    """X [m, n] @ C [n, n] for a lower-triangular C, block column by block column, skipping C's zero blocks.
+
+    Column block j of the product only involves C's rows from j's first column on, so about half the
+    flops of a dense product (``block`` = 256 on n = 1536: 58%); the same product up to rounding. Built
+    as the transpose ``C^T X^T``, whose row blocks are contiguous (written in place, no copies), and
+    returned as a [m, n] view of it.
+    """
+    n = C.shape[0]
+    out_t = X.new_empty(n, X.shape[0])
+    for j0 in range(0, n, block):
+        j1 = min(j0 + block, n)
+        torch.mm(C[j0:, j0:j1].T, X[:, j0:].T, out=out_t[j0:j1])
+    return out_t.T
+
+
+# entries that leave the mask are taken out of a carried product by a sparse (COO) product while they
+# are fewer than this share of the matrix; beyond it one dense product is cheaper. Measured on one core
+# (D [576, 1536] @ H [1536, 1536], float32): dense 30 ms; COO 4 ms at 3,000 nonzeros, 20 ms at 55,000,
+# 26 ms at 110,000, 44 ms at 220,000. Between gram_slr's outer iterations 1,000-17,000 entries of
+# SmolLM2's 885,000 leave the mask, fewer as it converges.
+_SPARSE_UPDATE_SHARE = 1 / 10
+
+
+def without_entries(XH: Tensor, D: Tensor, H: Tensor) -> Tensor:
+    """(X - D) @ H from XH = X @ H [d_out, d_in] and a mostly-zero D [d_out, d_in]: XH - D @ H.
+
+    D @ H as a sparse product over D's nonzeros (a dense one when they are many).
+    """
+    nnz = int(torch.count_nonzero(D))
+    if nnz == 0:
+        return XH
+    if nnz > _SPARSE_UPDATE_SHARE * D.numel():
+        return XH - D @ H
+    return XH - torch.sparse.mm(D.to_sparse(), H)
+
+
+def masked_cg(TH: Tensor, H: Tensor, mask: Tensor, X0: Tensor, tol: float, max_iters: int,
+              X0H: Tensor | None = None) -> MaskedCG:
     """Jacobi-preconditioned CG on every row's QP ``min (x - t)^T H (x - t)`` with x zero off the row's mask.
 
     TH [d_out, d_in]: the targets times H, ``T H``; H [d_in, d_in] symmetric positive definite; mask
-    [d_out, d_in] bool (True = free); X0 [d_out, d_in] the start (off-mask entries ignored). Arithmetic
-    in TH's dtype. Stops once every row's residual ``||(T H - X H)_K||`` is at most ``tol ||(T H)_K||``, or
+    [d_out, d_in] bool (True = free); X0 [d_out, d_in] the start (off-mask entries ignored); X0H
+    [d_out, d_in] optionally ``X0 @ H`` (X0 before masking), e.g. the ``XH`` of the previous solve, which
+    saves the start's product (the entries of X0 off the mask are taken out by :func:`without_entries`).
+    Arithmetic in TH's dtype. Stops once every row's residual ``||(T H - X H)_K||`` is at most ``tol ||(T H)_K||``, or
     after ``max_iters`` steps of one ``[d_out, d_in] @ [d_in, d_in]`` product each. From a feasible start
     every step lowers each row's objective (CG minimises it over a growing Krylov space), up to rounding.
-    Returns (X [d_out, d_in] with exact zeros off the mask, steps taken).
+    Returns (X with exact zeros off the mask, steps taken, X @ H).
     """
     m = mask.to(TH.dtype)
     dinv = 1.0 / torch.diagonal(H).clamp_min(torch.finfo(H.dtype).tiny)
-    X = m * X0.to(TH.dtype)
-    R = m * (TH - X @ H)
-    scale = (m * TH).norm(dim=1).clamp_min(torch.finfo(TH.dtype).tiny)
-    Z = R * dinv
-    P = Z.clone()
-    rz = (R * Z).sum(1)
+    X0 = X0.to(TH.dtype)
+    X = m * X0
+    if X0H is None:
+        XH = X @ H
+    else:
+        XH = without_entries(X0H.to(TH.dtype), X0 - X, H)
+    # R, Z and P stay zero off the mask, so P H needs no masking where it meets P (p^T H p) and R is
+    # re-masked in place after each update (fewer full passes over [d_out, d_in] than masked copies)
+    R = (TH - XH).mul_(m)
+    scale = torch.linalg.vector_norm(m * TH, dim=1).clamp_min(torch.finfo(TH.dtype).tiny)
+    P = R * dinv
+    rz = torch.linalg.vecdot(R, P)
     zero = torch.zeros((), dtype=TH.dtype, device=TH.device)
     for step in range(max_iters):
-        if bool((R.norm(dim=1) <= tol * scale).all()):
-            return X, step
-        AP = m * (P @ H)
-        pAp = (P * AP).sum(1)
-        alpha = torch.where(pAp > 0, rz / torch.where(pAp > 0, pAp, 1.0), zero)
-        X.addcmul_(alpha[:, None], P)
-        R.addcmul_(alpha[:, None], AP, value=-1)
+        if bool((torch.linalg.vector_norm(R, dim=1) <= tol * scale).all()):
+            return MaskedCG(X, step, XH)
+        PH = P @ H
+        pAp = torch.linalg.vecdot(P, PH)
+        alpha = torch.where(pAp > 0, rz / torch.where(pAp > 0, pAp, 1.0), zero)[:, None]
+        X.addcmul_(alpha, P)
+        XH.addcmul_(alpha, PH)
+        R.addcmul_(alpha, PH, value=-1).mul_(m)
         Z = R * dinv
-        rz_new = (R * Z).sum(1)
+        rz_new = torch.linalg.vecdot(R, Z)
         beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1.0), zero)
-        P = Z + beta[:, None] * P
+        P = Z.addcmul_(beta[:, None], P)
         rz = rz_new
-    return X, max_iters
+    return MaskedCG(X, max_iters, XH)
 
 
 @dataclass
@@ -405,14 +463,19 @@ def _fast_loop(
 
     * The objective is kept in the coordinates of the Cholesky factor ``H = C C^T`` (C lower triangular;
       the exact path's ``H^{1/2}`` serves the same purpose but needs an eigendecomposition, 1.1 s for
-      d_in = 1536 against 0.05 s): ``M = (W - S) C`` (one float64 product per iteration, ``W C``
-      formed once) and ``L C = P diag(sigma) Z^T`` (rank r), ``f = ||M - L C||_F^2``. The low-rank step
+      d_in = 1536 against 0.05 s): ``M = (W - S) C`` (one float64 product per iteration,
+      :func:`lower_matmul`, which skips C's zero half; ``W C`` formed once) and ``L C = P diag(sigma) Z^T``
+      (rank r), ``f = ||M - L C||_F^2`` (by its expansion, one thin product, see ``obj``). The low-rank step
       in these coordinates is still the reduced-rank regression ``L = [best rank-r of (W - S) C] C^{-1}``
       (the same minimiser: the objective is the same function of L). Both f after the sparse step (previous L) and f after the low-rank step
       (new L) are read off M in float64, so every accept/reject below compares exact float64 values.
-    * Sparse step ('optima'): the same Wanda-style mask of ``W - L``; its QP gets at most
-      ``inner_iters`` Jacobi-preconditioned CG steps (:func:`masked_cg`, in ``optima_dtype``) from the
-      previous S (zero on entries new to the mask), stopped earlier at the tolerance
+    * Sparse step ('optima'): the same Wanda-style mask of ``W - L`` (scored in ``optima_dtype``; the
+      k-per-row cut warm-started from the previous iteration's, as in OATS's thresholding), its QP
+      gets at most ``inner_iters`` Jacobi-preconditioned CG steps (:func:`masked_cg`, in
+      ``optima_dtype``) from the previous S (zero on entries new to the mask). The start's product
+      ``S H`` is the previous solve's, carried along its steps, less the entries that left the mask
+      (:func:`without_entries`, a sparse product), so a sparse step costs one ``[d_out, d_in] @
+      [d_in, d_in]`` product per CG step and none for its start. The solve stops earlier at the tolerance
       ``max(optima_tol, min(INNER_TOL_MAX, INNER_TOL_FACTOR sqrt(delta)))``, delta the relative decrease
       of f in the previous outer iteration (the solves tighten as the loop converges); the first one
       starts from ``W - L`` masked. 'sparsegpt' proposals are the exact path's (the OBS
@@ -427,8 +490,9 @@ def _fast_loop(
       the previous f, which keeps the recorded objective non-increasing at fewer CG steps.
     * Low-rank step: OATS's warm-started subspace iteration (``sparse_lowrank.decompose``, ``svd_tol``
       ``SVD_TOL``, r + 8 vectors) on M in float64 instead of a full SVD. The exact step is the best rank
-      r; this one is the best rank r within the subspace found, and f is checked: if it rose above the
-      value before the step (cannot happen for the exact step), the full float64 SVD of M is taken.
+      r; this one is the best rank r within the subspace found, which contains the current L's row
+      space, so it cannot raise f but by rounding. It is checked where the iteration would not
+      descend: if f is then above the current L's on the same M, the full float64 SVD of M is taken.
     """
     d_out, d_in = W.shape
     f0 = max(gram_objective(W, Hd), 1e-300)
@@ -438,10 +502,14 @@ def _fast_loop(
         """B [r, d_in] -> B C^{-1}."""
         return torch.linalg.solve_triangular(C, B, upper=False, left=False)
 
-    WC = W @ C
-    Hs = Hd.to(optima_dtype)
-    WH = W @ Hd
+    WC = lower_matmul(W, C)
+    # the sparse step's arithmetic (targets, mask scores, CG) in optima_dtype; M and f in float64
+    wd = optima_dtype
+    Hs, Ws, WHs, Cs = Hd.to(wd), W.to(wd), (W @ Hd).to(wd), C.to(wd)
     lowrank = _LowRank(rank, "fast", None, SVD_TOL, 8)
+    # the Wanda-style mask, warm-started from the previous cut as in OATS's thresholding (a top-k set, as keep_topk_rows's)
+    threshold = _RowThreshold(keep_per_row) if nm is None else None
+    col_scale = torch.diagonal(Hd).clamp(min=0).sqrt().to(wd)
     z = W.new_zeros(())
 
     def lr_step(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -454,15 +522,26 @@ def _fast_loop(
         lowrank.Vh = Zt[: lowrank.Vh.shape[-2]].unsqueeze(0) if lowrank.Vh is not None else None
         return P[:, :rank] * sig[:rank], Zt[:rank], sig[:rank]
 
-    def obj(M: Tensor, A: Tensor, B: Tensor) -> float:
-        return float((M - A @ B).square().sum())
+    def obj(M: Tensor, A: Tensor, B: Tensor, m2: float) -> float:
+        """||M - A B||_F^2 (m2 = ||M||_F^2).
+
+        As ||M||^2 - 2 <A, M B^T> + <A^T A, B B^T>: one thin product and no [d_out, d_in] temporary. Its
+        rounding error is of order eps ||M||^2, so where f is below OBJ_EXPANSION_FLOOR ||M||^2 (a nearly
+        exact fit) it is recomputed directly, keeping every comparison and the record accurate to ~1e-11.
+        """
+        f = m2 - 2 * float((A * (M @ B.T)).sum()) + float(((A.T @ A) * (B @ B.T)).sum())
+        if f < OBJ_EXPANSION_FLOOR * m2:
+            f = float((M - A @ B).square().sum())
+        return f
 
     # the rank-r part is carried as L C = A B (A = P sigma [d_out, r], B = Z^T [r, d_in])
     if init == "lowrank":
         A, B, sig = lr_step(WC)
     else:
         A, B, sig = W.new_zeros(d_out, rank), W.new_zeros(rank, d_in), W.new_zeros(rank)
-    S: Tensor | None = None
+    S: Tensor | None = None  # float64, zero off the mask (-0.0 possible until the end)
+    Sw: Tensor | None = None  # S in optima_dtype (the CG's own iterate)
+    SH: Tensor | None = None  # S @ H in optima_dtype, carried from the CG that produced S
     M: Tensor | None = None
     mask: Tensor | None = None
     f = math.inf
@@ -471,59 +550,67 @@ def _fast_loop(
     rejected, stopped, lr_fallbacks = 0, False, 0
     delta = 1.0  # relative decrease of f in the previous outer iteration
 
-    def cg(TH: Tensor, m: Tensor, start: Tensor, tol: float, n: int) -> tuple[Tensor, int]:
-        X, steps = masked_cg(TH, Hs, m, start, tol, n)
-        return torch.where(m, X.double(), z), steps
+    def cg(TH: Tensor, m: Tensor, start: Tensor, start_h: Tensor | None, tol: float, n: int) -> tuple[Tensor, Tensor, int, Tensor]:
+        """(S float64, S in optima_dtype, CG steps, S @ H): X is exactly zero off the mask already."""
+        X, steps, XH = masked_cg(TH, Hs, m, start, tol, n, start_h)
+        return X.double(), X, steps, XH
 
-    def lowrank_after(M: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
-        """The low-rank step on M = (W - S) C, never above f with the current L: (A, B, sigma, f)."""
+    def lowrank_after(M: Tensor, bound: float) -> tuple[Tensor, Tensor, Tensor, float]:
+        """The low-rank step on M = (W - S) C: (A, B, sigma, f), f never above f with the current L.
+
+        The subspace iteration's answer stands when f is at most ``bound`` (the previous iteration's
+        f: the iteration descends either way); only above it is it compared with the current L's f on
+        this M, and replaced by the exact step where it is worse (it cannot be in exact arithmetic: the
+        warm-start subspace contains the current L's row space).
+        """
         nonlocal lr_fallbacks
-        f_before = obj(M, A, B)
+        m2 = float(torch.linalg.vector_norm(M).square())
         A_new, B_new, sig_new = lr_step(M)
-        f_lr = obj(M, A_new, B_new)
-        if f_lr > f_before:  # the subspace missed: the exact step (cannot raise f)
+        f_lr = obj(M, A_new, B_new, m2)
+        if f_lr > bound and f_lr > obj(M, A, B, m2):  # the subspace missed: the exact step (cannot raise f)
             lr_fallbacks += 1
             A_new, B_new, sig_new = exact_lr(M)
-            f_lr = obj(M, A_new, B_new)
+            f_lr = obj(M, A_new, B_new, m2)
         return A_new, B_new, sig_new, f_lr
 
     for it in range(iters):
-        Td = W - A @ right_inv(B)  # W - L
-        T = Td.to(optima_dtype)
-        TH = (WH - A @ (B @ C.T)).to(optima_dtype)  # (W - L) H, with L H = A B C^T
+        Aw, Bw = A.to(wd), B.to(wd)
+        T = Ws - Aw @ torch.linalg.solve_triangular(Cs, Bw, upper=False, left=False)  # W - L, with L = A B C^{-1}
+        TH = WHs - Aw @ (Bw @ Cs.T)  # (W - L) H, with L H = A B C^T
         tol = max(optima_tol, min(INNER_TOL_MAX, INNER_TOL_FACTOR * math.sqrt(max(delta, 0.0))))
         info: dict[str, Any] = {"inner_tol": tol}
         if sparse_step_method == "optima":
-            mask_new = wanda_gram_mask(Td, Hd, keep_per_row, nm)
-            S_new, n_cg = cg(TH, mask_new, T if S is None else S.to(optima_dtype), tol, inner_iters)
+            mask_new = threshold.mask(T * col_scale) > 0 if threshold is not None else wanda_gram_mask(T, Hd, keep_per_row, nm)
+            S_new, Sw_new, n_cg, SH_new = cg(TH, mask_new, T if Sw is None else Sw, SH, tol, inner_iters)
             info["optima_iters"] = n_cg
         else:
-            S_new, mask_new, sinfo = sparse_step(Td, Hd, keep_per_row, nm, "sparsegpt", blocksize)
+            S_new, mask_new, sinfo = sparse_step(W - A @ right_inv(B), Hd, keep_per_row, nm, "sparsegpt", blocksize)
+            Sw_new, SH_new = S_new.to(wd), None
             info.update(sinfo)
-        M_new = WC - S_new @ C
+        M_new = WC - lower_matmul(S_new, C)
         # a SparseGPT proposal is refused as on the exact path, when the sparse step itself raises f
-        refuse = sparse_step_method == "sparsegpt" and S is not None and obj(M_new, A, B) > f
+        refuse = sparse_step_method == "sparsegpt" and S is not None and obj(M_new, A, B, float(torch.linalg.vector_norm(M_new).square())) > f
         if not refuse:
-            A_new, B_new, sig_new, f_new = lowrank_after(M_new)
+            A_new, B_new, sig_new, f_new = lowrank_after(M_new, f)
         if S is not None and not refuse and f_new > f and sparse_step_method == "optima":
             # tighter: more CG steps on the same mask, a chunk at a time, until the iteration descends
             # or the QP is solved to optima_tol (the exact path's proposal)
             spent, converged = 0, False
             while f_new > f and not converged and spent < optima_max_iters:
-                S_new, n_cg = cg(TH, mask_new, S_new.to(optima_dtype), optima_tol, inner_iters)
+                S_new, Sw_new, n_cg, SH_new = cg(TH, mask_new, Sw_new, SH_new, optima_tol, inner_iters)
                 spent, converged = spent + n_cg, n_cg < inner_iters
-                M_new = WC - S_new @ C
-                A_new, B_new, sig_new, f_new = lowrank_after(M_new)
+                M_new = WC - lower_matmul(S_new, C)
+                A_new, B_new, sig_new, f_new = lowrank_after(M_new, f)
             info["tightened_iters"] = spent
         if S is not None and (refuse or f_new > f):
             # the new mask raises f even so: re-solve the previous mask from the previous S instead
             # (CG from a feasible point: f cannot rise but by rounding, which the check below catches)
             rejected += 1
             assert mask is not None and M is not None
-            S_new, n_cg = cg(TH, mask, S.to(optima_dtype), tol, inner_iters)
+            S_new, Sw_new, n_cg, SH_new = cg(TH, mask, Sw, SH, tol, inner_iters)
             mask_new = mask
-            M_new = WC - S_new @ C
-            A_new, B_new, sig_new, f_new = lowrank_after(M_new)
+            M_new = WC - lower_matmul(S_new, C)
+            A_new, B_new, sig_new, f_new = lowrank_after(M_new, f)
             info.update(requad_iters=n_cg, rejected=True)
             steps.append(info)
             if f_new >= f * (1 - 1e-12):  # no progress left (or rounding): keep the previous iterate and stop
@@ -532,12 +619,13 @@ def _fast_loop(
                 break
         else:
             steps.append(info)
-        S, M, mask = S_new, M_new, mask_new
+        S, Sw, SH, M, mask = S_new, Sw_new, SH_new, M_new, mask_new
         A, B, sig = A_new, B_new, sig_new
         delta = (f - f_new) / f_new if math.isfinite(f) and f_new > 0 else 1.0
         f = f_new
         objective.append(math.sqrt(max(f, 0.0) / f0))
     assert S is not None and mask is not None
+    S = torch.where(mask, S, z)  # exact (positive) zeros off the mask
     root = sig.clamp(min=0).sqrt()
     inv_root = torch.where(root > 0, 1 / root.clamp(min=1e-300), z)
     U = A * inv_root  # P sigma^{1/2}

@@ -14,9 +14,11 @@ from sparse_lowrank.gram_slr import (
     compress_weight,
     gram_objective,
     gram_slr,
+    lower_matmul,
     lowrank_step,
     masked_cg,
     sparse_step,
+    without_entries,
 )
 from weight_updates.optima import dampen, exact_rowwise
 from sparse_lowrank.common import oats_budget
@@ -269,14 +271,14 @@ def test_masked_cg_equals_exact_rowwise_and_descends_every_step(nm):
     H, *_ = dampen(_gram(d_in, corr=1.5, seed=22), 0.01)
     scores = torch.rand(d_out, d_in, generator=g)
     mask = scores >= scores.median(1, keepdim=True).values if nm is None else (scores.reshape(d_out, -1, 4).argsort(-1).argsort(-1) >= 2).reshape(d_out, d_in)
-    X, steps = masked_cg(T @ H, H, mask, torch.zeros_like(T), 1e-12, 1000)
+    X, steps, _ = masked_cg(T @ H, H, mask, torch.zeros_like(T), 1e-12, 1000)
     assert 0 < steps < 1000
     torch.testing.assert_close(X, exact_rowwise(T, H, mask), rtol=0, atol=1e-9 * float(T.abs().max()))
     assert (X[~mask] == 0).all()
     start = T * mask
     prev = _f_rows(start, T, H)
     for k in range(1, 8):
-        Xk, _ = masked_cg(T @ H, H, mask, start, 0.0, k)
+        Xk, *_ = masked_cg(T @ H, H, mask, start, 0.0, k)
         fk = _f_rows(Xk, T, H)
         assert (fk <= prev * (1 + 1e-12)).all()
         prev = fk
@@ -289,6 +291,51 @@ def test_masked_cg_equals_exact_rowwise_and_descends_every_step(nm):
 # raises f only to second order in its residual: measured relative gaps are 6e-9 to 7e-7. 1e-4 leaves room
 # for other BLAS builds and is still far below what a different mask costs (>= 4e-4 here, 0.26-1.2 in the
 # cases where a loose inner tolerance sent the fast loop to another mask).
+@pytest.mark.parametrize("n,block", [(40, 256), (40, 16), (49, 16), (64, 16), (17, 1)])
+def test_lower_matmul_is_the_dense_product(n, block):
+    """Blocks that skip the lower-triangular factor's zero half give X @ C (n below, at and off a multiple of block)."""
+    g = torch.Generator().manual_seed(n)
+    C = torch.linalg.cholesky(_gram(n, seed=n))
+    X = torch.randn(23, n, generator=g, dtype=torch.float64)
+    out = lower_matmul(X, C, block)
+    assert out.shape == (23, n)
+    torch.testing.assert_close(out, X @ C, rtol=1e-12, atol=1e-12 * float((X.abs() @ C.abs()).max()))
+
+
+@pytest.mark.parametrize("share", [0.01, 0.3, 0.9])
+def test_without_entries_takes_the_leaving_entries_out(share, monkeypatch):
+    """XH - D H equals (X - D) H whether D is taken out sparsely or (past the share) densely; both paths run."""
+    import sparse_lowrank.gram_slr as gs
+
+    g = torch.Generator().manual_seed(3)
+    H = _gram(48, seed=4)
+    X = torch.randn(20, 48, generator=g, dtype=torch.float64)
+    D = X * (torch.rand(20, 48, generator=g) < share)
+    calls = []
+    real_mm = torch.sparse.mm
+    monkeypatch.setattr(gs.torch.sparse, "mm", lambda a, b: calls.append(a._nnz()) or real_mm(a, b))
+    out = without_entries(X @ H, D, H)
+    torch.testing.assert_close(out, (X - D) @ H, rtol=1e-10, atol=1e-10 * float((X @ H).abs().max()))
+    assert calls == ([int((D != 0).sum())] if share < gs._SPARSE_UPDATE_SHARE else [])
+    assert torch.equal(without_entries(X @ H, torch.zeros_like(D), H), X @ H)
+
+
+def test_masked_cg_with_a_carried_product_is_the_same_solve():
+    """Starting from X0 with X0 H given (entries of X0 off the mask taken out) gives the same iterates as
+    computing the start's product, and the XH it returns is X H."""
+    g = torch.Generator().manual_seed(8)
+    d_out, d_in = 12, 40
+    T = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    H, *_ = dampen(_gram(d_in, corr=1.5, seed=9), 0.01)
+    mask = torch.rand(d_out, d_in, generator=g) < 0.5
+    X0 = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)  # nonzero off the mask too
+    plain = masked_cg(T @ H, H, mask, X0, 0.0, 5)
+    carried = masked_cg(T @ H, H, mask, X0, 0.0, 5, X0H=X0 @ H)
+    torch.testing.assert_close(carried.X, plain.X, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(carried.XH, carried.X @ H, rtol=1e-10, atol=1e-10 * float((carried.X @ H).abs().max()))
+    assert carried.steps == plain.steps == 5 and (carried.X[~mask] == 0).all()
+
+
 @pytest.mark.parametrize("shape,sparsity,noise", [((64, 128), 0.8, 1e-2), ((64, 128), 0.8, 1e-3), ((48, 96), 0.7, 1e-2),
                                                   ((32, 64), 0.6, 1e-2)])
 def test_fast_solver_reaches_the_exact_solvers_objective_on_planted_problems(shape, sparsity, noise):
