@@ -498,9 +498,13 @@ def _fast_loop(
     f0 = max(gram_objective(W, Hd), 1e-300)
     C = torch.linalg.cholesky(Hd)  # H = C C^T
 
-    def right_inv(B: Tensor) -> Tensor:
-        """B [r, d_in] -> B C^{-1}."""
-        return torch.linalg.solve_triangular(C, B, upper=False, left=False)
+    def right_inv(B: Tensor, factor: Tensor = C) -> Tensor:
+        """B [r, d_in] -> B C^{-1} (``factor``: C or its optima_dtype copy)."""
+        return torch.linalg.solve_triangular(factor, B, upper=False, left=False)
+
+    def coords(S: Tensor) -> Tensor:
+        """M = (W - S) C [d_out, d_in], float64."""
+        return WC - lower_matmul(S, C)
 
     WC = lower_matmul(W, C)
     # the sparse step's arithmetic (targets, mask scores, CG) in optima_dtype; M and f in float64
@@ -575,7 +579,7 @@ def _fast_loop(
 
     for it in range(iters):
         Aw, Bw = A.to(wd), B.to(wd)
-        T = Ws - Aw @ torch.linalg.solve_triangular(Cs, Bw, upper=False, left=False)  # W - L, with L = A B C^{-1}
+        T = Ws - Aw @ right_inv(Bw, Cs)  # W - L, with L = A B C^{-1}
         TH = WHs - Aw @ (Bw @ Cs.T)  # (W - L) H, with L H = A B C^T
         tol = max(optima_tol, min(INNER_TOL_MAX, INNER_TOL_FACTOR * math.sqrt(max(delta, 0.0))))
         info: dict[str, Any] = {"inner_tol": tol}
@@ -587,7 +591,7 @@ def _fast_loop(
             S_new, mask_new, sinfo = sparse_step(W - A @ right_inv(B), Hd, keep_per_row, nm, "sparsegpt", blocksize)
             Sw_new, SH_new = S_new.to(wd), None
             info.update(sinfo)
-        M_new = WC - lower_matmul(S_new, C)
+        M_new = coords(S_new)
         # a SparseGPT proposal is refused as on the exact path, when the sparse step itself raises f
         refuse = sparse_step_method == "sparsegpt" and S is not None and obj(M_new, A, B, float(torch.linalg.vector_norm(M_new).square())) > f
         if not refuse:
@@ -599,7 +603,7 @@ def _fast_loop(
             while f_new > f and not converged and spent < optima_max_iters:
                 S_new, Sw_new, n_cg, SH_new = cg(TH, mask_new, Sw_new, SH_new, optima_tol, inner_iters)
                 spent, converged = spent + n_cg, n_cg < inner_iters
-                M_new = WC - lower_matmul(S_new, C)
+                M_new = coords(S_new)
                 A_new, B_new, sig_new, f_new = lowrank_after(M_new, f)
             info["tightened_iters"] = spent
         if S is not None and (refuse or f_new > f):
@@ -609,7 +613,7 @@ def _fast_loop(
             assert mask is not None and M is not None
             S_new, Sw_new, n_cg, SH_new = cg(TH, mask, Sw, SH, tol, inner_iters)
             mask_new = mask
-            M_new = WC - lower_matmul(S_new, C)
+            M_new = coords(S_new)
             A_new, B_new, sig_new, f_new = lowrank_after(M_new, f)
             info.update(requad_iters=n_cg, rejected=True)
             steps.append(info)
