@@ -50,14 +50,15 @@ Where we depart from the papers:
   (``info['gram_slr_stopped_early']``). So the sparse step ``'sparsegpt'`` is SparseGPT's proposal
   with an OPTIMA fall-back; ``info['gram_slr_rejected_steps']`` counts the fall-backs.
 * **Inexact inner solves** (``solver``, config key ``gram_slr_solver``; default ``'fast'``): the loop only
-  needs descent, so by default each sparse step's QP gets a few float32 CG steps (warm-started, the
-  tolerance tightening as the loop converges) and the low-rank step OATS's warm-started subspace
+  needs descent, so by default each sparse step's QP gets two float32 CG steps (warm-started, the
+  tolerance tightening as the loop converges; preconditioned by Jacobi with the Gram's top 16
+  correlation directions taken out, ``Deflation``) and the low-rank step OATS's warm-started subspace
   iteration instead of a full SVD, with the objective checked in float64 after every iteration and
   tighter solves (or the previous iterate) where it rose (``_fast_loop``). ``'exact'`` is the loop
   described above, every QP to ``optima_tol`` and a float64 SVD per iteration: the reference. On
-  SmolLM2-135M block 3 at 50% (20 iterations) the fast solver ends within 1% of the exact one
-  (q_proj +0.7%, o_proj +0.05%, down_proj -0.9%) at 1/6 (q_proj) to 1/14 (down_proj) of its time per
-  iteration (one thread, a shared CPU; see ``DEFAULT_INNER_ITERS``).
+  SmolLM2-135M block 3 at 50% (32 C4 windows x 512 tokens, 20 iterations) the fast solver ends within 1%
+  of the exact one (from -0.2% on o_proj to +0.8% on v_proj) at 1/5 (k_proj) to 1/9 (down_proj) of its
+  CPU time (one thread, a shared CPU; see ``DEFAULT_PRECOND_RANK``).
 * With ``rank = 0`` (``rank_ratio 0``) this is a single sparse step: row-scoped SparseGPT with exact
   per-row counts (or Wanda + OPTIMA).
 
@@ -83,7 +84,7 @@ from baselines.masks import keep_topk_rows, nm_mask
 from baselines.sparsegpt import KEYS as SPARSEGPT_KEYS
 from baselines.sparsegpt import sparsegpt_prune
 from oats.interface import Budget, CompressedWeight, InputStats, Method
-from oats.keys import Key, KeyTable, choice, positive
+from oats.keys import Key, KeyTable, choice, non_negative, positive
 from sparse_lowrank.common import RANK_RATIO, budget_info, build_module, oats_budget, validate
 from sparse_lowrank.decompose import SVD_TOL, _LowRank, _RowThreshold
 from weight_updates.optima import KEYS as OPTIMA_KEYS
@@ -109,25 +110,39 @@ SOLVERS = ("fast", "exact")
 # of the two everywhere, hence the default. 20 iterations are within 0-3% of 40 at half the cost.
 DEFAULT_ITERS = 20
 
-# The fast solver's inner solves (``_fast_loop``): at most ``gram_slr_inner_iters`` Jacobi-preconditioned
-# CG steps per sparse step (float32), stopped earlier once every row's relative residual is below
+# The fast solver's inner solves (``_fast_loop``): at most ``gram_slr_inner_iters`` preconditioned CG steps
+# per sparse step (float32), stopped earlier once every row's relative residual is below
 # max(optima_tol, min(INNER_TOL_MAX, INNER_TOL_FACTOR * sqrt(delta))), delta the relative decrease of f in
 # the previous outer iteration: a residual rho leaves an objective excess of order rho^2, so the solve
 # is kept well below what the outer loop still gains, and tightens as it converges. The cap matters on
 # small problems, where a loose tolerance is met in one step: without it (tolerance up to 0.45 early
 # on) a planted 32 x 64 problem at 60% ended in another mask, its objective 1.2x higher than the exact
 # solver's; with it, at 1e-3, every planted case tried ends on the exact solver's mask (tests).
-# Jacobi rather than OPTIMA's P H^-1 P: on SmolLM2 (block 3 q_proj, 3 steps an iteration) the same
-# objective per step (0.08153 against 0.08150 after 20 iterations) at one product a step instead of two.
-# Inner steps (SmolLM2-135M block 3, 8 C4 windows x 256 tokens, 50%, 20 iterations, relative objective;
-# exact solver q_proj .08110, o_proj .10776, down_proj .14553): 3 steps q .08172 o .11052 down .14592
-# gate .16111; 4 steps q .08169 o .10781 down .14421 gate .16070.
+# The preconditioner (``Deflation``, config key ``gram_slr_precond_rank``): Jacobi with the Gram's top
+# DEFAULT_PRECOND_RANK correlation directions taken out, at the cost of a fraction of a product a step (OPTIMA's
+# P H^-1 P costs a second product; on SmolLM2 it gave Jacobi's objective per step). On one fixed QP of
+# SmolLM2-135M block 3 (its final mask and target, warm start) the excess over the optimum after 2 / 4 CG
+# steps: o_proj Jacobi 1.3e-2 / 6.1e-3, top 32 taken out 4.2e-3 / 1.4e-3; down_proj Jacobi 1.5e-3 / 2.4e-4,
+# top 32 3.6e-4 / 1.5e-5. Whole loop, the same block (32 C4 windows x 512 tokens, 20 iterations, relative
+# objective against 4 Jacobi steps): 2 steps with 16 directions -0.1% to +0.3% at 50% (7 layers), -0.1%
+# to +0.1% at 70%, at about 80% of the CPU time; 2 Jacobi steps +0.5% to +5.6% (o_proj); 3 Jacobi steps
+# 0% to +1.2%; 32 directions no better than 16 at 2 steps, and their per-row k x k inverses cost more.
+DEFAULT_PRECOND_RANK = 16
 INNER_TOL_FACTOR = 0.1
 INNER_TOL_MAX = 1e-3
-DEFAULT_INNER_ITERS = 4
+DEFAULT_INNER_ITERS = 2
 
 # below this share of ||M||^2 the fast loop's objective is computed directly, not by its expansion (``obj``)
 OBJ_EXPANSION_FLOOR = 1e-4
+
+# The fast loop's M = (W - S) C comes from a float32 product (S is the CG's float32 iterate, W C is formed
+# once in float64) while f is at least F32_M_FLOOR ||M||^2 (0.16-0.20 on SmolLM2's layers at 50%); below it
+# (a nearly exact fit) from a float64 one. Measured on SmolLM2-135M block 3: the float32 M is off by
+# 3e-7 to 7e-7 of ||M||, which moves f by 1e-10 to 3e-9 of f (at most 2 ||dM|| sqrt(f), 6e-6 f at the
+# floor, in the worst alignment). Where f_new and f differ by less than F32_M_MARGIN f, both are recomputed
+# from float64 M's before they are compared, so every accept/reject is exact.
+F32_M_FLOOR = 0.05
+F32_M_MARGIN = 1e-5
 
 # Its own keys, and the keys it shares with OATS (the budget), SparseGPT (dampening, block size) and
 # OPTIMA (the QP solver), declared by their owners and reused here so the two can never differ.
@@ -138,6 +153,7 @@ KEYS = KeyTable({
     "gram_slr_init": Key("sparse", (str,), "gram_slr start: `sparse` (L = 0, the first sparse step sees W) or `lowrank` (S = 0, L = reduced-rank regression of W, as OATS)", choice(*INITS)),
     "gram_slr_solver": Key("fast", (str,), "gram_slr inner solves: `fast` (a few CG steps in `optima_dtype` per sparse step, warm-started subspace iteration for the low-rank step, objective checked every iteration) or `exact` (every QP to `optima_tol`, a float64 SVD per low-rank step: the reference)", choice(*SOLVERS)),
     "gram_slr_inner_iters": Key(DEFAULT_INNER_ITERS, (int,), "gram_slr `fast` solver: CG steps at most per sparse step (fewer once the residual is below the tightening tolerance)", positive),
+    "gram_slr_precond_rank": Key(DEFAULT_PRECOND_RANK, (int,), "gram_slr `fast` solver: top correlation directions of the Gram taken out of the CG's Jacobi preconditioner (0 = plain Jacobi)", non_negative),
     "percdamp": SPARSEGPT_KEYS["percdamp"],
     "blocksize": SPARSEGPT_KEYS["blocksize"],
     **{k: OPTIMA_KEYS[k] for k in ("optima_tol", "optima_max_iters", "optima_dtype")},
@@ -299,14 +315,90 @@ def without_entries(XH: Tensor, D: Tensor, H: Tensor) -> Tensor:
     return XH - torch.sparse.mm(D.to_sparse(), H)
 
 
+def top_eigenpairs(A: Tensor, k: int, oversample: int = 8, power_steps: int = 3) -> tuple[Tensor, Tensor]:
+    """Approximate top-k eigenpairs of a symmetric positive semidefinite A [n, n], k < n: (lam [k] descending,
+    V [n, k] orthonormal columns), by seeded randomised subspace iteration (a few [n, n] @ [n, k + oversample]
+    products: milliseconds where a full eigendecomposition of n = 1536 takes a second)."""
+    n = A.shape[0]
+    g = torch.Generator(A.device).manual_seed(0)
+    Q = torch.linalg.qr(A @ torch.randn(n, min(n, k + oversample), generator=g, dtype=A.dtype, device=A.device)).Q
+    for _ in range(power_steps):
+        Q = torch.linalg.qr(A @ Q).Q
+    lam, Z = torch.linalg.eigh(Q.T @ A @ Q)
+    return lam.flip(0)[:k], (Q @ Z).flip(1)[:, :k]
+
+
+@dataclass
+class Deflation:
+    """A preconditioner for :func:`masked_cg`: Jacobi with the Gram's top correlation directions taken out.
+
+    With D = diag H, the correlation matrix ``R = D^{-1/2} H D^{-1/2}`` is approximated by ``I + V diag(lam - 1) V^T``
+    (V [d_in, k] its top eigenvectors, lam > 1 their eigenvalues), so each row's masked system H_KK by
+    ``D_K^{1/2} (I + V_K diag(lam - 1) V_K^T) D_K^{1/2}`` (V_K: V's rows on the row's mask K), whose inverse is applied
+    by Woodbury: ``z = D^{-1/2} (y - V_K G^{-1} V_K^T y)``, ``y = D^{-1/2} r``, ``G = diag(1 / (lam - 1)) + V_K^T V_K``
+    [k, k] per row. It is symmetric positive definite for any orthonormal V and lam > 1, so the CG is a PCG whatever
+    the quality of V; k = 0 is Jacobi. On SmolLM2 Grams R's spectrum is spread (top eigenvalues 14-130, the 32nd
+    2.4-3.9, the smallest 0.01-0.15), and with the top directions taken out two CG steps reach about what four
+    Jacobi steps reach (``DEFAULT_PRECOND_RANK``). The per-row Gram ``V_K^T V_K`` costs a [d_out, d_in] @
+    [d_in, k^2] product for a new mask, and a sparse one over the changed entries when moved (``at``).
+    """
+
+    dis: Tensor  # D^{-1/2} [d_in]
+    V: Tensor  # [d_in, k]
+    shift: Tensor  # 1 / (lam - 1) [k]
+    VV: Tensor  # [d_in, k * k], row j the flattened v_j v_j^T (v_j: V's row j)
+    dinv: Tensor  # 1 / diag H [d_in]
+    Vd: Tensor  # D^{-1/2} V [d_in, k]
+
+    @classmethod
+    def of(cls, H: Tensor, k: int, dtype: torch.dtype, min_eig: float = 1.5) -> "Deflation":
+        """From H [d_in, d_in] (float64): the top k correlation directions, those with eigenvalue >= min_eig."""
+        dis = torch.diagonal(H).clamp_min(torch.finfo(H.dtype).tiny).rsqrt()
+        lam, V = top_eigenpairs(H * dis[:, None] * dis[None, :], min(k, H.shape[0] - 1))
+        keep = lam >= min_eig
+        lam, V = lam[keep], V[:, keep]
+        VV = (V[:, :, None] * V[:, None, :]).reshape(V.shape[0], -1)
+        return cls(dis.to(dtype), V.to(dtype), (1 / (lam - 1)).to(dtype), VV.to(dtype), dis.square().to(dtype),
+                   (dis[:, None] * V).to(dtype))
+
+    def at(self, mask: Tensor, base: "MaskedDeflation | None" = None) -> "MaskedDeflation":
+        """The preconditioner for one mask [d_out, d_in]; from ``base`` (another mask's) by the entries that changed."""
+        m = mask.to(self.V.dtype)
+        if base is None:
+            G = m @ self.VV
+        else:  # G_new = G + (m_new - m_old) @ VV, a sparse product while few entries changed
+            G = without_entries(base.G, base.m - m, self.VV)
+        k = self.V.shape[1]
+        Ginv = torch.cholesky_inverse(torch.linalg.cholesky(torch.diag(self.shift) + G.view(-1, k, k)))
+        return MaskedDeflation(self, mask, m, m * self.dis, G, Ginv)
+
+
+class MaskedDeflation(NamedTuple):
+    """:class:`Deflation` on one mask: callable on a residual R [d_out, d_in] (zero off the mask), returns the same shape."""
+
+    defl: Deflation
+    mask: Tensor  # [d_out, d_in] bool
+    m: Tensor  # the mask in the preconditioner's dtype
+    md: Tensor  # the mask times D^{-1/2} [d_out, d_in]
+    G: Tensor  # [d_out, k * k]: V_K^T V_K per row, flattened
+    Ginv: Tensor  # [d_out, k, k]: (diag(1 / (lam - 1)) + V_K^T V_K)^{-1}
+
+    def __call__(self, R: Tensor) -> Tensor:
+        d = self.defl
+        # z = D^{-1/2} (y - V_K G^{-1} V_K^T y), y = D^{-1/2} R; R is zero off the mask, so V_K^T y = R D^{-1/2} V
+        c = torch.bmm(self.Ginv, (R @ d.Vd).unsqueeze(-1)).squeeze(-1)
+        return (R * d.dinv).addcmul_(self.md, c @ d.V.T, value=-1)
+
+
 def masked_cg(TH: Tensor, H: Tensor, mask: Tensor, X0: Tensor, tol: float, max_iters: int,
-              X0H: Tensor | None = None) -> MaskedCG:
-    """Jacobi-preconditioned CG on every row's QP ``min (x - t)^T H (x - t)`` with x zero off the row's mask.
+              X0H: Tensor | None = None, precond: MaskedDeflation | None = None) -> MaskedCG:
+    """Preconditioned CG on every row's QP ``min (x - t)^T H (x - t)`` with x zero off the row's mask.
 
     TH [d_out, d_in]: the targets times H, ``T H``; H [d_in, d_in] symmetric positive definite; mask
     [d_out, d_in] bool (True = free); X0 [d_out, d_in] the start (off-mask entries ignored); X0H
     [d_out, d_in] optionally ``X0 @ H`` (X0 before masking), e.g. the ``XH`` of the previous solve, which
     saves the start's product (the entries of X0 off the mask are taken out by :func:`without_entries`).
+    ``precond``: a :class:`Deflation` for this mask (same dtype as TH); None = Jacobi (``1 / diag H``).
     Arithmetic in TH's dtype. Stops once every row's residual ``||(T H - X H)_K||`` is at most ``tol ||(T H)_K||``, or
     after ``max_iters`` steps of one ``[d_out, d_in] @ [d_in, d_in]`` product each. From a feasible start
     every step lowers each row's objective (CG minimises it over a growing Krylov space), up to rounding.
@@ -324,7 +416,8 @@ def masked_cg(TH: Tensor, H: Tensor, mask: Tensor, X0: Tensor, tol: float, max_i
     # re-masked in place after each update (fewer full passes over [d_out, d_in] than masked copies)
     R = (TH - XH).mul_(m)
     scale = torch.linalg.vector_norm(m * TH, dim=1).clamp_min(torch.finfo(TH.dtype).tiny)
-    P = R * dinv
+    apply = precond if precond is not None else (lambda R: R * dinv)
+    P = apply(R)
     rz = torch.linalg.vecdot(R, P)
     zero = torch.zeros((), dtype=TH.dtype, device=TH.device)
     for step in range(max_iters):
@@ -336,7 +429,7 @@ def masked_cg(TH: Tensor, H: Tensor, mask: Tensor, X0: Tensor, tol: float, max_i
         X.addcmul_(alpha, P)
         XH.addcmul_(alpha, PH)
         R.addcmul_(alpha, PH, value=-1).mul_(m)
-        Z = R * dinv
+        Z = apply(R)
         rz_new = torch.linalg.vecdot(R, Z)
         beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1.0), zero)
         P = Z.addcmul_(beta[:, None], P)
@@ -374,6 +467,8 @@ def gram_slr(
     init: str = "sparse",
     solver: str = "fast",
     inner_iters: int = DEFAULT_INNER_ITERS,
+    chol: Tensor | None = None,
+    precond_rank: int = DEFAULT_PRECOND_RANK,
 ) -> GramSLRResult:
     """Alternating minimisation of tr((W - S - UV) H (W - S - UV)^T) (see the module docstring).
 
@@ -385,7 +480,8 @@ def gram_slr(
     ``optima_max_iters`` CG steps), every low-rank step by a float64 thin SVD. solver 'fast': the same
     alternation with inexact inner solves, each checked against the objective (see :func:`_fast_loop`);
     ``inner_iters`` caps its CG steps per sparse step. With rank 0 (a single sparse step) both are the
-    exact path.
+    exact path. ``chol``: H's lower Cholesky factor (float64) where the caller has it already (dampening
+    computes it), saving one factorisation.
     """
     if iters < 1:
         raise ValueError(f"gram_slr_iters must be >= 1, got {iters}")
@@ -398,12 +494,13 @@ def gram_slr(
     d_out, d_in = W.shape
     if not 0 <= rank <= min(d_out, d_in):
         raise ValueError(f"rank {rank} must lie in [0, {min(d_out, d_in)}]")
+    C = torch.linalg.cholesky(Hd) if chol is None else chol.to(W.device, torch.float64)
     if solver == "fast" and rank > 0:
-        return _fast_loop(W, Hd, rank, keep_per_row, nm, iters, sparse_step_method, blocksize, optima_tol,
-                          optima_max_iters, optima_dtype, init, inner_iters)
+        return _fast_loop(W, Hd, C, rank, keep_per_row, nm, iters, sparse_step_method, blocksize, optima_tol,
+                          optima_max_iters, optima_dtype, init, inner_iters, precond_rank)
     f0 = max(gram_objective(W, Hd), 1e-300)
     sqrt_h = SqrtH.of(Hd) if rank > 0 else None
-    H_inv = torch.cholesky_inverse(torch.linalg.cholesky(Hd))
+    H_inv = torch.cholesky_inverse(C)
     if init == "lowrank" or rank == 0:  # S = 0: L starts as the reduced-rank regression of W itself
         U, V = lowrank_step(W, sqrt_h, rank)
     else:  # L = 0: iteration 0's sparse step sees W itself
@@ -445,6 +542,7 @@ def gram_slr(
 def _fast_loop(
     W: Tensor,
     Hd: Tensor,
+    C: Tensor,
     rank: int,
     keep_per_row: int,
     nm: tuple[int, int] | None,
@@ -456,23 +554,28 @@ def _fast_loop(
     optima_dtype: torch.dtype,
     init: str,
     inner_iters: int,
+    precond_rank: int,
 ) -> GramSLRResult:
-    """The alternation of :func:`gram_slr` with inexact inner solves; W [d_out, d_in], Hd [d_in, d_in] float64, rank > 0.
+    """The alternation of :func:`gram_slr` with inexact inner solves; W [d_out, d_in], Hd [d_in, d_in] float64
+    with its lower Cholesky factor C, rank > 0.
 
     Where it departs from the exact path, and why the objective still never increases:
 
     * The objective is kept in the coordinates of the Cholesky factor ``H = C C^T`` (C lower triangular;
       the exact path's ``H^{1/2}`` serves the same purpose but needs an eigendecomposition, 1.1 s for
-      d_in = 1536 against 0.05 s): ``M = (W - S) C`` (one float64 product per iteration,
-      :func:`lower_matmul`, which skips C's zero half; ``W C`` formed once) and ``L C = P diag(sigma) Z^T``
-      (rank r), ``f = ||M - L C||_F^2`` (by its expansion, one thin product, see ``obj``). The low-rank step
+      d_in = 1536 against 0.05 s): ``M = (W - S) C`` (one product per iteration, :func:`lower_matmul`,
+      which skips C's zero half; ``W C`` formed once in float64) and ``L C = P diag(sigma) Z^T`` (rank r),
+      ``f = ||M - L C||_F^2`` (in float64, by its expansion, one thin product, see ``obj``). The low-rank step
       in these coordinates is still the reduced-rank regression ``L = [best rank-r of (W - S) C] C^{-1}``
-      (the same minimiser: the objective is the same function of L). Both f after the sparse step (previous L) and f after the low-rank step
-      (new L) are read off M in float64, so every accept/reject below compares exact float64 values.
+      (the same minimiser: the objective is the same function of L). M's product is float32 (S is the
+      CG's float32 iterate) away from an exact fit, and every comparison of f values that its rounding
+      could decide is redone from float64 M's (``F32_M_FLOOR``, ``F32_M_MARGIN``), so every accept/reject
+      below is decided on exact float64 values; the record's last value is the returned iterate's float64 f.
     * Sparse step ('optima'): the same Wanda-style mask of ``W - L`` (scored in ``optima_dtype``; the
       k-per-row cut warm-started from the previous iteration's, as in OATS's thresholding), its QP
-      gets at most ``inner_iters`` Jacobi-preconditioned CG steps (:func:`masked_cg`, in
-      ``optima_dtype``) from the previous S (zero on entries new to the mask). The start's product
+      gets at most ``inner_iters`` CG steps (:func:`masked_cg`, in ``optima_dtype``, preconditioned by
+      :class:`Deflation`, moved to each new mask by the entries that changed) from the previous S (zero on
+      entries new to the mask). The start's product
       ``S H`` is the previous solve's, carried along its steps, less the entries that left the mask
       (:func:`without_entries`, a sparse product), so a sparse step costs one ``[d_out, d_in] @
       [d_in, d_in]`` product per CG step and none for its start. The solve stops earlier at the tolerance
@@ -489,37 +592,45 @@ def _fast_loop(
       low-rank step accepts a proposal that the following exact-or-better low-rank step brings below
       the previous f, which keeps the recorded objective non-increasing at fewer CG steps.
     * Low-rank step: OATS's warm-started subspace iteration (``sparse_lowrank.decompose``, ``svd_tol``
-      ``SVD_TOL``, r + 8 vectors) on M in float64 instead of a full SVD. The exact step is the best rank
+      ``SVD_TOL``, r + 8 vectors) on M (on the float32 M where it is one; its factors' f still in float64)
+      instead of a full SVD. The exact step is the best rank
       r; this one is the best rank r within the subspace found, which contains the current L's row
       space, so it cannot raise f but by rounding. It is checked where the iteration would not
       descend: if f is then above the current L's on the same M, the full float64 SVD of M is taken.
     """
     d_out, d_in = W.shape
     f0 = max(gram_objective(W, Hd), 1e-300)
-    C = torch.linalg.cholesky(Hd)  # H = C C^T
 
     def right_inv(B: Tensor, factor: Tensor = C) -> Tensor:
         """B [r, d_in] -> B C^{-1} (``factor``: C or its optima_dtype copy)."""
         return torch.linalg.solve_triangular(factor, B, upper=False, left=False)
 
-    def coords(S: Tensor) -> Tensor:
-        """M = (W - S) C [d_out, d_in], float64."""
-        return WC - lower_matmul(S, C)
+    def coords(S: Tensor, Sw: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """M = (W - S) C [d_out, d_in] in float64 from a float64 product; or, given ``Sw`` (S in float32),
+        from a float32 one, returned in float32 too (see ``F32_M_FLOOR``)."""
+        if Sw is None:
+            return WC - lower_matmul(S, C), None
+        M32 = WCs - lower_matmul(Sw, Cs)
+        return M32.double(), M32
 
     WC = lower_matmul(W, C)
     # the sparse step's arithmetic (targets, mask scores, CG) in optima_dtype; M and f in float64
     wd = optima_dtype
-    Hs, Ws, WHs, Cs = Hd.to(wd), W.to(wd), (W @ Hd).to(wd), C.to(wd)
+    Hs, Ws, WHs, Cs, WCs = Hd.to(wd), W.to(wd), (W @ Hd).to(wd), C.to(wd), WC.to(wd)
     lowrank = _LowRank(rank, "fast", None, SVD_TOL, 8)
     # the Wanda-style mask, warm-started from the previous cut as in OATS's thresholding (a top-k set, as keep_topk_rows's)
     threshold = _RowThreshold(keep_per_row) if nm is None else None
     col_scale = torch.diagonal(Hd).clamp(min=0).sqrt().to(wd)
+    defl = Deflation.of(Hd, precond_rank, wd) if precond_rank > 0 else None
     z = W.new_zeros(())
 
     def lr_step(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """M [d_out, d_in] -> (P sigma [d_out, r], Z^T [r, d_in], sigma [r]): rank-r approximation factors of M."""
+        """M [d_out, d_in] -> (P sigma [d_out, r], Z^T [r, d_in], sigma [r]) in float64: rank-r approximation
+        factors of M, in M's dtype (float32 or float64; the warm start follows it)."""
+        if lowrank.Vh is not None:
+            lowrank.Vh = lowrank.Vh.to(M.dtype)
         Ur, sr, Vh = lowrank(M.unsqueeze(0))
-        return Ur[0] * sr[0], Vh[0], sr[0]
+        return (Ur[0] * sr[0]).double(), Vh[0].double(), sr[0].double()
 
     def exact_lr(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         P, sig, Zt = torch.linalg.svd(M, full_matrices=False)
@@ -547,20 +658,27 @@ def _fast_loop(
     Sw: Tensor | None = None  # S in optima_dtype (the CG's own iterate)
     SH: Tensor | None = None  # S @ H in optima_dtype, carried from the CG that produced S
     M: Tensor | None = None
+    pc: MaskedDeflation | None = None  # the preconditioner on the current mask
     mask: Tensor | None = None
     f = math.inf
+    f_exact = True  # f came from a float64 M
+    f_share = 0.0  # f / ||M||^2 of the current iterate
     objective: list[float] = []
     steps: list[dict[str, Any]] = []
-    rejected, stopped, lr_fallbacks = 0, False, 0
+    rejected, stopped, lr_fallbacks, f32_settled = 0, False, 0, 0
     delta = 1.0  # relative decrease of f in the previous outer iteration
 
-    def cg(TH: Tensor, m: Tensor, start: Tensor, start_h: Tensor | None, tol: float, n: int) -> tuple[Tensor, Tensor, int, Tensor]:
+    def cg(TH: Tensor, m: Tensor, start: Tensor, start_h: Tensor | None, tol: float, n: int,
+           pc: MaskedDeflation | None) -> tuple[Tensor, Tensor, int, Tensor]:
         """(S float64, S in optima_dtype, CG steps, S @ H): X is exactly zero off the mask already."""
-        X, steps, XH = masked_cg(TH, Hs, m, start, tol, n, start_h)
+        X, steps, XH = masked_cg(TH, Hs, m, start, tol, n, start_h, pc)
         return X.double(), X, steps, XH
 
-    def lowrank_after(M: Tensor, bound: float) -> tuple[Tensor, Tensor, Tensor, float]:
-        """The low-rank step on M = (W - S) C: (A, B, sigma, f), f never above f with the current L.
+    def lowrank_after(M: Tensor, bound: float, M32: Tensor | None) -> tuple[Tensor, Tensor, Tensor, float, float]:
+        """The low-rank step on M = (W - S) C: (A, B, sigma, f, ||M||^2), f never above f with the current L.
+
+        The subspace iteration runs on ``M32`` where given (M from a float32 product): its factors are then
+        float32-accurate, and f is still computed for them exactly, in float64, on M.
 
         The subspace iteration's answer stands when f is at most ``bound`` (the previous iteration's
         f: the iteration descends either way); only above it is it compared with the current L's f on
@@ -569,13 +687,26 @@ def _fast_loop(
         """
         nonlocal lr_fallbacks
         m2 = float(torch.linalg.vector_norm(M).square())
-        A_new, B_new, sig_new = lr_step(M)
+        A_new, B_new, sig_new = lr_step(M if M32 is None else M32)
         f_lr = obj(M, A_new, B_new, m2)
         if f_lr > bound and f_lr > obj(M, A, B, m2):  # the subspace missed: the exact step (cannot raise f)
             lr_fallbacks += 1
             A_new, B_new, sig_new = exact_lr(M)
             f_lr = obj(M, A_new, B_new, m2)
-        return A_new, B_new, sig_new, f_lr
+        return A_new, B_new, sig_new, f_lr, m2
+
+    def settled(S_new: Tensor, A_new: Tensor, B_new: Tensor, f_new: float, fast: bool) -> tuple[float, bool]:
+        """(f_new, whether it is from a float64 M): where a float32 M leaves f_new within F32_M_MARGIN of f,
+        both are recomputed from float64 M's, so that the comparison between them is exact."""
+        nonlocal f, f_exact, f32_settled
+        if not fast or not math.isfinite(f) or abs(f_new - f) > F32_M_MARGIN * f:
+            return f_new, not fast
+        f32_settled += 1
+        if not f_exact:
+            M_prev, _ = coords(S)
+            f, f_exact = obj(M_prev, A, B, float(torch.linalg.vector_norm(M_prev).square())), True
+        M_x, _ = coords(S_new)
+        return obj(M_x, A_new, B_new, float(torch.linalg.vector_norm(M_x).square())), True
 
     for it in range(iters):
         Aw, Bw = A.to(wd), B.to(wd)
@@ -583,38 +714,44 @@ def _fast_loop(
         TH = WHs - Aw @ (Bw @ Cs.T)  # (W - L) H, with L H = A B C^T
         tol = max(optima_tol, min(INNER_TOL_MAX, INNER_TOL_FACTOR * math.sqrt(max(delta, 0.0))))
         info: dict[str, Any] = {"inner_tol": tol}
+        fast = wd == torch.float32 and sparse_step_method == "optima" and f_share >= F32_M_FLOOR
         if sparse_step_method == "optima":
             mask_new = threshold.mask(T * col_scale) > 0 if threshold is not None else wanda_gram_mask(T, Hd, keep_per_row, nm)
-            S_new, Sw_new, n_cg, SH_new = cg(TH, mask_new, T if Sw is None else Sw, SH, tol, inner_iters)
+            pc_new = defl.at(mask_new, pc) if defl is not None else None
+            S_new, Sw_new, n_cg, SH_new = cg(TH, mask_new, T if Sw is None else Sw, SH, tol, inner_iters, pc_new)
             info["optima_iters"] = n_cg
         else:
             S_new, mask_new, sinfo = sparse_step(W - A @ right_inv(B), Hd, keep_per_row, nm, "sparsegpt", blocksize)
             Sw_new, SH_new = S_new.to(wd), None
+            pc_new = defl.at(mask_new, pc) if defl is not None else None
             info.update(sinfo)
-        M_new = coords(S_new)
+        M_new, M32_new = coords(S_new, Sw_new if fast else None)
         # a SparseGPT proposal is refused as on the exact path, when the sparse step itself raises f
         refuse = sparse_step_method == "sparsegpt" and S is not None and obj(M_new, A, B, float(torch.linalg.vector_norm(M_new).square())) > f
         if not refuse:
-            A_new, B_new, sig_new, f_new = lowrank_after(M_new, f)
+            A_new, B_new, sig_new, f_new, m2_new = lowrank_after(M_new, f, M32_new)
+            f_new, fn_exact = settled(S_new, A_new, B_new, f_new, fast)
         if S is not None and not refuse and f_new > f and sparse_step_method == "optima":
             # tighter: more CG steps on the same mask, a chunk at a time, until the iteration descends
             # or the QP is solved to optima_tol (the exact path's proposal)
             spent, converged = 0, False
             while f_new > f and not converged and spent < optima_max_iters:
-                S_new, Sw_new, n_cg, SH_new = cg(TH, mask_new, Sw_new, SH_new, optima_tol, inner_iters)
+                S_new, Sw_new, n_cg, SH_new = cg(TH, mask_new, Sw_new, SH_new, optima_tol, inner_iters, pc_new)
                 spent, converged = spent + n_cg, n_cg < inner_iters
-                M_new = coords(S_new)
-                A_new, B_new, sig_new, f_new = lowrank_after(M_new, f)
+                M_new, M32_new = coords(S_new, Sw_new if fast else None)
+                A_new, B_new, sig_new, f_new, m2_new = lowrank_after(M_new, f, M32_new)
+                f_new, fn_exact = settled(S_new, A_new, B_new, f_new, fast)
             info["tightened_iters"] = spent
         if S is not None and (refuse or f_new > f):
             # the new mask raises f even so: re-solve the previous mask from the previous S instead
             # (CG from a feasible point: f cannot rise but by rounding, which the check below catches)
             rejected += 1
             assert mask is not None and M is not None
-            S_new, Sw_new, n_cg, SH_new = cg(TH, mask, Sw, SH, tol, inner_iters)
-            mask_new = mask
-            M_new = coords(S_new)
-            A_new, B_new, sig_new, f_new = lowrank_after(M_new, f)
+            S_new, Sw_new, n_cg, SH_new = cg(TH, mask, Sw, SH, tol, inner_iters, pc)
+            mask_new, pc_new = mask, pc
+            M_new, M32_new = coords(S_new, Sw_new if fast else None)
+            A_new, B_new, sig_new, f_new, m2_new = lowrank_after(M_new, f, M32_new)
+            f_new, fn_exact = settled(S_new, A_new, B_new, f_new, fast)
             info.update(requad_iters=n_cg, rejected=True)
             steps.append(info)
             if f_new >= f * (1 - 1e-12):  # no progress left (or rounding): keep the previous iterate and stop
@@ -623,19 +760,22 @@ def _fast_loop(
                 break
         else:
             steps.append(info)
-        S, Sw, SH, M, mask = S_new, Sw_new, SH_new, M_new, mask_new
+        S, Sw, SH, M, mask, pc = S_new, Sw_new, SH_new, M_new, mask_new, pc_new
         A, B, sig = A_new, B_new, sig_new
         delta = (f - f_new) / f_new if math.isfinite(f) and f_new > 0 else 1.0
-        f = f_new
+        f, f_exact, f_share = f_new, fn_exact, f_new / max(m2_new, 1e-300)
         objective.append(math.sqrt(max(f, 0.0) / f0))
     assert S is not None and mask is not None
+    if not f_exact:  # the record ends on the returned iterate's objective from a float64 M
+        M, _ = coords(S)
+        objective[-1] = math.sqrt(max(obj(M, A, B, float(torch.linalg.vector_norm(M).square())), 0.0) / f0)
     S = torch.where(mask, S, z)  # exact (positive) zeros off the mask
     root = sig.clamp(min=0).sqrt()
     inv_root = torch.where(root > 0, 1 / root.clamp(min=1e-300), z)
     U = A * inv_root  # P sigma^{1/2}
     V = right_inv(root[:, None] * B)
     if steps:
-        steps[-1]["lowrank_fallbacks"] = lr_fallbacks
+        steps[-1].update(lowrank_fallbacks=lr_fallbacks, f32_settled=f32_settled)
     return GramSLRResult(S, U, V, mask, objective, rejected, stopped, steps)
 
 
@@ -654,7 +794,7 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
     method = str(KEYS.value(cfg, "gram_slr_sparse_step"))
     if method not in SPARSE_STEPS:
         raise ValueError(f"config key 'gram_slr_sparse_step': got {method!r}; allowed values: {', '.join(map(repr, SPARSE_STEPS))}")
-    Hd, _, lam, raises = dampen(stats.gram.to(weight.device), float(KEYS.value(cfg, "percdamp")), torch.float64)
+    Hd, chol, lam, raises = dampen(stats.gram.to(weight.device), float(KEYS.value(cfg, "percdamp")), torch.float64)
     res = gram_slr(
         weight, Hd, b.rank, b.keep_per_row, b.nm,
         iters=int(KEYS.value(cfg, "gram_slr_iters")),
@@ -666,6 +806,8 @@ def compress_weight(weight: Tensor, stats: InputStats | None, budget: Budget, cf
         init=str(KEYS.value(cfg, "gram_slr_init")),
         solver=str(KEYS.value(cfg, "gram_slr_solver")),
         inner_iters=int(KEYS.value(cfg, "gram_slr_inner_iters")),
+        chol=chol,
+        precond_rank=int(KEYS.value(cfg, "gram_slr_precond_rank")),
     )
     out_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     info = {
