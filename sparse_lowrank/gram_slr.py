@@ -398,7 +398,7 @@ def masked_cg(TH: Tensor, H: Tensor, mask: Tensor, X0: Tensor, tol: float, max_i
     [d_out, d_in] bool (True = free); X0 [d_out, d_in] the start (off-mask entries ignored); X0H
     [d_out, d_in] optionally ``X0 @ H`` (X0 before masking), e.g. the ``XH`` of the previous solve, which
     saves the start's product (the entries of X0 off the mask are taken out by :func:`without_entries`).
-    ``precond``: a :class:`Deflation` for this mask (same dtype as TH); None = Jacobi (``1 / diag H``).
+    ``precond``: :meth:`Deflation.at` this mask, in TH's dtype; None = Jacobi (``1 / diag H``).
     Arithmetic in TH's dtype. Stops once every row's residual ``||(T H - X H)_K||`` is at most ``tol ||(T H)_K||``, or
     after ``max_iters`` steps of one ``[d_out, d_in] @ [d_in, d_in]`` product each. From a feasible start
     every step lowers each row's objective (CG minimises it over a growing Krylov space), up to rounding.
@@ -625,8 +625,8 @@ def _fast_loop(
     z = W.new_zeros(())
 
     def lr_step(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """M [d_out, d_in] -> (P sigma [d_out, r], Z^T [r, d_in], sigma [r]) in float64: rank-r approximation
-        factors of M, in M's dtype (float32 or float64; the warm start follows it)."""
+        """M [d_out, d_in] -> (P sigma [d_out, r], Z^T [r, d_in], sigma [r]) as float64 tensors: rank-r
+        approximation factors of M, computed in M's dtype (float32 or float64; the warm start follows it)."""
         if lowrank.Vh is not None:
             lowrank.Vh = lowrank.Vh.to(M.dtype)
         Ur, sr, Vh = lowrank(M.unsqueeze(0))
