@@ -10,19 +10,8 @@ import pytest
 import torch
 
 from sparse_lowrank import gram_slr as gram_slr_module
-from sparse_lowrank.gram_slr import (
-    Deflation,
-    SqrtH,
-    compress_weight,
-    gram_objective,
-    gram_slr,
-    lower_matmul,
-    lowrank_step,
-    masked_cg,
-    sparse_step,
-    top_eigenpairs,
-    without_entries,
-)
+from sparse_lowrank.gram_slr import SqrtH, compress_weight, gram_objective, gram_slr, lowrank_step, sparse_step
+from sparse_lowrank.masked_cg import Deflation, lower_matmul, masked_cg, top_eigenpairs, without_entries
 from weight_updates.optima import dampen, exact_rowwise
 from sparse_lowrank.common import oats_budget
 from sparse_lowrank.decompose import decompose
@@ -308,7 +297,7 @@ def test_lower_matmul_is_the_dense_product(n, block):
 @pytest.mark.parametrize("share", [0.01, 0.3, 0.9])
 def test_without_entries_takes_the_leaving_entries_out(share, monkeypatch):
     """XH - D H equals (X - D) H whether D is taken out sparsely or (past the share) densely; both paths run."""
-    import sparse_lowrank.gram_slr as gs
+    import sparse_lowrank.masked_cg as gs
 
     g = torch.Generator().manual_seed(3)
     H = _gram(48, seed=4)
