@@ -98,11 +98,14 @@ class Deflation:
     Vd: Tensor  # D^{-1/2} V [d_in, k]
 
     @classmethod
-    def of(cls, H: Tensor, k: int, dtype: torch.dtype, min_eig: float = 1.5) -> "Deflation":
-        """From H [d_in, d_in] (float64): the top k correlation directions, those with eigenvalue >= min_eig."""
+    def of(cls, H: Tensor, k: int, dtype: torch.dtype, min_eig: float = 1.5) -> "Deflation | None":
+        """From H [d_in, d_in] (float64): the top k correlation directions, those with eigenvalue >= min_eig;
+        None where there is none (uncorrelated inputs: plain Jacobi is then the same preconditioner)."""
         dis = torch.diagonal(H).clamp_min(torch.finfo(H.dtype).tiny).rsqrt()
         lam, V = top_eigenpairs(H * dis[:, None] * dis[None, :], min(k, H.shape[0] - 1))
         keep = lam >= min_eig
+        if not bool(keep.any()):
+            return None
         lam, V = lam[keep], V[:, keep]
         VV = (V[:, :, None] * V[:, None, :]).reshape(V.shape[0], -1)
         return cls(dis.to(dtype), V.to(dtype), (1 / (lam - 1)).to(dtype), VV.to(dtype), dis.square().to(dtype),
@@ -116,7 +119,7 @@ class Deflation:
         else:  # G_new = G + (m_new - m_old) @ VV, a sparse product while few entries changed
             G = without_entries(base.G, base.m - m, self.VV)
         k = self.V.shape[1]
-        Ginv = torch.cholesky_inverse(torch.linalg.cholesky(torch.diag(self.shift) + G.view(-1, k, k)))
+        Ginv = torch.cholesky_inverse(torch.linalg.cholesky(torch.diag(self.shift) + G.view(G.shape[0], k, k)))
         return MaskedDeflation(self, mask, m, m * self.dis, G, Ginv)
 
 

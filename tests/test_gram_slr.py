@@ -445,6 +445,18 @@ def test_deflation_moved_to_another_mask_equals_building_it_there():
     torch.testing.assert_close(moved.Ginv, fresh.Ginv, rtol=1e-10, atol=1e-12)
 
 
+def test_uncorrelated_inputs_fall_back_to_jacobi():
+    """An identity (or diagonal) Gram has no correlation direction to take out: no Deflation, and the fast
+    solver runs on Jacobi (an all-zero Gram is dampened to the identity)."""
+    assert Deflation.of(torch.diag(torch.linspace(1.0, 5.0, 16, dtype=torch.float64)), 4, torch.float32) is None
+    W = torch.randn(8, 16, generator=torch.Generator().manual_seed(81), dtype=torch.float64)
+    res = gram_slr(W, torch.eye(16, dtype=torch.float64), 2, 4, iters=5)
+    assert res.objective[-1] < res.objective[0] and int(res.mask.sum()) == 8 * 4
+    cw = compress_weight(W, InputStats(sq_norms=torch.zeros(16), n_tokens=0, gram=torch.zeros(16, 16)), Budget(0.5),
+                         {"gram_slr_iters": 3})
+    assert 1 <= cw.info["gram_slr_iters_run"] <= 3 and math.isfinite(cw.info["gram_slr_objective"])
+
+
 def test_float32_objective_comparisons_are_settled_in_float64(monkeypatch):
     """With a margin that catches every comparison, each is redone from float64 M's (counted); the record
     stays non-increasing and ends on the returned iterate's float64 objective."""
