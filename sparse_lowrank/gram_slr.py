@@ -542,6 +542,13 @@ def _fast_loop(
         M_x, _ = coords(S_new)
         return obj(M_x, A_new, B_new, float(torch.linalg.vector_norm(M_x).square())), True
 
+    def evaluate(S_new: Tensor, Sw_new: Tensor, fast: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, float, float, bool]:
+        """A sparse-step proposal's M, the low-rank step on it and its settled f: (M, A, B, sigma, f, ||M||^2, f exact)."""
+        M_new, M32_new = coords(S_new, Sw_new if fast else None)
+        A_new, B_new, sig_new, f_new, m2_new = lowrank_after(M_new, f, M32_new)
+        f_new, fn_exact = settled(S_new, A_new, B_new, f_new, fast)
+        return M_new, A_new, B_new, sig_new, f_new, m2_new, fn_exact
+
     for it in range(iters):
         Aw, Bw = A.to(wd), B.to(wd)
         T = Ws - Aw @ right_inv(Bw, Cs)  # W - L, with L = A B C^{-1}
@@ -572,9 +579,7 @@ def _fast_loop(
             while f_new > f and not converged and spent < optima_max_iters:
                 S_new, Sw_new, n_cg, SH_new = cg(TH, mask_new, Sw_new, SH_new, optima_tol, inner_iters, pc_new)
                 spent, converged = spent + n_cg, n_cg < inner_iters
-                M_new, M32_new = coords(S_new, Sw_new if fast else None)
-                A_new, B_new, sig_new, f_new, m2_new = lowrank_after(M_new, f, M32_new)
-                f_new, fn_exact = settled(S_new, A_new, B_new, f_new, fast)
+                M_new, A_new, B_new, sig_new, f_new, m2_new, fn_exact = evaluate(S_new, Sw_new, fast)
             info["tightened_iters"] = spent
         if S is not None and (refuse or f_new > f):
             # the new mask raises f even so: re-solve the previous mask from the previous S instead
@@ -583,9 +588,7 @@ def _fast_loop(
             assert mask is not None and M is not None
             S_new, Sw_new, n_cg, SH_new = cg(TH, mask, Sw, SH, tol, inner_iters, pc)
             mask_new, pc_new = mask, pc
-            M_new, M32_new = coords(S_new, Sw_new if fast else None)
-            A_new, B_new, sig_new, f_new, m2_new = lowrank_after(M_new, f, M32_new)
-            f_new, fn_exact = settled(S_new, A_new, B_new, f_new, fast)
+            M_new, A_new, B_new, sig_new, f_new, m2_new, fn_exact = evaluate(S_new, Sw_new, fast)
             info.update(requad_iters=n_cg, rejected=True)
             steps.append(info)
             if f_new >= f * (1 - 1e-12):  # no progress left (or rounding): keep the previous iterate and stop
