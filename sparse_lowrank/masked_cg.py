@@ -120,15 +120,14 @@ class Deflation:
             G = without_entries(base.G, base.m - m, self.VV)
         k = self.V.shape[1]
         Ginv = torch.cholesky_inverse(torch.linalg.cholesky(torch.diag(self.shift) + G.view(G.shape[0], k, k)))
-        return MaskedDeflation(self, mask, m, m * self.dis, G, Ginv)
+        return MaskedDeflation(self, m, m * self.dis, G, Ginv)
 
 
 class MaskedDeflation(NamedTuple):
     """:class:`Deflation` on one mask: callable on a residual R [d_out, d_in] (zero off the mask), returns the same shape."""
 
     defl: Deflation
-    mask: Tensor  # [d_out, d_in] bool
-    m: Tensor  # the mask in the preconditioner's dtype
+    m: Tensor  # [d_out, d_in] the mask in the preconditioner's dtype
     md: Tensor  # the mask times D^{-1/2} [d_out, d_in]
     G: Tensor  # [d_out, k * k]: V_K^T V_K per row, flattened
     Ginv: Tensor  # [d_out, k, k]: (diag(1 / (lam - 1)) + V_K^T V_K)^{-1}
@@ -154,8 +153,12 @@ def masked_cg(TH: Tensor, H: Tensor, mask: Tensor, X0: Tensor, tol: float, max_i
     every step lowers each row's objective (CG minimises it over a growing Krylov space), up to rounding.
     Returns (X with exact zeros off the mask, steps taken, X @ H).
     """
-    m = mask.to(TH.dtype)
-    dinv = 1.0 / torch.diagonal(H).clamp_min(torch.finfo(H.dtype).tiny)
+    if precond is not None and precond.m.dtype == TH.dtype:
+        m, apply = precond.m, precond  # the mask as the preconditioner already holds it
+    else:
+        m = mask.to(TH.dtype)
+        dinv = 1.0 / torch.diagonal(H).clamp_min(torch.finfo(H.dtype).tiny)
+        apply = precond if precond is not None else (lambda R: R * dinv)
     X0 = X0.to(TH.dtype)
     X = m * X0
     if X0H is None:
@@ -166,7 +169,6 @@ def masked_cg(TH: Tensor, H: Tensor, mask: Tensor, X0: Tensor, tol: float, max_i
     # re-masked in place after each update (fewer full passes over [d_out, d_in] than masked copies)
     R = (TH - XH).mul_(m)
     scale = torch.linalg.vector_norm(m * TH, dim=1).clamp_min(torch.finfo(TH.dtype).tiny)
-    apply = precond if precond is not None else (lambda R: R * dinv)
     P = apply(R)
     rz = torch.linalg.vecdot(R, P)
     zero = torch.zeros((), dtype=TH.dtype, device=TH.device)
