@@ -26,7 +26,9 @@ compression '50', '70' or '24'):
 * ``<row>-distill`` (model_update 'masked_distill': every kept weight, sparse values on their fixed masks and
   low-rank factors, distilled the same way): ``sparsegpt-distill`` at every setting, ``oats-k0.3-distill``
   (unstructured) and ``oats-distill`` (2:4, rank 0), the end-to-end step for pure-sparse rows too;
-  ``sparsegpt-<compression>-distill-64k-e4`` (the same on 128 windows, 64k tokens, 4 epochs);
+  ``sparsegpt-<compression>-distill-64k-e4`` (the same on 128 windows, 64k tokens, 4 epochs), its ``-bs1``
+  variant (one window an Adam step instead of 4: four times the steps for the same compute) and, unstructured
+  only, ``owl-sparsegpt-<compression>-distill-64k-e4-bs1`` (the same on OWL's layerwise sparsities);
 * ``gram_slr`` (full-Gram sparse + low-rank, sparse step 'optima') at rank_ratio 0, 0.1, 0.2, 0.3, and
   ``gram_slr-k0.3-d0.1`` (percdamp 0.1 instead of 0.01; unstructured only);
 * ``<row>-recon``: block_update 'reconstruct' on the rows named in $OATS_BENCH_RECON (comma-separated
@@ -78,10 +80,12 @@ def _methods(label: str) -> list[tuple[str, dict]]:
         ("sparsegpt-optima", dict(method="sparsegpt", weight_update="optima")),
     ]
     rows.append(("sparsegpt-distill", dict(method="sparsegpt", model_update="masked_distill")))
-    rows.append(("sparsegpt-distill-64k-e4", dict(method="sparsegpt", model_update="masked_distill", cal_nsamples=128,
-                                                  recovery_epochs=4)))
+    distill_64k = dict(method="sparsegpt", model_update="masked_distill", cal_nsamples=128, recovery_epochs=4)
+    rows.append(("sparsegpt-distill-64k-e4", distill_64k))
+    rows.append(("sparsegpt-distill-64k-e4-bs1", {**distill_64k, "recovery_batch_size": 1}))
     if not structured:
         rows.append(("owl-sparsegpt", dict(method="sparsegpt", layerwise="owl")))
+        rows.append(("owl-sparsegpt-distill-64k-e4-bs1", {**distill_64k, "layerwise": "owl", "recovery_batch_size": 1}))
     if structured:
         rows += [
             ("oats", dict(method="oats", rank_ratio=0.0)),
@@ -114,9 +118,10 @@ def _name(row: str, label: str, seed: int) -> str:
     method, _, rest = row.partition("-k")
     if rest:  # 'oats-k0.3' -> 'oats-50-k0.3'; 'oats-optima-k0.3-recon' -> 'oats-optima-50-k0.3-recon'
         return f"{method}-{label}-k{rest}-s{seed}"
-    for suffix in ("-recon-dm", "-recon", "-distill-64k-e4"):
-        if row.endswith(suffix):
-            return f"{row[: -len(suffix)]}-{label}{suffix}-s{seed}"  # 'sparsegpt-distill-64k-e4' -> 'sparsegpt-24-distill-64k-e4'
+    for marker in ("-recon-dm", "-recon", "-distill-64k"):
+        head, sep, tail = row.partition(marker)
+        if sep:  # 'sparsegpt-distill-64k-e4-bs1' -> 'sparsegpt-24-distill-64k-e4-bs1'
+            return f"{head}-{label}{sep}{tail}-s{seed}"
     return f"{row}-{label}-s{seed}"
 
 
