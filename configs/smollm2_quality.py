@@ -24,7 +24,9 @@ compression '50', '70' or '24'):
   calibrated and recovered on 128 windows, 64k tokens, instead of 32) and ``oats-k0.3-recovery-64k-e4`` (64k
   tokens, 4 epochs);
 * ``<row>-distill`` (model_update 'masked_distill': every kept weight, sparse values on their fixed masks and
-  low-rank factors, distilled the same way): ``sparsegpt-distill`` at every setting, ``oats-k0.3-distill``
+  low-rank factors, distilled the same way): ``sparsegpt-distill`` at every setting (and its variants
+  ``sparsegpt-<compression>-distill-lr3e-4``, ``-bs1`` and ``-lr3e-4-bs1``: learning rate 3e-4 instead of
+  1e-4, one window an Adam step instead of 4, both), ``oats-k0.3-distill``
   (unstructured) and ``oats-distill`` (2:4, rank 0), the end-to-end step for pure-sparse rows too;
   ``sparsegpt-<compression>-distill-64k-e4`` (the same on 128 windows, 64k tokens, 4 epochs), its ``-bs1``
   variant (one window an Adam step instead of 4: four times the steps for the same compute) and, unstructured
@@ -80,6 +82,10 @@ def _methods(label: str) -> list[tuple[str, dict]]:
         ("sparsegpt-optima", dict(method="sparsegpt", weight_update="optima")),
     ]
     rows.append(("sparsegpt-distill", dict(method="sparsegpt", model_update="masked_distill")))
+    # the 16k recipe's step size and count: 3x the learning rate, 4x the Adam steps (one window a step), both
+    rows += [(f"sparsegpt-distill-{tag}", dict(method="sparsegpt", model_update="masked_distill", **over))
+             for tag, over in (("lr3e-4", dict(recovery_lr=3e-4)), ("bs1", dict(recovery_batch_size=1)),
+                               ("lr3e-4-bs1", dict(recovery_lr=3e-4, recovery_batch_size=1)))]
     distill_64k = dict(method="sparsegpt", model_update="masked_distill", cal_nsamples=128, recovery_epochs=4)
     rows.append(("sparsegpt-distill-64k-e4", distill_64k))
     rows.append(("sparsegpt-distill-64k-e4-bs1", {**distill_64k, "recovery_batch_size": 1}))
@@ -118,9 +124,9 @@ def _name(row: str, label: str, seed: int) -> str:
     method, _, rest = row.partition("-k")
     if rest:  # 'oats-k0.3' -> 'oats-50-k0.3'; 'oats-optima-k0.3-recon' -> 'oats-optima-50-k0.3-recon'
         return f"{method}-{label}-k{rest}-s{seed}"
-    for marker in ("-recon-dm", "-recon", "-distill-64k"):
+    for marker in ("-recon-dm", "-recon", "-distill-"):
         head, sep, tail = row.partition(marker)
-        if sep:  # 'sparsegpt-distill-64k-e4-bs1' -> 'sparsegpt-24-distill-64k-e4-bs1'
+        if sep:  # 'sparsegpt-distill-64k-e4-bs1' -> 'sparsegpt-24-distill-64k-e4-bs1' ('sparsegpt-distill' -> 'sparsegpt-distill-24')
             return f"{head}-{label}{sep}{tail}-s{seed}"
     return f"{row}-{label}-s{seed}"
 
