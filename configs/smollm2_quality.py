@@ -30,7 +30,8 @@ compression '50', '70' or '24'):
   (unstructured) and ``oats-distill`` (2:4, rank 0), the end-to-end step for pure-sparse rows too;
   ``sparsegpt-<compression>-distill-64k-e4`` (the same on 128 windows, 64k tokens, 4 epochs), its ``-bs1``
   variant (one window an Adam step instead of 4: four times the steps for the same compute) and, unstructured
-  only, ``owl-sparsegpt-<compression>-distill-64k-e4-bs1`` (the same on OWL's layerwise sparsities);
+  only, ``owl-sparsegpt-<compression>-distill-64k-e4-lr3e-4-bs1`` (OWL's layerwise sparsities, learning rate
+  3e-4, one window a step);
 * ``gram_slr`` (full-Gram sparse + low-rank, sparse step 'optima') at rank_ratio 0, 0.1, 0.2, 0.3, and
   ``gram_slr-k0.3-d0.1`` (percdamp 0.1 instead of 0.01; unstructured only);
 * ``<row>-recon``: block_update 'reconstruct' on the rows named in $OATS_BENCH_RECON (comma-separated
@@ -91,7 +92,8 @@ def _methods(label: str) -> list[tuple[str, dict]]:
     rows.append(("sparsegpt-distill-64k-e4-bs1", {**distill_64k, "recovery_batch_size": 1}))
     if not structured:
         rows.append(("owl-sparsegpt", dict(method="sparsegpt", layerwise="owl")))
-        rows.append(("owl-sparsegpt-distill-64k-e4-bs1", {**distill_64k, "layerwise": "owl", "recovery_batch_size": 1}))
+        rows.append(("owl-sparsegpt-distill-64k-e4-lr3e-4-bs1", {**distill_64k, "layerwise": "owl", "recovery_lr": 3e-4,
+                                                                  "recovery_batch_size": 1}))
     if structured:
         rows += [
             ("oats", dict(method="oats", rank_ratio=0.0)),
