@@ -82,18 +82,18 @@ def _methods(label: str) -> list[tuple[str, dict]]:
         ("sparsegpt", dict(method="sparsegpt")),
         ("sparsegpt-optima", dict(method="sparsegpt", weight_update="optima")),
     ]
-    rows.append(("sparsegpt-distill", dict(method="sparsegpt", model_update="masked_distill")))
-    # the 16k recipe's step size and count: 3x the learning rate, 4x the Adam steps (one window a step), both
-    rows += [(f"sparsegpt-distill-{tag}", dict(method="sparsegpt", model_update="masked_distill", **over))
-             for tag, over in (("lr3e-4", dict(recovery_lr=3e-4)), ("bs1", dict(recovery_batch_size=1)),
-                               ("lr3e-4-bs1", dict(recovery_lr=3e-4, recovery_batch_size=1)))]
-    distill_64k = dict(method="sparsegpt", model_update="masked_distill", cal_nsamples=128, recovery_epochs=4)
+    distill = dict(method="sparsegpt", model_update="masked_distill")
+    # the recipe's step size and count: 3x the learning rate, 4x the Adam steps (one window a step)
+    lr3, bs1 = dict(recovery_lr=3e-4), dict(recovery_batch_size=1)
+    rows.append(("sparsegpt-distill", distill))
+    rows += [(f"sparsegpt-distill-{tag}", {**distill, **over})
+             for tag, over in (("lr3e-4", lr3), ("bs1", bs1), ("lr3e-4-bs1", {**lr3, **bs1}))]
+    distill_64k = {**distill, "cal_nsamples": 128, "recovery_epochs": 4}
     rows.append(("sparsegpt-distill-64k-e4", distill_64k))
-    rows.append(("sparsegpt-distill-64k-e4-bs1", {**distill_64k, "recovery_batch_size": 1}))
+    rows.append(("sparsegpt-distill-64k-e4-bs1", {**distill_64k, **bs1}))
     if not structured:
         rows.append(("owl-sparsegpt", dict(method="sparsegpt", layerwise="owl")))
-        rows.append(("owl-sparsegpt-distill-64k-e4-lr3e-4-bs1", {**distill_64k, "layerwise": "owl", "recovery_lr": 3e-4,
-                                                                  "recovery_batch_size": 1}))
+        rows.append(("owl-sparsegpt-distill-64k-e4-lr3e-4-bs1", {**distill_64k, "layerwise": "owl", **lr3, **bs1}))
     if structured:
         rows += [
             ("oats", dict(method="oats", rank_ratio=0.0)),
