@@ -29,7 +29,9 @@ compression '50', '70' or '24'):
   1e-4, one window an Adam step instead of 4, both), ``oats-k0.3-distill``
   (unstructured) and ``oats-distill`` (2:4, rank 0), the end-to-end step for pure-sparse rows too;
   ``sparsegpt-<compression>-distill-64k-e4`` (the same on 128 windows, 64k tokens, 4 epochs), its ``-bs1``
-  variant (one window an Adam step instead of 4: four times the steps for the same compute) and, unstructured
+  variant (one window an Adam step instead of 4: four times the steps for the same compute), that one's
+  ``-p3`` variant (recovery_patience 3: all 4 epochs run whatever the held-out loss does, the best
+  restored) and, unstructured
   only, ``owl-sparsegpt-<compression>-distill-64k-e4-lr3e-4-bs1`` (OWL's layerwise sparsities, learning rate
   3e-4, one window a step);
 * ``gram_slr`` (full-Gram sparse + low-rank, sparse step 'optima') at rank_ratio 0, 0.1, 0.2, 0.3, and
@@ -91,6 +93,7 @@ def _methods(label: str) -> list[tuple[str, dict]]:
     distill_64k = {**distill, "cal_nsamples": 128, "recovery_epochs": 4}
     rows.append(("sparsegpt-distill-64k-e4", distill_64k))
     rows.append(("sparsegpt-distill-64k-e4-bs1", {**distill_64k, **bs1}))
+    rows.append(("sparsegpt-distill-64k-e4-bs1-p3", {**distill_64k, **bs1, "recovery_patience": 3}))
     if not structured:
         rows.append(("owl-sparsegpt", dict(method="sparsegpt", layerwise="owl")))
         rows.append(("owl-sparsegpt-distill-64k-e4-lr3e-4-bs1", {**distill_64k, "layerwise": "owl", **lr3, **bs1}))

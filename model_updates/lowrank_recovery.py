@@ -25,10 +25,12 @@ How:
   window, so one window's logits are in memory at a time), cosine schedule to 0 over
   ``recovery_epochs`` passes over the training windows (shuffled each epoch, seeded).
 * ``recovery_holdout``: a seeded share of the windows is held out of training; their loss is measured
-  before training and after every epoch, training stops at the first epoch that does not lower it,
-  and the masters of the best epoch are restored, so the held-out loss never ends above where it
-  started. Without a holdout, the loss over all windows is measured before and after and the given
-  factors are kept when training raised it.
+  before training and after every epoch, training stops once ``recovery_patience`` + 1 epochs in a row
+  have not lowered the best of it (at the first such epoch by default), and the masters of the best
+  epoch are restored, so the held-out loss never ends above where it started. A patience lets the
+  cosine schedule's later, smaller steps take back a rise of the held-out loss in the middle of a run
+  (small batches, one window a step, show such rises). Without a holdout, the loss over all windows is
+  measured before and after and the given factors are kept when training raised it.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from oats.interface import DenseTargets, LogitsFn, ModelUpdate
-from oats.keys import Key, KeyTable, interval, positive
+from oats.keys import Key, KeyTable, interval, non_negative, positive
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ KEYS = KeyTable({
     "recovery_topk": Key(64, (int,), "distillation (lowrank_recovery, masked_distill): the dense model's k most likely next tokens kept per position (the rest is one outcome of the KL)", positive),
     "recovery_norms": Key(False, (bool,), "distillation (lowrank_recovery, masked_distill): also train every RMSNorm/LayerNorm weight of the model"),
     "recovery_holdout": Key(0.125, (float, int), "distillation (lowrank_recovery, masked_distill): share of the calibration windows held out (seeded) for early stopping, best epoch restored; 0 = off (then the factors are kept only if the loss over all windows fell)", interval(0.0, 1.0)),
+    "recovery_patience": Key(0, (int,), "distillation (lowrank_recovery, masked_distill): epochs in a row without a new best held-out loss that training goes on through before it stops (0 = stop at the first); the best epoch is restored either way", non_negative, hash_default=False),
 })
 
 
@@ -135,6 +138,7 @@ def distill(model: nn.Module, owners: list[tuple[nn.Module, str]], targets: Dens
     t0 = time.perf_counter()
     epochs, lr, bs = int(KEYS.value(cfg, "recovery_epochs")), float(KEYS.value(cfg, "recovery_lr")), int(KEYS.value(cfg, "recovery_batch_size"))
     share, train_norms = float(KEYS.value(cfg, "recovery_holdout")), bool(KEYS.value(cfg, "recovery_norms"))
+    patience = int(KEYS.value(cfg, "recovery_patience"))
     n = int(targets.ids.shape[0])
     held = holdout_windows(n, share, SEED)
     train = [i for i in range(n) if i not in set(held)]
@@ -167,7 +171,7 @@ def distill(model: nn.Module, owners: list[tuple[nn.Module, str]], targets: Dens
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         gen = torch.Generator().manual_seed(SEED)
         train_curve, held_curve, step = [], [], 0
-        stopped_at = None
+        stopped_at, since_best = None, 0
         bar = tqdm(total=total, desc="distillation", leave=False)
         for epoch in range(epochs):
             order = [train[j] for j in torch.randperm(len(train), generator=gen).tolist()]
@@ -190,10 +194,12 @@ def distill(model: nn.Module, owners: list[tuple[nn.Module, str]], targets: Dens
                 held_curve.append(round(h, 6))
                 log.info("distillation: epoch %d, held-out KL %.5f (best %.5f)", epoch + 1, h, best[0])
                 if h < best[0]:
-                    best = (h, masters.snapshot(), epoch + 1)
+                    best, since_best = (h, masters.snapshot(), epoch + 1), 0
                 else:
-                    stopped_at = epoch + 1
-                    break
+                    since_best += 1
+                    if since_best > patience:
+                        stopped_at = epoch + 1
+                        break
         bar.close()
         if held:
             masters.load(best[1])
@@ -214,7 +220,8 @@ def distill(model: nn.Module, owners: list[tuple[nn.Module, str]], targets: Dens
         "loss": "KL(dense || compressed) over the dense top-k tokens and the rest, mean over positions",
         "topk": targets.topk, "windows_train": len(train), "windows_holdout": len(held),
         "loss_before": start_loss, "loss_after": end_loss, "loss_measured_on": "holdout" if held else "all windows",
-        "epochs": epochs, "epochs_run": stopped_at or epochs, "best_epoch": best[2] if held else None, "steps": step,
+        "epochs": epochs, "epochs_run": stopped_at or epochs, "best_epoch": best[2] if held else None,
+        "patience": patience if held else None, "steps": step,
         "lr": lr, "batch_size": bs, "schedule": "cosine", "norms_trained": train_norms, "trained_params": trained,
         "reverted": reverted, "train_loss_per_step": train_curve, "holdout_loss_per_epoch": held_curve,
         "train_seconds": time.perf_counter() - t0,

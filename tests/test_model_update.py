@@ -133,6 +133,54 @@ def test_early_stopping_restores_the_best_epoch():
     assert all(torch.equal(before[k], v) for k, v in _state(model).items())
 
 
+@pytest.mark.parametrize("patience, epochs_run", [(1, 2), (2, 3), (3, 4), (9, 4)])
+def test_patience_trains_on_through_that_many_epochs_without_a_new_best(patience, epochs_run):
+    """Every epoch at this learning rate is worse than the start: training stops after patience + 1 of
+    them (or at the last epoch) and the given factors come back."""
+    cfg = _cfg(recovery_epochs=4, recovery_lr=10.0, recovery_holdout=0.25, recovery_patience=patience)
+    _, model, targets = _compressed(cfg)
+    before = _state(model)
+    info = run_model_update(model, registry.plugin("model_update", "lowrank_recovery"), targets, cfg, CPU)
+    assert info["epochs_run"] == len(info["holdout_loss_per_epoch"]) == epochs_run, info["holdout_loss_per_epoch"]
+    assert all(h >= info["loss_before"] for h in info["holdout_loss_per_epoch"])
+    assert info["best_epoch"] == 0 and info["reverted"] and info["patience"] == patience
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+
+
+def test_patience_changes_nothing_while_every_epoch_improves():
+    """A run whose held-out loss falls every epoch is the same computation whatever the patience, and the
+    default patience keeps the config hashes of runs made before the key existed."""
+    runs = []
+    for patience in (0, 3):
+        cfg = _cfg(recovery_epochs=3, recovery_lr=1e-3, recovery_holdout=0.25, recovery_patience=patience)
+        _, model, targets = _compressed(cfg)
+        info = run_model_update(model, registry.plugin("model_update", "lowrank_recovery"), targets, cfg, CPU)
+        runs.append((cfg, info, _state(model)))
+    (cfg0, info0, state0), (cfg3, info3, state3) = runs
+    assert info0["epochs_run"] == info3["epochs_run"] == info0["best_epoch"] == 3, info0["holdout_loss_per_epoch"]
+    assert info0["holdout_loss_per_epoch"] == info3["holdout_loss_per_epoch"]
+    assert all(torch.equal(state0[k], state3[k]) for k in state0)
+    unset = _cfg(recovery_epochs=3, recovery_lr=1e-3, recovery_holdout=0.25)
+    assert config_hash(cfg0) == config_hash(unset) != config_hash(cfg3)
+
+
+def test_patience_restores_the_best_epoch_when_it_is_not_the_last():
+    """At this learning rate the first epoch is the best and the next two are worse: with a patience of 3
+    all three run, and the first epoch's factors are what is kept."""
+    cfg = _cfg(recovery_epochs=3, recovery_lr=3e-3, recovery_holdout=0.25, recovery_patience=3)
+    _, model, targets = _compressed(cfg)
+    info = run_model_update(model, registry.plugin("model_update", "lowrank_recovery"), targets, cfg, CPU)
+    curve = info["holdout_loss_per_epoch"]
+    assert info["epochs_run"] == 3 and info["best_epoch"] == 1 and curve[0] < min(curve[1:]), curve
+    assert info["loss_after"] == pytest.approx(curve[0], abs=1e-6) and not info["reverted"]
+    from block_updates.reconstruct import holdout_windows
+    from model_updates.lowrank_recovery import SEED
+    held = holdout_windows(targets.ids.shape[0], 0.25, SEED)
+    with torch.no_grad():  # the model as left: its held-out loss is the first epoch's, not the last's
+        kl = sum(float(coarse_kl(model(targets.ids[i : i + 1]).logits[0], targets.logprobs[i], targets.index[i])) for i in held) / len(held)
+    assert kl == pytest.approx(info["loss_after"], rel=1e-4) and curve[-1] - kl > 1e-5
+
+
 # --- the framework around it --------------------------------------------------------------------------
 
 def _rogue(touch: str):
@@ -234,6 +282,7 @@ BAD = {
     "an unknown update": (dict(method="oats", model_update="lora"), "config key 'model_update'"),
     "a recovery key without the update": (dict(method="oats", recovery_lr=1e-4), "config key 'recovery_lr': belongs to model_update 'lowrank_recovery'"),
     "a bad holdout": (dict(method="oats", model_update="lowrank_recovery", recovery_holdout=1.0), "config key 'recovery_holdout'"),
+    "a negative patience": (dict(method="sparsegpt", model_update="masked_distill", recovery_patience=-1), "config key 'recovery_patience'"),
 }
 
 
