@@ -12,8 +12,9 @@ import torch
 from ml_collections import ConfigDict
 from torch import nn
 
+from block_updates.reconstruct import holdout_windows
 from factored.module import SparseLowRankLinear, compressed_layers
-from model_updates.lowrank_recovery import coarse_kl
+from model_updates.lowrank_recovery import SEED, coarse_kl
 from oats import registry
 from oats.compressor import compress_model
 from oats.config import config_hash, resolve
@@ -173,8 +174,6 @@ def test_patience_restores_the_best_epoch_when_it_is_not_the_last():
     curve = info["holdout_loss_per_epoch"]
     assert info["epochs_run"] == 3 and info["best_epoch"] == 1 and curve[0] < min(curve[1:]), curve
     assert info["loss_after"] == pytest.approx(curve[0], abs=1e-6) and not info["reverted"]
-    from block_updates.reconstruct import holdout_windows
-    from model_updates.lowrank_recovery import SEED
     held = holdout_windows(targets.ids.shape[0], 0.25, SEED)
     with torch.no_grad():  # the model as left: its held-out loss is the first epoch's, not the last's
         kl = sum(float(coarse_kl(model(targets.ids[i : i + 1]).logits[0], targets.logprobs[i], targets.index[i])) for i in held) / len(held)
