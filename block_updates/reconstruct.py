@@ -46,8 +46,9 @@ How (pure PyTorch, no model-specific code):
   train in both stages.
 * ``recon_holdout`` s: a seeded share s of the windows (at least one, at most all but one; the same
   ones on every call) is held out of training; after each epoch the block-output loss on them is
-  measured, and at the first epoch that does not lower it training stops and the weights of the best
-  epoch (possibly the given ones) are restored.
+  measured, and once ``recon_patience`` + 1 epochs in a row have not lowered the best of it (at the
+  first such epoch by default) training stops; the weights of the best epoch (possibly the given ones)
+  are restored (``block_updates.holdout``, the rule every training loop shares).
 * The loss over all windows (the block's own inputs, the given targets) is measured before and after;
   if training made it worse (a too-large learning rate), the given weights are returned unchanged
   (``info['reverted'] = True``).
@@ -68,8 +69,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from factored.module import set_module
+from block_updates.holdout import EarlyStop, holdout_windows
 from oats.interface import BLOCK_TARGETS, BlockChain, BlockUpdate, CompressedWeight
-from oats.keys import ConfigError, Key, KeyTable, choice, interval, positive
+from oats.keys import ConfigError, Key, KeyTable, choice, interval, non_negative, positive
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,7 @@ KEYS = KeyTable({
     "recon_dense_inputs_decay": Key(False, (bool,), "block reconstruction: decay `recon_dense_inputs` linearly over the epochs (epoch e of E uses a·(1 - e/E))", hash_default=False),
     "recon_parts": Key("block", (str,), "block reconstruction: `block` (all linears at once) or `attn_mlp` (the attention linears to the residual after attention, then the others to the block's outputs)", choice(*PARTS), hash_default=False),
     "recon_holdout": Key(0.0, (float, int), "block reconstruction: share of the calibration windows held out (seeded) for early stopping at the first epoch that does not lower their loss, best epoch restored; 0 = off", interval(0.0, 1.0), hash_default=False),
+    "recon_patience": Key(0, (int,), "block reconstruction: epochs in a row without a new best held-out loss (`recon_holdout`) that training goes on through before it stops (0 = stop at the first); the best epoch is restored either way", non_negative, hash_default=False),
 })
 SEED = 0
 
@@ -180,15 +183,6 @@ def _attention_module(block: nn.Module) -> tuple[str, nn.Module]:
     return found[0]
 
 
-def holdout_windows(n_windows: int, share: float, seed: int = SEED) -> list[int]:
-    """The held-out windows' indices (sorted) among ``n_windows``: round(share·n), at least 1 and at most
-    n - 1 when share > 0 (none when share is 0 or there is a single window), drawn by a seeded permutation."""
-    if share <= 0 or n_windows < 2:
-        return []
-    k = min(n_windows - 1, max(1, round(share * n_windows)))
-    return sorted(torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed + 1))[:k].tolist())
-
-
 def reconstruct_block(
     block: nn.Module,
     compressed: dict[str, CompressedWeight],
@@ -235,6 +229,7 @@ def reconstruct_block(
         raise ValueError(f"recon_batch_size ({bs}) must be >= 1, recon_epochs ({epochs}) >= 0, recon_lr ({lr}) > 0")
     alpha, decay = float(KEYS.value(cfg, "recon_dense_inputs")), bool(KEYS.value(cfg, "recon_dense_inputs_decay"))
     share = float(KEYS.value(cfg, "recon_holdout"))
+    patience = int(KEYS.value(cfg, "recon_patience"))
     if not (0.0 <= alpha <= 1.0 and 0.0 <= share < 1.0):
         raise ValueError(f"recon_dense_inputs ({alpha}) must lie in [0, 1], recon_holdout ({share}) in [0, 1)")
     train_norms = bool(KEYS.value(cfg, "recon_norms"))
@@ -389,9 +384,8 @@ def reconstruct_block(
                         "constant": lambda s: 1.0}[schedule]
             sched = torch.optim.lr_scheduler.LambdaLR(opt, decay_of)
             gen = torch.Generator().manual_seed(SEED)
-            best = (total_loss(held_pick)[0], snapshot()) if held and total_steps else None
-            first_best = best[0] if best is not None else None
-            ran, stopped = 0, False
+            stop = EarlyStop(total_loss(held_pick)[0], snapshot(), patience) if held and total_steps else None
+            ran = 0
             with torch.enable_grad(), tqdm(total=total_steps, desc=f"reconstruct ({stage})" if len(stages) > 1 else "reconstruct",
                                            leave=False, disable=None) as bar:
                 for epoch in range(epochs if total_steps else 0):
@@ -421,17 +415,15 @@ def reconstruct_block(
                         step += 1
                         bar.update(1)
                     ran += 1
-                    if best is not None:
+                    if stop is not None:
                         sync_norms()
-                        now = total_loss(held_pick)[0]
-                        if now < best[0]:
-                            best = (now, snapshot())
-                        else:
-                            restore(best[1])
-                            stopped = True
+                        if stop.should_stop(ran, total_loss(held_pick)[0], snapshot):
                             break
-            stages_info.append({"part": stage, "epochs_run": ran, "stopped_early": stopped,
-                                **({"heldout_loss_before": first_best, "heldout_loss_best": best[0]} if best is not None else {})})
+            if stop is not None and not stop.best_is_current():
+                restore(stop.best_state)
+            stages_info.append({"part": stage, "epochs_run": ran, "stopped_early": stop is not None and stop.stopped_at is not None,
+                                **({"heldout_loss_before": stop.loss_before, "heldout_loss_best": stop.best_loss,
+                                    "best_epoch": stop.best_epoch} if stop is not None else {})})
         with torch.no_grad():
             for n, m in norms.items():
                 m.weight.data.copy_(norm_master[n])
@@ -531,6 +523,9 @@ def validate(cfg: Any) -> None:
     if float(KEYS.value(cfg, "recon_holdout")) > 0 and int(cfg.get("cal_nsamples", 2)) < 2:
         raise ConfigError("recon_holdout", f"holds out calibration windows, but cal_nsamples is {cfg.get('cal_nsamples')}; "
                                            "use at least 2 windows or recon_holdout 0")
+    if int(KEYS.value(cfg, "recon_patience")) > 0 and not float(KEYS.value(cfg, "recon_holdout")) > 0:
+        raise ConfigError("recon_patience", f"got {KEYS.value(cfg, 'recon_patience')}, but recon_holdout is 0, so there is no "
+                                            "held-out loss to be patient with; set recon_holdout in (0, 1) or recon_patience 0")
 
 
 def check_blocks(cfg: Any, n_blocks: int) -> None:

@@ -27,10 +27,11 @@ How:
 * ``recovery_holdout``: a seeded share of the windows is held out of training; their loss is measured
   before training and after every epoch, training stops once ``recovery_patience`` + 1 epochs in a row
   have not lowered the best of it (at the first such epoch by default), and the masters of the best
-  epoch are restored, so the held-out loss never ends above where it started. A patience lets the
-  cosine schedule's later, smaller steps take back a rise of the held-out loss in the middle of a run
-  (small batches, one window a step, show such rises). Without a holdout, the loss over all windows is
-  measured before and after and the given factors are kept when training raised it.
+  epoch are restored (``block_updates.holdout``, the rule block reconstruction uses too), so the
+  held-out loss never ends above where it started. A patience lets the cosine schedule's later,
+  smaller steps take back a rise of the held-out loss in the middle of a run (small batches, one
+  window a step, show such rises). Without a holdout, the loss over all windows is measured before
+  and after and the given factors are kept when training raised it.
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from block_updates.holdout import EarlyStop, holdout_windows
 from oats.interface import DenseTargets, LogitsFn, ModelUpdate
-from oats.keys import Key, KeyTable, interval, non_negative, positive
+from oats.keys import ConfigError, Key, KeyTable, interval, non_negative, positive
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +135,6 @@ def distill(model: nn.Module, owners: list[tuple[nn.Module, str]], targets: Dens
     ``recovery_norms``), every other parameter frozen, by the KL distillation of the module docstring; in
     place. Returns the record's facts: the loss before and after, the per-step training loss and per-epoch
     held-out loss (the loss curve), steps, the trained parameter count."""
-    from block_updates.reconstruct import holdout_windows
-
     t0 = time.perf_counter()
     epochs, lr, bs = int(KEYS.value(cfg, "recovery_epochs")), float(KEYS.value(cfg, "recovery_lr")), int(KEYS.value(cfg, "recovery_batch_size"))
     share, train_norms = float(KEYS.value(cfg, "recovery_holdout")), bool(KEYS.value(cfg, "recovery_norms"))
@@ -164,14 +164,13 @@ def distill(model: nn.Module, owners: list[tuple[nn.Module, str]], targets: Dens
     try:
         check_rows = held or list(range(n))
         start_loss = mean_loss(check_rows)
-        best = (start_loss, masters.snapshot(), 0)
+        stop = EarlyStop(start_loss, masters.snapshot(), patience)
         steps_per_epoch = math.ceil(len(train) / bs)
         total = max(1, epochs * steps_per_epoch)
         opt = torch.optim.Adam(masters.tensors(), lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         gen = torch.Generator().manual_seed(SEED)
         train_curve, held_curve, step = [], [], 0
-        stopped_at, since_best = None, 0
         bar = tqdm(total=total, desc="distillation", leave=False)
         for epoch in range(epochs):
             order = [train[j] for j in torch.randperm(len(train), generator=gen).tolist()]
@@ -192,23 +191,18 @@ def distill(model: nn.Module, owners: list[tuple[nn.Module, str]], targets: Dens
             if held:
                 h = mean_loss(held)
                 held_curve.append(round(h, 6))
-                log.info("distillation: epoch %d, held-out KL %.5f (best %.5f)", epoch + 1, h, best[0])
-                if h < best[0]:
-                    best, since_best = (h, masters.snapshot(), epoch + 1), 0
-                else:
-                    since_best += 1
-                    if since_best > patience:
-                        stopped_at = epoch + 1
-                        break
+                log.info("distillation: epoch %d, held-out KL %.5f (best %.5f)", epoch + 1, h, stop.best_loss)
+                if stop.should_stop(epoch + 1, h, masters.snapshot):
+                    break
         bar.close()
         if held:
-            masters.load(best[1])
-            end_loss, reverted = best[0], best[2] == 0
+            masters.load(stop.best_state)
+            end_loss, reverted = stop.best_loss, stop.best_epoch == 0
         else:
             end_loss = mean_loss(check_rows)
             reverted = end_loss > start_loss
             if reverted:
-                masters.load(best[1])
+                masters.load(stop.best_state)
                 end_loss = start_loss
         trained = sum(t.numel() for t in masters.tensors())
     finally:
@@ -220,12 +214,18 @@ def distill(model: nn.Module, owners: list[tuple[nn.Module, str]], targets: Dens
         "loss": "KL(dense || compressed) over the dense top-k tokens and the rest, mean over positions",
         "topk": targets.topk, "windows_train": len(train), "windows_holdout": len(held),
         "loss_before": start_loss, "loss_after": end_loss, "loss_measured_on": "holdout" if held else "all windows",
-        "epochs": epochs, "epochs_run": stopped_at or epochs, "best_epoch": best[2] if held else None,
+        "epochs": epochs, "epochs_run": stop.stopped_at or epochs, "best_epoch": stop.best_epoch if held else None,
         "patience": patience if held else None, "steps": step,
         "lr": lr, "batch_size": bs, "schedule": "cosine", "norms_trained": train_norms, "trained_params": trained,
         "reverted": reverted, "train_loss_per_step": train_curve, "holdout_loss_per_epoch": held_curve,
         "train_seconds": time.perf_counter() - t0,
     }
+
+
+def validate(cfg: Any) -> None:
+    if int(KEYS.value(cfg, "recovery_patience")) > 0 and not float(KEYS.value(cfg, "recovery_holdout")) > 0:
+        raise ConfigError("recovery_patience", f"got {KEYS.value(cfg, 'recovery_patience')}, but recovery_holdout is 0, so there is no "
+                                               "held-out loss to be patient with; set recovery_holdout in (0, 1) or recovery_patience 0")
 
 
 def _workspace(model_params: int, trained_params: int, cfg: Any) -> int:
@@ -235,7 +235,7 @@ def _workspace(model_params: int, trained_params: int, cfg: Any) -> int:
 
 MODEL_UPDATE = ModelUpdate(
     "lowrank_recovery", recover, topk=lambda cfg: int(KEYS.value(cfg, "recovery_topk")), keys=KEYS,
-    needs_lowrank=True, workspace=_workspace,
+    needs_lowrank=True, workspace=_workspace, validate=validate,
     doc="train only the low-rank factors (and optionally norms) end to end by KL distillation against the dense model's "
         "next-token distributions on the calibration text; masks and budget kept",
     paper="low-rank adapter distillation after sparse + low-rank compression (e.g. 3BASiL, Makni et al., NeurIPS 2025)",

@@ -37,7 +37,7 @@ def train_kept(model: nn.Module, layers: dict[str, nn.Module], targets: DenseTar
 
 MODEL_UPDATE = ModelUpdate(
     "masked_distill", train_kept, topk=LOWRANK_RECOVERY.topk, keys=KEYS,
-    needs_lowrank=False, trains_sparse=True, workspace=LOWRANK_RECOVERY.workspace,  # the same targets and Adam state per trained weight
+    needs_lowrank=False, trains_sparse=True, workspace=LOWRANK_RECOVERY.workspace, validate=LOWRANK_RECOVERY.validate,  # the same targets and Adam state per trained weight
     doc="train every kept weight (sparse values on their fixed masks, low-rank factors, optionally norms) end to end by KL "
         "distillation against the dense model's next-token distributions on the calibration text; masks and budget kept",
     paper="masked knowledge distillation after pruning (fine-tuning with fixed masks, e.g. Kurtic et al., 2023)",

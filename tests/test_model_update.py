@@ -12,7 +12,7 @@ import torch
 from ml_collections import ConfigDict
 from torch import nn
 
-from block_updates.reconstruct import holdout_windows
+from block_updates.holdout import holdout_windows
 from factored.module import SparseLowRankLinear, compressed_layers
 from model_updates.lowrank_recovery import SEED, coarse_kl
 from oats import registry
@@ -282,6 +282,10 @@ BAD = {
     "a recovery key without the update": (dict(method="oats", recovery_lr=1e-4), "config key 'recovery_lr': belongs to model_update 'lowrank_recovery'"),
     "a bad holdout": (dict(method="oats", model_update="lowrank_recovery", recovery_holdout=1.0), "config key 'recovery_holdout'"),
     "a negative patience": (dict(method="sparsegpt", model_update="masked_distill", recovery_patience=-1), "config key 'recovery_patience'"),
+    "a patience with no holdout": (dict(method="oats", model_update="lowrank_recovery", recovery_patience=2, recovery_holdout=0.0),
+                                   "config key 'recovery_patience'"),
+    "a distillation patience with no holdout": (dict(method="sparsegpt", model_update="masked_distill", recovery_patience=1, recovery_holdout=0),
+                                                "config key 'recovery_patience'"),
 }
 
 

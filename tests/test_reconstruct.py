@@ -137,4 +137,5 @@ def test_diverging_run_is_reverted_and_bad_keys_refused():
     out, info = reconstruct_block(block, {}, inp.hidden, inp.kwargs_for, targets, CFG, "cpu")  # nothing to train
     assert out == {} and info["steps"] == 0 and info["loss_before"] == info["loss_after"] == pytest.approx(0.0, abs=1e-10)
     assert set(KEYS) == {"recon_lr", "recon_epochs", "recon_batch_size", "recon_schedule", "recon_norms", "recon_target",
-                         "recon_window", "recon_dense_inputs", "recon_dense_inputs_decay", "recon_parts", "recon_holdout"}
+                         "recon_window", "recon_dense_inputs", "recon_dense_inputs_decay", "recon_parts", "recon_holdout",
+                         "recon_patience"}

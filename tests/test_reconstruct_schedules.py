@@ -1,6 +1,6 @@
 """block_updates.reconstruct beyond one block at a time: cross-block windows (recon_window), the dense
 model's inputs (recon_dense_inputs), attention then MLP (recon_parts), early stopping on held-out
-windows (recon_holdout), the linear schedule; the new keys keep the hashes of existing results."""
+windows (recon_holdout, recon_patience), the linear schedule; the new keys keep the hashes of existing results."""
 from __future__ import annotations
 
 import copy
@@ -193,6 +193,17 @@ def test_attention_then_mlp_stages():
         rec.reconstruct_block(chain, {f"0.{n}": cw for n, cw in answers.items()}, inp.hidden, inp.kwargs_for, targets, cfg, CPU)
 
 
+def _heldout_mse(block, answers, inp, targets, share):
+    """Block-output MSE of the answers installed in a copy of the block, on the held-out windows only."""
+    windows = [(i, j) for i, h in enumerate(inp.hidden) for j in range(h.shape[0])]
+    pick = [windows[k] for k in rec.holdout_windows(len(windows), share)]
+    h_held = torch.stack([inp.hidden[i][j] for i, j in pick])
+    y_held = torch.stack([targets[i][j] for i, j in pick])
+    held_inp = types.SimpleNamespace(hidden=[h_held], kwargs_for=lambda h: _slice_batch(inp.kwargs_for(inp.hidden[0]), h.shape[0],
+                                                                                        inp.hidden[0].shape[0]))
+    return _installed_mse(block, answers, held_inp, [y_held])
+
+
 def test_early_stopping_stops_restores_the_best_epoch_and_splits_deterministically():
     assert rec.holdout_windows(8, 0.25) == rec.holdout_windows(8, 0.25) and len(rec.holdout_windows(8, 0.25)) == 2
     assert rec.holdout_windows(8, 0.0) == [] and rec.holdout_windows(1, 0.5) == [] and len(rec.holdout_windows(4, 0.99)) == 3
@@ -206,13 +217,7 @@ def test_early_stopping_stops_restores_the_best_epoch_and_splits_deterministical
     assert info["steps"] == stage["epochs_run"] * 3  # 6 training windows, 2 a step: the held-out ones never trained on
     assert stage["heldout_loss_best"] < stage["heldout_loss_before"]
     # the returned weights are the best epoch's: their held-out loss is the best one measured
-    windows = [(i, j) for i, h in enumerate(inp.hidden) for j in range(h.shape[0])]
-    pick = [windows[k] for k in rec.holdout_windows(len(windows), 0.25)]
-    h_held = torch.stack([inp.hidden[i][j] for i, j in pick])
-    y_held = torch.stack([targets[i][j] for i, j in pick])
-    held_inp = types.SimpleNamespace(hidden=[h_held], kwargs_for=lambda h: _slice_batch(inp.kwargs_for(inp.hidden[0]), h.shape[0],
-                                                                                        inp.hidden[0].shape[0]))
-    assert _installed_mse(block, out, held_inp, [y_held]) == pytest.approx(stage["heldout_loss_best"], rel=1e-4)
+    assert _heldout_mse(block, out, inp, targets, 0.25) == pytest.approx(stage["heldout_loss_best"], rel=1e-4)
     again, info2 = rec.reconstruct_block(block, answers, inp.hidden, inp.kwargs_for, targets, cfg, CPU)
     assert info2["stages"] == info["stages"] and all(torch.equal(again[n].dense, out[n].dense) for n in out)
     # more held-out windows than a calibration batch (4) holds
@@ -221,6 +226,29 @@ def test_early_stopping_stops_restores_the_best_epoch_and_splits_deterministical
     # a first epoch that does not lower the held-out loss: the given weights come back
     out, info = rec.reconstruct_block(block, answers, inp.hidden, inp.kwargs_for, targets, {**cfg, "recon_lr": 3e-2}, CPU)
     assert info["stages"][0]["epochs_run"] == 1 and info["stages"][0]["heldout_loss_best"] == info["stages"][0]["heldout_loss_before"]
+    assert all(torch.equal(out[n].dense, answers[n].dense) for n in answers)
+
+
+def test_patience_trains_past_a_worse_epoch_and_restores_the_best_one():
+    """At this learning rate the held-out loss first rises after epoch 1 (the default stops there); with a
+    patience of 3 training goes on, finds a lower held-out loss later, stops 4 epochs after the best one
+    and returns that epoch's weights. recon_patience 0 is the default, bit for bit."""
+    block, layers, sc, inp, targets = _setup()
+    answers = {n: wanda.compress_weight(l.weight.detach(), sc.stats(n), Budget(0.5)) for n, l in layers.items()}
+    cfg = {"recon_lr": 1e-3, "recon_epochs": 12, "recon_batch_size": 2, "recon_schedule": "constant", "recon_holdout": 0.25}
+    out0, info0 = rec.reconstruct_block(block, answers, inp.hidden, inp.kwargs_for, targets, cfg, CPU)
+    out0b, info0b = rec.reconstruct_block(block, answers, inp.hidden, inp.kwargs_for, targets, {**cfg, "recon_patience": 0}, CPU)
+    assert info0b["stages"] == info0["stages"] and all(torch.equal(out0b[n].dense, out0[n].dense) for n in out0)
+    out3, info3 = rec.reconstruct_block(block, answers, inp.hidden, inp.kwargs_for, targets, {**cfg, "recon_patience": 3}, CPU)
+    (s0,), (s3,) = info0["stages"], info3["stages"]
+    assert s0["epochs_run"] == s0["best_epoch"] + 1 and s0["stopped_early"]
+    assert 1 < s3["best_epoch"] < s3["epochs_run"] < 12 and s3["epochs_run"] == s3["best_epoch"] + 4 and s3["stopped_early"]
+    assert s3["heldout_loss_best"] < s0["heldout_loss_best"] < s0["heldout_loss_before"]
+    assert _heldout_mse(block, out3, inp, targets, 0.25) == pytest.approx(s3["heldout_loss_best"], rel=1e-4)
+    assert info3["steps"] == s3["epochs_run"] * 3
+    # no epoch ever beats the given weights: patience + 1 epochs run and the given weights come back
+    out, info = rec.reconstruct_block(block, answers, inp.hidden, inp.kwargs_for, targets, {**cfg, "recon_lr": 1e-2, "recon_patience": 2}, CPU)
+    assert info["stages"][0]["epochs_run"] == 3 and info["stages"][0]["best_epoch"] == 0
     assert all(torch.equal(out[n].dense, answers[n].dense) for n in answers)
 
 
@@ -241,8 +269,10 @@ def test_new_keys_at_their_defaults_keep_existing_hashes():
     assert config_hash(resolve(ConfigDict({**base, "recon_window": 1, "recon_holdout": 0.0}))) == "d51325b3c98bf709"
     hashes = {config_hash(resolve(ConfigDict({**base, **kw}))) for kw in
               ({"recon_window": 2}, {"recon_dense_inputs": 0.5}, {"recon_dense_inputs": 0.5, "recon_dense_inputs_decay": True},
-               {"recon_parts": "attn_mlp"}, {"recon_holdout": 0.1}, {"recon_schedule": "linear"})}
-    assert len(hashes) == 6 and "d51325b3c98bf709" not in hashes
+               {"recon_parts": "attn_mlp"}, {"recon_holdout": 0.1}, {"recon_schedule": "linear"},
+               {"recon_patience": 2, "recon_holdout": 0.1})}
+    assert len(hashes) == 7 and "d51325b3c98bf709" not in hashes
+    assert config_hash(resolve(ConfigDict({**base, "recon_patience": 0}))) == "d51325b3c98bf709"
 
 
 @pytest.mark.parametrize("kw, key", [
@@ -256,6 +286,8 @@ def test_new_keys_at_their_defaults_keep_existing_hashes():
     ({"recon_parts": "attention"}, "recon_parts"),
     ({"recon_holdout": 1.0}, "recon_holdout"),
     ({"recon_holdout": 0.2, "cal_nsamples": 1}, "recon_holdout"),
+    ({"recon_patience": -1, "recon_holdout": 0.2}, "recon_patience"),
+    ({"recon_patience": 2}, "recon_patience"),
 ])
 def test_bad_combinations_refused_naming_the_key(kw, key):
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
