@@ -68,8 +68,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from factored.module import set_module
 from block_updates.holdout import EarlyStop, holdout_windows
+from factored.module import set_module
 from oats.interface import BLOCK_TARGETS, BlockChain, BlockUpdate, CompressedWeight
 from oats.keys import ConfigError, Key, KeyTable, choice, interval, non_negative, positive
 
@@ -423,7 +423,7 @@ def reconstruct_block(
                 restore(stop.best_state)
             stages_info.append({"part": stage, "epochs_run": ran, "stopped_early": stop is not None and stop.stopped_at is not None,
                                 **({"heldout_loss_before": stop.loss_before, "heldout_loss_best": stop.best_loss,
-                                    "best_epoch": stop.best_epoch} if stop is not None else {})})
+                                    "best_epoch": stop.best_epoch, "patience": patience} if stop is not None else {})})
         with torch.no_grad():
             for n, m in norms.items():
                 m.weight.data.copy_(norm_master[n])

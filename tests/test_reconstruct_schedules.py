@@ -249,6 +249,13 @@ def test_patience_trains_past_a_worse_epoch_and_restores_the_best_one():
     # no epoch ever beats the given weights: patience + 1 epochs run and the given weights come back
     out, info = rec.reconstruct_block(block, answers, inp.hidden, inp.kwargs_for, targets, {**cfg, "recon_lr": 1e-2, "recon_patience": 2}, CPU)
     assert info["stages"][0]["epochs_run"] == 3 and info["stages"][0]["best_epoch"] == 0
+    assert not info["reverted"]  # restored by the early stop, not by the final revert (which would mask a missing restore)
+    assert all(torch.equal(out[n].dense, answers[n].dense) for n in answers)
+    # epochs run out inside the patience: the best (given) weights are restored all the same
+    out, info = rec.reconstruct_block(block, answers, inp.hidden, inp.kwargs_for, targets,
+                                      {**cfg, "recon_lr": 1e-2, "recon_patience": 5, "recon_epochs": 2}, CPU)
+    assert info["stages"][0]["epochs_run"] == 2 and not info["stages"][0]["stopped_early"] and info["stages"][0]["patience"] == 5
+    assert not info["reverted"]
     assert all(torch.equal(out[n].dense, answers[n].dense) for n in answers)
 
 
