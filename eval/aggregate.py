@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 IGNORED_KEYS = ("seed", "name")  # config keys that may differ inside a group
 _SEED_SUFFIX = re.compile(r"-s\d+$")
@@ -62,9 +62,14 @@ def record_metrics(record: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def config_key(config: Mapping[str, Any], ignore: Iterable[str] = IGNORED_KEYS) -> str:
-    """A canonical string of the config without the ignored keys: equal strings = same experiment."""
+Canonical = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+
+
+def config_key(config: Mapping[str, Any], ignore: Iterable[str] = IGNORED_KEYS, canonical: Canonical | None = None) -> str:
+    """A canonical string of the config without the ignored keys: equal strings = same experiment.
+    ``canonical`` first maps the config to the keys that define the experiment (see :func:`group_by_seed`)."""
     skip = set(ignore)
+    config = canonical(config) if canonical is not None else config
     return json.dumps({k: v for k, v in config.items() if k not in skip}, sort_keys=True, default=str)
 
 
@@ -73,8 +78,13 @@ def base_name(name: str) -> str:
     return _SEED_SUFFIX.sub("", name)
 
 
-def group_by_seed(records: Iterable[Mapping[str, Any]], ignore: Iterable[str] = IGNORED_KEYS) -> list[dict[str, Any]]:
+def group_by_seed(records: Iterable[Mapping[str, Any]], ignore: Iterable[str] = IGNORED_KEYS,
+                  canonical: Canonical | None = None) -> list[dict[str, Any]]:
     """Merge records that differ only in the ignored config keys (seed, name) into one row each.
+
+    ``canonical`` maps a record's config to the keys compared (the framework passes
+    ``oats.config.result_keys``: the keys its config hash covers, so a key added later and left at its
+    default, absent from older records, does not split a row); by default every key is compared.
 
     Row: ``name`` (the members' common name without the '-s<seed>' suffix; the first member's if they
     disagree), ``config`` (the shared config, ignored keys removed), ``names`` and ``seeds`` of the
@@ -86,7 +96,7 @@ def group_by_seed(records: Iterable[Mapping[str, Any]], ignore: Iterable[str] = 
     groups: dict[str, dict[str, Any]] = {}
     for rec in records:
         cfg = rec.get("config") or {}
-        key = config_key(cfg, ignore)
+        key = config_key(cfg, ignore, canonical)
         g = groups.setdefault(key, {"config": {k: v for k, v in cfg.items() if k not in set(ignore)}, "members": [], "n_failed": 0,
                                     "first_name": str(rec.get("name", cfg.get("name", "")))})
         if rec.get("status") != "ok":

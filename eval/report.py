@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from data.files import atomic_write_text
+from eval.aggregate import Canonical
 from eval.figures import save_figure
 from eval.zero_shot import APPROX_SUFFIX, PAPER_TASKS
 
@@ -221,12 +222,13 @@ def plot_ppl_vs_compression(records: Iterable[dict[str, Any]], path: Path) -> Pa
     return save_figure(fig, path)
 
 
-def seed_table(records: Iterable[dict[str, Any]]) -> str | None:
+def seed_table(records: Iterable[dict[str, Any]], canonical: Canonical | None = None) -> str | None:
     """Markdown table of the experiments run over several calibration seeds: mean ± std (n) of every
-    perplexity, the zero-shot mean and the achieved sparsity; None when no experiment has two seeds."""
+    perplexity, the zero-shot mean and the achieved sparsity; None when no experiment has two seeds.
+    ``canonical``: as in :func:`eval.aggregate.group_by_seed`."""
     from eval.aggregate import format_rows, group_by_seed
 
-    groups = group_by_seed(_ok(records))
+    groups = group_by_seed(_ok(records), canonical=canonical)
     if not any(g["n"] > 1 for g in groups):
         return None
     metrics = sorted({k for g in groups for k in g["metrics"] if k.startswith("ppl.") or k in ("zero_shot.mean", "achieved_sparsity")})
@@ -364,8 +366,9 @@ def _fmt4(v: Any) -> str:
     return "–" if v is None else f"{float(v):.4f}"
 
 
-def write_report(records: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
-    """Write results.{md,csv,tex} and the PNG plots under ``out_dir``; returns {kind: path}."""
+def write_report(records: Sequence[dict[str, Any]], out_dir: Path, canonical: Canonical | None = None) -> dict[str, Path]:
+    """Write results.{md,csv,tex} and the PNG plots under ``out_dir``; returns {kind: path}. ``canonical``
+    decides which records are seeds of one experiment (:func:`eval.aggregate.group_by_seed`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     header, rows = build_table(records)
@@ -374,7 +377,7 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, 
         p = out_dir / f"results.{kind}"
         atomic_write_text(p, text)
         written[kind] = p
-    if (text := seed_table(records)) is not None:
+    if (text := seed_table(records, canonical)) is not None:
         atomic_write_text(out_dir / "results_by_seed.md", text)
         written["seeds"] = out_dir / "results_by_seed.md"
     if (p := plot_ppl_vs_compression(records, out_dir / "ppl_vs_compression.png")) is not None:

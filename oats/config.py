@@ -521,6 +521,15 @@ def result_keys(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str,
     return {k: v for k, v in d.items() if hashed(k, v)}
 
 
+def experiment_keys(config: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`result_keys` of a recorded config, the keys that say which experiment it is; a record of a
+    method or plugin this code does not register keeps every key."""
+    try:
+        return result_keys(config)
+    except KeyError:
+        return dict(config)
+
+
 def selected_keys(cfg: Mapping[str, Any]) -> dict[str, Key]:
     """Every key a resolved config may hold: the common keys, the selected plugins', compress mode's and the task's."""
     plugins = selected_plugins(cfg)

@@ -61,5 +61,6 @@ def write_summary(root: Path) -> Path:
 def report(results_root: Path) -> dict[str, Path]:
     """Gather every record under ``results_root`` and write the report to ``results_root/report/``."""
     from eval.report import write_report
+    from oats.config import experiment_keys
 
-    return write_report(all_records(Path(results_root)), Path(results_root) / "report")
+    return write_report(all_records(Path(results_root)), Path(results_root) / "report", canonical=experiment_keys)

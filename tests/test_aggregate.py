@@ -78,6 +78,30 @@ def test_different_non_seed_config_is_not_merged():
     assert len(group_by_seed([a, b])) == 2
 
 
+def test_a_key_added_later_at_its_default_does_not_split_a_row():
+    """A record written before recovery_patience existed lacks it; a later seed holds it at its default
+    (hashed only away from it). Compared on the keys the hash covers they are one experiment; a patience
+    set away from the default is another; compared on every key, as by default, the old record splits."""
+    from ml_collections import ConfigDict
+
+    from oats.config import experiment_keys, resolve
+
+    def run(seed, ppl, **kw):
+        config = resolve(ConfigDict({"model": "smollm2-135m", "method": "sparsegpt", "model_update": "masked_distill",
+                                     "seed": seed, "name": f"d-s{seed}", **kw})).to_dict()
+        return {"name": config["name"], "status": "ok", "config": config, "metrics": {"ppl": {"wikitext2": ppl}}}
+
+    old = run(1, 10.0)
+    del old["config"]["recovery_patience"]
+    records = [old, run(2, 12.0), run(3, 14.0, recovery_patience=3)]
+    rows = group_by_seed(records, canonical=experiment_keys)
+    assert [(r["seeds"], r["metrics"]["ppl.wikitext2"]["mean"]) for r in rows] == [([1, 2], 11.0), ([3], 14.0)]
+    assert len(group_by_seed(records)) == 3
+    # a record of a method this code does not register is compared on every key, not refused
+    foreign = {"name": "x-s1", "status": "ok", "config": {"method": "retired", "seed": 1}, "metrics": {"ppl": {"wikitext2": 1.0}}}
+    assert len(group_by_seed(records + [foreign], canonical=experiment_keys)) == 3
+
+
 def test_names_and_table():
     assert base_name("oats-50-k0.3-s12") == "oats-50-k0.3" and base_name("dense") == "dense"
     rows = group_by_seed([rec("a-s1", 1, 10.0), rec("a-s2", 2, 12.0)])

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from data.files import atomic_write_text
 from eval.aggregate import IGNORED_KEYS, group_by_seed, mean_std
 from eval.report import compression_label, record_label
+from oats.config import experiment_keys
 from oats.records import all_records
 
 ZERO_SHOT_KEYS = ("zero_shot_tasks", "zero_shot_limit", "zero_shot_batch_size", "zero_shot_fewshot")
@@ -30,7 +31,7 @@ SETTING_ORDER = {"0": 0, "0.5": 1, "0.7": 2, "0.5 (2:4)": 3}
 def quality_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """group_by_seed rows, each with 'label' and 'setting', ordered by setting then mean perplexity."""
     by_name = {r["name"]: r for r in records}
-    rows = group_by_seed(records, ignore=IGNORED_KEYS + ZERO_SHOT_KEYS)
+    rows = group_by_seed(records, ignore=IGNORED_KEYS + ZERO_SHOT_KEYS, canonical=experiment_keys)
     for row in rows:
         first = by_name.get(row["names"][0]) if row["names"] else None
         row["label"] = record_label(first) if first else row["name"]
