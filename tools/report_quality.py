@@ -2,7 +2,8 @@
 
     python -m tools.report_quality results/quality            # writes results/quality/report/quality.{md,csv}
 
-Records that differ only in ``seed`` and ``name`` are one row (``eval.aggregate.group_by_seed``); the
+Records that differ only in ``seed`` and ``name`` are one row (``eval.aggregate.group_by_seed``), compared
+on the keys the config hash covers (a key added later and left at its default does not split a row); the
 zero-shot keys are ignored for that grouping too, since they add metrics without changing the compressed
 model (a seed-1 row that also ran the zero-shot suite stays in its group; its zero-shot columns then say
 n=1). Columns: the row, its method label, compression setting, achieved sparsity, WikiText-2 perplexity
