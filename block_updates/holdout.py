@@ -13,6 +13,8 @@ from typing import Callable, Generic, TypeVar
 
 import torch
 
+from oats.keys import ConfigError
+
 SEED = 0
 State = TypeVar("State")
 
@@ -61,3 +63,10 @@ class EarlyStop(Generic[State]):
 
     def best_is_current(self) -> bool:
         return self.best_epoch == self.last_epoch
+
+
+def check_patience(patience_key: str, patience: int, holdout_key: str, share: float) -> None:
+    """A patience needs held-out windows to be patient with: a one-line config error naming the key otherwise."""
+    if patience > 0 and not share > 0:
+        raise ConfigError(patience_key, f"got {patience}, but {holdout_key} is 0, so there is no held-out loss to be "
+                                        f"patient with; set {holdout_key} in (0, 1) or {patience_key} 0")

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from block_updates.holdout import EarlyStop, holdout_windows
+from block_updates.holdout import EarlyStop, check_patience, holdout_windows
 from factored.module import set_module
 from oats.interface import BLOCK_TARGETS, BlockChain, BlockUpdate, CompressedWeight
 from oats.keys import ConfigError, Key, KeyTable, choice, interval, non_negative, positive
@@ -523,9 +523,7 @@ def validate(cfg: Any) -> None:
     if float(KEYS.value(cfg, "recon_holdout")) > 0 and int(cfg.get("cal_nsamples", 2)) < 2:
         raise ConfigError("recon_holdout", f"holds out calibration windows, but cal_nsamples is {cfg.get('cal_nsamples')}; "
                                            "use at least 2 windows or recon_holdout 0")
-    if int(KEYS.value(cfg, "recon_patience")) > 0 and not float(KEYS.value(cfg, "recon_holdout")) > 0:
-        raise ConfigError("recon_patience", f"got {KEYS.value(cfg, 'recon_patience')}, but recon_holdout is 0, so there is no "
-                                            "held-out loss to be patient with; set recon_holdout in (0, 1) or recon_patience 0")
+    check_patience("recon_patience", int(KEYS.value(cfg, "recon_patience")), "recon_holdout", float(KEYS.value(cfg, "recon_holdout")))
 
 
 def check_blocks(cfg: Any, n_blocks: int) -> None:

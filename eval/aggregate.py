@@ -83,7 +83,7 @@ def group_by_seed(records: Iterable[Mapping[str, Any]], ignore: Iterable[str] = 
     """Merge records that differ only in the ignored config keys (seed, name) into one row each.
 
     ``canonical`` maps a record's config to the keys compared (the framework passes
-    ``oats.config.result_keys``: the keys its config hash covers, so a key added later and left at its
+    ``oats.config.experiment_keys``: the keys its config hash covers, so a key added later and left at its
     default, absent from older records, does not split a row); by default every key is compared.
 
     Row: ``name`` (the members' common name without the '-s<seed>' suffix; the first member's if they

@@ -44,9 +44,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from block_updates.holdout import EarlyStop, holdout_windows
+from block_updates.holdout import EarlyStop, check_patience, holdout_windows
 from oats.interface import DenseTargets, LogitsFn, ModelUpdate
-from oats.keys import ConfigError, Key, KeyTable, interval, non_negative, positive
+from oats.keys import Key, KeyTable, interval, non_negative, positive
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +223,8 @@ def distill(model: nn.Module, owners: list[tuple[nn.Module, str]], targets: Dens
 
 
 def validate(cfg: Any) -> None:
-    if int(KEYS.value(cfg, "recovery_patience")) > 0 and not float(KEYS.value(cfg, "recovery_holdout")) > 0:
-        raise ConfigError("recovery_patience", f"got {KEYS.value(cfg, 'recovery_patience')}, but recovery_holdout is 0, so there is no "
-                                               "held-out loss to be patient with; set recovery_holdout in (0, 1) or recovery_patience 0")
+    check_patience("recovery_patience", int(KEYS.value(cfg, "recovery_patience")), "recovery_holdout",
+                   float(KEYS.value(cfg, "recovery_holdout")))
 
 
 def _workspace(model_params: int, trained_params: int, cfg: Any) -> int:

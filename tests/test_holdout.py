@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from block_updates.holdout import EarlyStop, holdout_windows
+from block_updates.holdout import EarlyStop, check_patience, holdout_windows
 
 
 def _reference(before: float, losses: list[float], patience: int) -> tuple[int, int | None, int]:
@@ -51,5 +51,14 @@ def test_negative_patience_refused():
 def test_holdout_windows_are_seeded_and_bounded():
     assert holdout_windows(8, 0.25) == holdout_windows(8, 0.25) and len(holdout_windows(8, 0.25)) == 2
     assert holdout_windows(8, 0.0) == [] and holdout_windows(1, 0.5) == [] and len(holdout_windows(4, 0.99)) == 3
-    assert holdout_windows(40, 0.1) != holdout_windows(40, 0.1, seed=1)
+    assert len(holdout_windows(40, 0.1)) == 4 and holdout_windows(40, 0.1) != holdout_windows(40, 0.1, seed=1)
     assert all(0 <= i < 40 for i in holdout_windows(40, 0.5)) and holdout_windows(40, 0.5) == sorted(set(holdout_windows(40, 0.5)))
+
+
+def test_a_patience_without_held_out_windows_is_refused_by_name():
+    from oats.keys import ConfigError
+
+    check_patience("p", 0, "h", 0.0)
+    check_patience("p", 3, "h", 0.25)
+    with pytest.raises(ConfigError, match="config key 'p': got 3, but h is 0"):
+        check_patience("p", 3, "h", 0.0)
