@@ -19,7 +19,10 @@ between batch shapes).
 Windows are generated once per cache key (model, dtype, seed, temperature, top_p, count, length) and
 kept under ``cache_dir('self_generated')``, written atomically; the cached copy also holds the
 fingerprint the record keeps, including a hash of the dense weights it came from (a cached copy whose
-model's weights changed is generated again) and of the tokens.
+model's weights changed is generated again) and of the tokens. A request for more windows than a cached
+one of the same model, weights, seed, sampling and length begins with that one's windows: they are read
+back and only the rest is sampled (the cached count a whole number of batches, so every new batch holds
+the windows a fresh run's would), and the fingerprint names the key it extends.
 """
 from __future__ import annotations
 
@@ -146,17 +149,40 @@ def self_generated_windows(model: nn.Module, tokenizer: Any, model_id: str, dtyp
             log.info("self-generated calibration text: %d windows of %d tokens from %s (key %s)", count, length, path, key)
             return cached["tokens"], dict(cached["fingerprint"])
         log.warning("self-generated calibration text at %s came from other weights of %r; generating it again", path, model_id)
-    tokens, seconds, where = _generate(model, tokenizer, count, length, seed, temperature, top_p, batch_size, torch.device(device))
+    prefix = cached_prefix(model_id, dtype, seed, temperature, top_p, count, length, batch_size, weights)
+    start = 0 if prefix is None else prefix[0].shape[0]
+    tokens, seconds, where = _generate(model, tokenizer, count, length, seed, temperature, top_p, batch_size,
+                                       torch.device(device), start)
+    if prefix is not None:
+        tokens = torch.cat([prefix[0], tokens])
     fingerprint = {"key": key, "model": model_id, "dtype": dtype, "weights": weights, "seed": int(seed),
                    "temperature": float(temperature), "top_p": float(top_p), "count": int(count), "length": int(length),
                    "prompt": PROMPT, "sha256": tokens_hash(tokens), "generated_on": where, "seconds": round(seconds, 3)}
+    if prefix is not None:
+        fingerprint["extends"] = {"key": prefix[1], "count": start}
     atomic_write(path, lambda tmp: torch.save({"tokens": tokens, "fingerprint": fingerprint}, tmp))
     log.info("self-generated calibration text cached at %s (key %s, tokens sha256 %s)", path, key, fingerprint["sha256"])
     return tokens, fingerprint
 
 
+def cached_prefix(model_id: str, dtype: str, seed: int, temperature: float, top_p: float, count: int, length: int,
+                  batch_size: int, weights: str) -> tuple[Tensor, str] | None:
+    """([c, length] cached windows, their key) for the largest c < ``count``, a multiple of ``batch_size``,
+    whose windows this request begins with (same key but the count, same weights), or None."""
+    for c in range((count - 1) // batch_size * batch_size, 0, -batch_size):
+        key = cache_key(model_id, dtype, seed, temperature, top_p, c, length)
+        path = cache_path(key)
+        if path.is_file():
+            cached = torch.load(path, weights_only=True)
+            if cached["fingerprint"].get("weights") == weights and tuple(cached["tokens"].shape) == (c, length):
+                log.info("self-generated calibration text: the first %d of %d windows from %s (key %s)", c, count, path, key)
+                return cached["tokens"], key
+    return None
+
+
 def _generate(model: nn.Module, tokenizer: Any, count: int, length: int, seed: int, temperature: float, top_p: float,
-              batch_size: int, device: torch.device) -> tuple[Tensor, float, str]:
+              batch_size: int, device: torch.device, start: int = 0) -> tuple[Tensor, float, str]:
+    """Windows ``start`` to ``count`` - 1 ([count - start, length]), the seconds they took, the device."""
     from tqdm.auto import tqdm
 
     vocab = int(model.get_output_embeddings().weight.shape[0])
@@ -166,7 +192,7 @@ def _generate(model: nn.Module, tokenizer: Any, count: int, length: int, seed: i
     if length <= prompt_len:
         raise ValueError(f"cal_seqlen {length}: a self-generated window needs more than its {prompt_len}-token prompt")
     prompts, uniforms = [], []
-    for i in range(count):
+    for i in range(start, count):
         g = window_generator(seed, i)
         first = first_tokens[torch.randint(len(first_tokens), (1,), generator=g)]
         prompts.append(torch.cat([torch.tensor([bos]), first]) if bos is not None else first)
@@ -174,20 +200,21 @@ def _generate(model: nn.Module, tokenizer: Any, count: int, length: int, seed: i
     prompts_t, uniforms_t = torch.stack(prompts).long(), torch.stack(uniforms)
     home = next(model.parameters()).device
     was_training = model.training
-    log.info("self-generating calibration text: %d windows of %d tokens, batches of %d on %s (temperature %g, top_p %g, seed %d)",
-             count, length, batch_size, device, temperature, top_p, seed)
+    log.info("self-generating calibration text: windows %d-%d of %d tokens, batches of %d on %s (temperature %g, top_p %g, seed %d)",
+             start, count - 1, length, batch_size, device, temperature, top_p, seed)
     t0 = time.perf_counter()
     model.eval().to(device)
     parts = []
     try:
-        with tqdm(total=count * (length - prompt_len), desc="self-generating calibration text", unit="tok", leave=False) as bar:
-            for s in range(0, count, batch_size):
+        with tqdm(total=(count - start) * (length - prompt_len), desc="self-generating calibration text", unit="tok",
+                  leave=False) as bar:
+            for s in range(0, count - start, batch_size):
                 parts.append(sample_batch(model, prompts_t[s : s + batch_size], uniforms_t[s : s + batch_size], temperature,
                                           top_p, device, min(len(tokenizer), vocab), bar))
     finally:
         model.to(home).train(was_training)
     seconds = time.perf_counter() - t0
     tokens = torch.cat(parts)
-    log.info("self-generated %d tokens in %.1f s (%.0f tokens/s); window 0 begins %r", tokens.numel(), seconds,
-             count * (length - prompt_len) / max(seconds, 1e-9), tokenizer.decode(tokens[0, :32]))
+    log.info("self-generated %d tokens in %.1f s (%.0f tokens/s); window %d begins %r", tokens.numel(), seconds,
+             (count - start) * (length - prompt_len) / max(seconds, 1e-9), start, tokenizer.decode(tokens[0, :32]))
     return tokens, seconds, str(device)

@@ -95,6 +95,29 @@ def test_deterministic_per_seed_and_cached(cache):
     assert torch.equal(rebatched, first)
 
 
+def test_a_bigger_request_extends_a_cached_smaller_one(cache):
+    """The largest cached whole number of batches is read back, only the rest is sampled, and the windows
+    are a fresh run's, bit for bit."""
+    model = tiny_model()
+    fresh, fp_fresh = generate(model, count=7, length=10, seed=3, batch_size=2)
+    cache_path(fp_fresh["key"]).unlink()
+    _, fp_four = generate(model, count=4, length=10, seed=3, batch_size=2)
+    _, fp_five = generate(model, count=5, length=10, seed=3, batch_size=2)  # not whole batches: never extended
+    assert fp_five["extends"] == {"key": fp_four["key"], "count": 4}
+    calls = count_forwards(model)
+    extended, fp = generate(model, count=7, length=10, seed=3, batch_size=2)
+    assert calls[0] == 2 * 8  # windows 4-6 only: two batches
+    assert torch.equal(extended, fresh) and fp["sha256"] == fp_fresh["sha256"] and "extends" not in fp_fresh
+    assert fp["extends"] == {"key": fp_four["key"], "count": 4} and fp["key"] == fp_fresh["key"]
+    _, fp_other_seed = generate(model, count=7, length=10, seed=4, batch_size=2)
+    _, fp_longer = generate(model, count=7, length=12, seed=3, batch_size=2)
+    assert "extends" not in fp_other_seed and "extends" not in fp_longer
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)
+    _, fp_new_weights = generate(model, count=9, length=10, seed=3, batch_size=2)
+    assert "extends" not in fp_new_weights
+
+
 def test_cached_windows_of_other_weights_are_generated_again(cache):
     model = tiny_model()
     first, fp = generate(model)
