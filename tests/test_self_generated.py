@@ -102,7 +102,7 @@ def test_a_bigger_request_extends_a_cached_smaller_one(cache):
     fresh, fp_fresh = generate(model, count=7, length=10, seed=3, batch_size=2)
     cache_path(fp_fresh["key"]).unlink()
     _, fp_four = generate(model, count=4, length=10, seed=3, batch_size=2)
-    _, fp_five = generate(model, count=5, length=10, seed=3, batch_size=2)  # not whole batches: never extended
+    _, fp_five = generate(model, count=5, length=10, seed=3, batch_size=2)  # 5 windows are not whole batches: never read back as a prefix
     assert fp_five["extends"] == {"key": fp_four["key"], "count": 4}
     calls = count_forwards(model)
     extended, fp = generate(model, count=7, length=10, seed=3, batch_size=2)
