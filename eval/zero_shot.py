@@ -277,7 +277,53 @@ def summarize_zero_shot(raw: dict[str, Any]) -> tuple[dict[str, float], dict[str
     if ordered:
         ordered["mean"] = sum(ordered.values()) / len(ordered)
         info["mean_over"] = [t for t in ordered if t != "mean"]
+    samples = raw.get("samples") or {}
+    per_example = {t: per_example_string(samples[t], info["metric"][t]) for t in info["mean_over"] if t in samples} if ordered else {}
+    if per_example:
+        info["per_example"] = per_example
     return ordered, info
+
+
+def per_example_string(samples: Sequence[dict[str, Any]], metric: str) -> str:
+    """lm_eval's logged samples of one task -> '0110...': the metric of each document, in ``doc_id`` order.
+
+    A string, not a list, so a record stays small and the seed aggregation (numeric leaves) ignores it."""
+    return "".join("1" if float(s[metric]) > 0.5 else "0" for s in sorted(samples, key=lambda s: s["doc_id"]))
+
+
+def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy of model a minus model b on the same documents, with the paired standard error.
+
+    ``a`` and ``b`` are two records' ``zero_shot_info`` (with ``per_example``). Per task, on the first
+    ``n`` documents both were scored on (the limit takes a file's first rows, so a common prefix is the
+    same documents): diff = mean of d_i = a_i - b_i, se = sample std of d (ddof 1) / sqrt(n), and
+    ``se_unpaired`` = sqrt(p_a(1 - p_a)/n + p_b(1 - p_b)/n), what two independent samples would give.
+    The mean over the tasks both have: the mean of the task differences, se = sqrt(sum se_t^2) / T
+    (tasks independent). The two models answer the same questions, so most of the per-question
+    difficulty cancels and the paired se is the one to judge a difference by."""
+    pa, pb = a.get("per_example") or {}, b.get("per_example") or {}
+    if not pa or not pb:
+        raise ValueError("paired_difference: both zero_shot_info need per_example (records written before it "
+                         "was recorded have none: evaluate again)")
+    tasks: dict[str, dict[str, float]] = {}
+    for t in [t for t in pa if t in pb]:
+        n = min(len(pa[t]), len(pb[t]))
+        if n < 2:
+            continue
+        xa, xb = [int(c) for c in pa[t][:n]], [int(c) for c in pb[t][:n]]
+        d = [x - y for x, y in zip(xa, xb)]
+        mean_d = sum(d) / n
+        var_d = sum((v - mean_d) ** 2 for v in d) / (n - 1)
+        acc_a, acc_b = sum(xa) / n, sum(xb) / n
+        tasks[t] = {"diff": mean_d, "se": (var_d / n) ** 0.5, "n": n, "acc_a": acc_a, "acc_b": acc_b,
+                    "se_unpaired": ((acc_a * (1 - acc_a) + acc_b * (1 - acc_b)) / n) ** 0.5}
+    if not tasks:
+        raise ValueError("paired_difference: the two records share no task with per-example results")
+    k = len(tasks)
+    mean = {"diff": sum(v["diff"] for v in tasks.values()) / k,
+            "se": sum(v["se"] ** 2 for v in tasks.values()) ** 0.5 / k,
+            "se_unpaired": sum(v["se_unpaired"] ** 2 for v in tasks.values()) ** 0.5 / k}
+    return {"tasks": tasks, "mean": mean}
 
 
 def _paper_order(task: str) -> int:
@@ -309,7 +355,7 @@ def zero_shot_metrics(model, tokenizer, cfg: Any) -> dict[str, Any]:
     lm = make_lm(model, tokenizer, cfg.zero_shot_batch_size)
     if tasks:
         raw = run_lm_eval(lm, task_entries(tasks, root), limit=cfg.zero_shot_limit, num_fewshot=cfg.zero_shot_fewshot,
-                          offline=root is not None)
+                          offline=root is not None, log_samples=True)
         scores, info = summarize_zero_shot(raw)
         info.update(limit=cfg.zero_shot_limit, fewshot=cfg.zero_shot_fewshot, source="local files" if root else "hub")
         out["zero_shot"], out["zero_shot_info"] = scores, info

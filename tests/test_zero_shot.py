@@ -102,6 +102,60 @@ def test_local_file_task_matches_stock_task_per_sample(local_and_stock, name):
         assert local["results"][name].get(f"{metric},none") == stock["results"][name].get(f"{metric},none")
 
 
+def test_per_example_record_reproduces_lm_evals_scores(local_and_stock):
+    local, _ = local_and_stock
+    scores, info = zs.summarize_zero_shot(local)
+    assert set(info["per_example"]) == set(RENAMES)
+    for task, bits in info["per_example"].items():
+        assert len(bits) == STOCK_LIMIT and set(bits) <= {"0", "1"}
+        assert sum(map(int, bits)) / len(bits) == pytest.approx(scores[task])  # the paper metric, not the other one
+        by_doc = sorted(local["samples"][task], key=lambda s: s["doc_id"])
+        assert bits == "".join(str(int(s[info["metric"][task]])) for s in by_doc)
+
+
+def test_paired_difference_against_numpy():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a_bits, b_bits = {}, {}
+    for task, n in (("boolq", 50), ("piqa", 80), ("rte", 30)):
+        a = rng.random(n) < 0.6
+        b = np.where(rng.random(n) < 0.8, a, rng.random(n) < 0.5)  # mostly the same answers: correlated
+        a_bits[task], b_bits[task] = "".join("1" if x else "0" for x in a), "".join("1" if x else "0" for x in b)
+    a_bits["boolq"] += "1111"  # a longer run: only the common prefix is compared
+    b_bits["arc_easy"] = "0101"  # a task only one side has: left out
+    out = zs.paired_difference({"per_example": a_bits}, {"per_example": b_bits})
+    assert list(out["tasks"]) == ["boolq", "piqa", "rte"]
+    ses = []
+    for task, v in out["tasks"].items():
+        n = v["n"]
+        xa = np.array([int(c) for c in a_bits[task][:n]], dtype=float)
+        xb = np.array([int(c) for c in b_bits[task][:n]], dtype=float)
+        d = xa - xb
+        assert n == len(b_bits[task])
+        assert v["diff"] == pytest.approx(d.mean())
+        assert v["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(n))
+        assert v["se_unpaired"] == pytest.approx(np.sqrt(xa.mean() * (1 - xa.mean()) / n + xb.mean() * (1 - xb.mean()) / n))
+        assert v["se"] < v["se_unpaired"]  # correlated answers: pairing removes the shared difficulty
+        ses.append(v["se"])
+    assert out["mean"]["diff"] == pytest.approx(np.mean([v["diff"] for v in out["tasks"].values()]))
+    assert out["mean"]["se"] == pytest.approx(np.sqrt(np.sum(np.square(ses))) / 3)
+
+
+def test_paired_difference_of_a_model_with_itself_is_exactly_zero():
+    bits = {"per_example": {"rte": "0110100111", "piqa": "1110001"}}
+    out = zs.paired_difference(bits, bits)
+    assert out["mean"] == {"diff": 0.0, "se": 0.0, "se_unpaired": out["mean"]["se_unpaired"]}
+    assert out["mean"]["se_unpaired"] > 0
+
+
+def test_paired_difference_needs_per_example_results():
+    with pytest.raises(ValueError, match="per_example"):
+        zs.paired_difference({"metric": {}}, {"per_example": {"rte": "01"}})
+    with pytest.raises(ValueError, match="share no task"):
+        zs.paired_difference({"per_example": {"rte": "0110"}}, {"per_example": {"piqa": "0110"}})
+
+
 def test_hellaswag_runs_as_flagged_approximation(tiny_lm, shared_data):
     cfg = zs.local_task_config("hellaswag", shared_data)
     assert cfg["task"] == "hellaswag_approx"

@@ -1,0 +1,52 @@
+"""Zero-shot accuracy of one result minus another, per task and for the mean, with the paired standard error.
+
+    python -m tools.compare_zero_shot results/quality/<row>/result.json results/quality/dense/result.json
+
+Both records need ``metrics.zero_shot_info.per_example`` (written by every zero-shot evaluation). The
+two models answered the same questions, so the difference is judged by the standard error of the
+per-question differences (paired), printed beside the one two independent samples would give.
+Prints a Markdown table in points (accuracy x 100).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from eval.zero_shot import paired_difference
+
+
+def _info(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "result.json"
+    if not p.is_file():
+        raise SystemExit(f"{path}: no result.json")
+    info = json.loads(p.read_text()).get("metrics", {}).get("zero_shot_info")
+    if not info or not info.get("per_example"):
+        raise SystemExit(f"{p}: no metrics.zero_shot_info.per_example (evaluate it again with zero_shot_tasks)")
+    return info
+
+
+def table(diff: dict[str, Any], label_a: str, label_b: str) -> str:
+    """The :func:`eval.zero_shot.paired_difference` result as a Markdown table, in points."""
+    lines = [f"| task | n | {label_a} | {label_b} | difference | paired se | unpaired se |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for t, v in diff["tasks"].items():
+        lines.append(f"| {t} | {v['n']} | {100 * v['acc_a']:.1f} | {100 * v['acc_b']:.1f} | {100 * v['diff']:+.2f} "
+                     f"| {100 * v['se']:.2f} | {100 * v['se_unpaired']:.2f} |")
+    m = diff["mean"]
+    lines.append(f"| mean of {len(diff['tasks'])} | | | | {100 * m['diff']:+.2f} | {100 * m['se']:.2f} | {100 * m['se_unpaired']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("a", help="result.json (or its folder) of the model whose accuracy comes first")
+    p.add_argument("b", help="result.json (or its folder) subtracted from it")
+    args = p.parse_args()
+    print(table(paired_difference(_info(args.a), _info(args.b)), "a", "b"))
+
+
+if __name__ == "__main__":
+    main()
