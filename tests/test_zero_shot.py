@@ -251,3 +251,21 @@ def test_smollm2_dense_offline_accuracies(smollm2, shared_data):
     assert set(scores) == set(tasks) | {"mean"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
     assert all(info["n"][t] == 2 for t in tasks)
+
+
+def test_compare_tool_reads_two_records_and_prints_points(tmp_path, capsys, monkeypatch):
+    from tools import compare_zero_shot
+
+    for name, bits in (("a", "1101"), ("b", "1001")):
+        (tmp_path / name).mkdir()
+        rec = {"metrics": {"zero_shot_info": {"per_example": {"rte": bits}}}}
+        (tmp_path / name / "result.json").write_text(json.dumps(rec))
+    monkeypatch.setattr("sys.argv", ["compare_zero_shot", str(tmp_path / "a"), str(tmp_path / "b" / "result.json")])
+    compare_zero_shot.main()
+    out = capsys.readouterr().out
+    assert "| rte | 4 | 75.0 | 50.0 | +25.00 | 25.00 |" in out  # d = 0,1,0,0: std 0.5, se 0.25
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "result.json").write_text(json.dumps({"metrics": {"zero_shot": {"rte": 0.5}}}))
+    monkeypatch.setattr("sys.argv", ["compare_zero_shot", str(tmp_path / "a"), str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match="per_example"):
+        compare_zero_shot.main()
