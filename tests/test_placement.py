@@ -65,6 +65,8 @@ def test_smollm2_offloaded_to_disk_evaluates_as_in_memory(smollm2, tmp_path):
     if task:
         assert out["metrics"]["zero_shot"][task] == pytest.approx(ref["metrics"]["zero_shot"][task], abs=1e-9)
         assert out["metrics"]["zero_shot_info"]["n"][task] == 4
+        bits = out["metrics"]["zero_shot_info"]["per_example"][task]  # the record keeps each document's score
+        assert len(bits) == 4 and bits == ref["metrics"]["zero_shot_info"]["per_example"][task]
     placement = out["placement"]
     assert placement["from"] == "in memory" and placement["input_device"] == "cpu"
     assert placement["blocks"].get("disk", 0) >= 25 and sum(placement["blocks"].values()) == 30, placement
