@@ -22,7 +22,9 @@ fingerprint the record keeps, including a hash of the dense weights it came from
 model's weights changed is generated again) and of the tokens. A request for more windows than a cached
 one of the same model, weights, seed, sampling and length begins with that one's windows: they are read
 back and only the rest is sampled (the cached count a whole number of batches, so every new batch holds
-the windows a fresh run's would), and the fingerprint names the key it extends.
+the windows a fresh run's would), and the fingerprint names the key it extends. A request for fewer
+windows than a cached one, a whole number of batches, is the cached one's first windows (fingerprint
+``slice_of``), with nothing sampled.
 """
 from __future__ import annotations
 
@@ -149,20 +151,55 @@ def self_generated_windows(model: nn.Module, tokenizer: Any, model_id: str, dtyp
             log.info("self-generated calibration text: %d windows of %d tokens from %s (key %s)", count, length, path, key)
             return cached["tokens"], dict(cached["fingerprint"])
         log.warning("self-generated calibration text at %s came from other weights of %r; generating it again", path, model_id)
-    prefix = cached_prefix(model_id, dtype, seed, temperature, top_p, count, length, batch_size, weights)
-    start = 0 if prefix is None else prefix[0].shape[0]
-    tokens, seconds, where = _generate(model, tokenizer, count, length, seed, temperature, top_p, batch_size,
-                                       torch.device(device), start)
-    if prefix is not None:
-        tokens = torch.cat([prefix[0], tokens])
-    fingerprint = {"key": key, "model": model_id, "dtype": dtype, "weights": weights, "seed": int(seed),
-                   "temperature": float(temperature), "top_p": float(top_p), "count": int(count), "length": int(length),
-                   "prompt": PROMPT, "sha256": tokens_hash(tokens), "generated_on": where, "seconds": round(seconds, 3)}
-    if prefix is not None:
-        fingerprint["extends"] = {"key": prefix[1], "count": start}
+    longer = cached_superset(model_id, dtype, seed, temperature, top_p, count, length, weights) if count % batch_size == 0 else None
+    if longer is not None:
+        tokens = longer[0][:count].clone()
+        fingerprint = {**_fingerprint(key, model_id, dtype, weights, seed, temperature, top_p, tokens,
+                                      longer[2].get("generated_on", "?"), 0.0),
+                       "slice_of": {"key": longer[1], "count": int(longer[0].shape[0])}}
+    else:
+        prefix = cached_prefix(model_id, dtype, seed, temperature, top_p, count, length, batch_size, weights)
+        start = 0 if prefix is None else prefix[0].shape[0]
+        tokens, seconds, where = _generate(model, tokenizer, count, length, seed, temperature, top_p, batch_size,
+                                           torch.device(device), start)
+        if prefix is not None:
+            tokens = torch.cat([prefix[0], tokens])
+        fingerprint = _fingerprint(key, model_id, dtype, weights, seed, temperature, top_p, tokens, where, seconds)
+        if prefix is not None:
+            fingerprint["extends"] = {"key": prefix[1], "count": start}
     atomic_write(path, lambda tmp: torch.save({"tokens": tokens, "fingerprint": fingerprint}, tmp))
     log.info("self-generated calibration text cached at %s (key %s, tokens sha256 %s)", path, key, fingerprint["sha256"])
     return tokens, fingerprint
+
+
+def _fingerprint(key: str, model_id: str, dtype: str, weights: str, seed: int, temperature: float, top_p: float,
+                 tokens: Tensor, where: str, seconds: float) -> dict[str, Any]:
+    return {"key": key, "model": model_id, "dtype": dtype, "weights": weights, "seed": int(seed),
+            "temperature": float(temperature), "top_p": float(top_p), "count": int(tokens.shape[0]),
+            "length": int(tokens.shape[1]), "prompt": PROMPT, "sha256": tokens_hash(tokens), "generated_on": where,
+            "seconds": round(seconds, 3)}
+
+
+def cached_superset(model_id: str, dtype: str, seed: int, temperature: float, top_p: float, count: int, length: int,
+                    weights: str) -> tuple[Tensor, str, dict[str, Any]] | None:
+    """([c, length] cached windows, their key, their fingerprint) for the smallest cached c > ``count`` of
+    the same key but the count and the same weights, whose first ``count`` windows are this request's; or None."""
+    found = None
+    for path in sorted(cache_dir(SELF_GENERATED).glob("*.pt")):
+        try:
+            cached = torch.load(path, weights_only=True)
+            fp = cached["fingerprint"]
+            c = int(fp["count"])
+        except Exception:  # a foreign or unreadable file in the cache folder is not ours to read
+            continue
+        if (c > count and (found is None or c < found[0].shape[0]) and fp.get("weights") == weights
+                and path.stem == cache_key(model_id, dtype, seed, temperature, top_p, c, length)
+                and tuple(cached["tokens"].shape) == (c, length)):
+            found = (cached["tokens"], path.stem, dict(fp))
+    if found is not None:
+        log.info("self-generated calibration text: the first %d of the %d windows at %s", count, found[0].shape[0],
+                 cache_path(found[1]))
+    return found
 
 
 def cached_prefix(model_id: str, dtype: str, seed: int, temperature: float, top_p: float, count: int, length: int,

@@ -118,6 +118,32 @@ def test_a_bigger_request_extends_a_cached_smaller_one(cache):
     assert "extends" not in fp_new_weights
 
 
+def test_a_smaller_request_is_the_first_windows_of_a_cached_bigger_one(cache):
+    """A whole number of batches is read from the smallest bigger cached set, nothing sampled, and it is a
+    fresh run's windows bit for bit; a part batch, another seed or other weights are sampled."""
+    model = tiny_model()
+    fresh, fp_fresh = generate(model, count=4, length=10, seed=3, batch_size=2)
+    cache_path(fp_fresh["key"]).unlink()
+    _, fp_eight = generate(model, count=8, length=10, seed=3, batch_size=2)
+    _, fp_six = generate(model, count=6, length=10, seed=3, batch_size=2)
+    assert fp_six["slice_of"] == {"key": fp_eight["key"], "count": 8}
+    calls = count_forwards(model)
+    sliced, fp = generate(model, count=4, length=10, seed=3, batch_size=2)
+    assert calls[0] == 0 and torch.equal(sliced, fresh)
+    assert fp["slice_of"] == {"key": fp_six["key"], "count": 6}  # the smallest bigger one
+    assert fp["key"] == fp_fresh["key"] and fp["sha256"] == fp_fresh["sha256"] and fp["count"] == 4 and fp["seconds"] == 0.0
+    assert cache_path(fp["key"]).is_file()  # cached under its own key: the next request reads it directly
+    _, fp_part = generate(model, count=3, length=10, seed=3, batch_size=2)
+    assert calls[0] > 0 and "slice_of" not in fp_part
+    calls[0] = 0
+    _, fp_other_seed = generate(model, count=4, length=10, seed=4, batch_size=2)
+    assert calls[0] > 0 and "slice_of" not in fp_other_seed
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)
+    _, fp_new_weights = generate(model, count=2, length=10, seed=3, batch_size=2)
+    assert "slice_of" not in fp_new_weights
+
+
 def test_cached_windows_of_other_weights_are_generated_again(cache):
     model = tiny_model()
     first, fp = generate(model)
