@@ -277,10 +277,10 @@ def summarize_zero_shot(raw: dict[str, Any]) -> tuple[dict[str, float], dict[str
     if ordered:
         ordered["mean"] = sum(ordered.values()) / len(ordered)
         info["mean_over"] = [t for t in ordered if t != "mean"]
-    samples = raw.get("samples") or {}
-    per_example = {t: per_example_string(samples[t], info["metric"][t]) for t in info["mean_over"] if t in samples} if ordered else {}
-    if per_example:
-        info["per_example"] = per_example
+        samples = raw.get("samples") or {}
+        per_example = {t: per_example_string(samples[t], info["metric"][t]) for t in info["mean_over"] if t in samples}
+        if per_example:
+            info["per_example"] = per_example
     return ordered, info
 
 
