@@ -24,7 +24,8 @@ one of the same model, weights, seed, sampling and length begins with that one's
 back and only the rest is sampled (the cached count a whole number of batches, so every new batch holds
 the windows a fresh run's would), and the fingerprint names the key it extends. A request for fewer
 windows than a cached one, a whole number of batches, is the cached one's first windows (fingerprint
-``slice_of``), with nothing sampled.
+``slice_of``), with nothing sampled. A file in the cache folder that cannot be read as a set of windows
+is ignored with a warning (a set of its key is sampled again and written over it).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -145,28 +146,34 @@ def self_generated_windows(model: nn.Module, tokenizer: Any, model_id: str, dtyp
     key = cache_key(model_id, dtype, seed, temperature, top_p, count, length)
     path = cache_path(key)
     weights = weights_fingerprint(model)
-    if path.is_file():
-        cached = torch.load(path, weights_only=True)
+    cached = _read(path) if path.is_file() else None
+    if cached is not None:
         if cached["fingerprint"].get("weights") == weights:
             log.info("self-generated calibration text: %d windows of %d tokens from %s (key %s)", count, length, path, key)
             return cached["tokens"], dict(cached["fingerprint"])
         log.warning("self-generated calibration text at %s came from other weights of %r; generating it again", path, model_id)
-    longer = cached_superset(model_id, dtype, seed, temperature, top_p, count, length, weights) if count % batch_size == 0 else None
+    sets = cached_sets(model_id, dtype, seed, temperature, top_p, length, weights)
+    longer = next((s for s in sets if s.count > count), None) if count % batch_size == 0 else None
     if longer is not None:
-        tokens = longer[0][:count].clone()
+        log.info("self-generated calibration text: the first %d of the %d windows at %s", count, longer.count,
+                 cache_path(longer.key))
+        tokens = longer.tokens[:count].clone()
         fingerprint = {**_fingerprint(key, model_id, dtype, weights, seed, temperature, top_p, tokens,
-                                      longer[2].get("generated_on", "?"), 0.0),
-                       "slice_of": {"key": longer[1], "count": int(longer[0].shape[0])}}
+                                      longer.fingerprint.get("generated_on", "?"), 0.0),
+                       "slice_of": {"key": longer.key, "count": longer.count}}
     else:
-        prefix = cached_prefix(model_id, dtype, seed, temperature, top_p, count, length, batch_size, weights)
-        start = 0 if prefix is None else prefix[0].shape[0]
+        prefix = next((s for s in reversed(sets) if s.count < count and s.count % batch_size == 0), None)
+        start = 0 if prefix is None else prefix.count
+        if prefix is not None:
+            log.info("self-generated calibration text: the first %d of %d windows from %s (key %s)", start, count,
+                     cache_path(prefix.key), prefix.key)
         tokens, seconds, where = _generate(model, tokenizer, count, length, seed, temperature, top_p, batch_size,
                                            torch.device(device), start)
         if prefix is not None:
-            tokens = torch.cat([prefix[0], tokens])
+            tokens = torch.cat([prefix.tokens, tokens])
         fingerprint = _fingerprint(key, model_id, dtype, weights, seed, temperature, top_p, tokens, where, seconds)
         if prefix is not None:
-            fingerprint["extends"] = {"key": prefix[1], "count": start}
+            fingerprint["extends"] = {"key": prefix.key, "count": start}
     atomic_write(path, lambda tmp: torch.save({"tokens": tokens, "fingerprint": fingerprint}, tmp))
     log.info("self-generated calibration text cached at %s (key %s, tokens sha256 %s)", path, key, fingerprint["sha256"])
     return tokens, fingerprint
@@ -180,40 +187,43 @@ def _fingerprint(key: str, model_id: str, dtype: str, weights: str, seed: int, t
             "seconds": round(seconds, 3)}
 
 
-def cached_superset(model_id: str, dtype: str, seed: int, temperature: float, top_p: float, count: int, length: int,
-                    weights: str) -> tuple[Tensor, str, dict[str, Any]] | None:
-    """([c, length] cached windows, their key, their fingerprint) for the smallest cached c > ``count`` of
-    the same key but the count and the same weights, whose first ``count`` windows are this request's; or None."""
-    found = None
+class CachedSet(NamedTuple):
+    """One cached set of windows: how many, the [count, length] token ids, its key, its fingerprint."""
+
+    count: int
+    tokens: Tensor
+    key: str
+    fingerprint: dict[str, Any]
+
+
+def cached_sets(model_id: str, dtype: str, seed: int, temperature: float, top_p: float, length: int,
+                weights: str) -> list[CachedSet]:
+    """Every readable cached set of this model, dtype, weights, seed, sampling and window length, whatever
+    its count, by count: a request's windows begin a bigger set's and a smaller set's begin the request's."""
+    sets = []
     for path in sorted(cache_dir(SELF_GENERATED).glob("*.pt")):
-        try:
-            cached = torch.load(path, weights_only=True)
-            fp = cached["fingerprint"]
-            c = int(fp["count"])
-        except Exception:  # a foreign or unreadable file in the cache folder is not ours to read
+        cached = _read(path)
+        if cached is None:
             continue
-        if (c > count and (found is None or c < found[0].shape[0]) and fp.get("weights") == weights
-                and path.stem == cache_key(model_id, dtype, seed, temperature, top_p, c, length)
-                and tuple(cached["tokens"].shape) == (c, length)):
-            found = (cached["tokens"], path.stem, dict(fp))
-    if found is not None:
-        log.info("self-generated calibration text: the first %d of the %d windows at %s", count, found[0].shape[0],
-                 cache_path(found[1]))
-    return found
+        fp, tokens = cached["fingerprint"], cached["tokens"]
+        c = int(fp.get("count", -1))
+        if (fp.get("weights") == weights and path.stem == cache_key(model_id, dtype, seed, temperature, top_p, c, length)
+                and tuple(tokens.shape) == (c, length)):
+            sets.append(CachedSet(c, tokens, path.stem, dict(fp)))
+    return sorted(sets, key=lambda s: s.count)
 
 
-def cached_prefix(model_id: str, dtype: str, seed: int, temperature: float, top_p: float, count: int, length: int,
-                  batch_size: int, weights: str) -> tuple[Tensor, str] | None:
-    """([c, length] cached windows, their key) for the largest c < ``count``, a multiple of ``batch_size``,
-    whose windows this request begins with (same key but the count, same weights), or None."""
-    for c in range((count - 1) // batch_size * batch_size, 0, -batch_size):
-        key = cache_key(model_id, dtype, seed, temperature, top_p, c, length)
-        path = cache_path(key)
-        if path.is_file():
-            cached = torch.load(path, weights_only=True)
-            if cached["fingerprint"].get("weights") == weights and tuple(cached["tokens"].shape) == (c, length):
-                log.info("self-generated calibration text: the first %d of %d windows from %s (key %s)", c, count, path, key)
-                return cached["tokens"], key
+def _read(path: Path) -> dict[str, Any] | None:
+    """A cached file's {"tokens", "fingerprint"}, or None (with a warning) when it cannot be read as one:
+    it is then treated as absent, and a set of its key is sampled and written over it."""
+    try:
+        cached = torch.load(path, weights_only=True)
+        if isinstance(cached, dict) and isinstance(cached.get("tokens"), Tensor) and isinstance(cached.get("fingerprint"), dict):
+            return cached
+    except Exception as e:  # a foreign or half-written file in the cache folder is skipped, never fatal
+        log.warning("self-generated calibration text: cannot read %s (%s: %s); ignoring it", path, type(e).__name__, e)
+        return None
+    log.warning("self-generated calibration text: %s is not a cached set of windows; ignoring it", path)
     return None
 
 

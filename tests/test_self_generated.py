@@ -154,6 +154,27 @@ def test_cached_windows_of_other_weights_are_generated_again(cache):
     assert calls[0] > 0 and fp2["weights"] != fp["weights"] and fp2["key"] == fp["key"]
 
 
+def test_an_unreadable_cached_file_is_ignored_with_a_warning(cache, caplog):
+    """A corrupt file under a request's own key, under a smaller set's key and a foreign file beside them
+    break nothing: each is named in a warning, the windows are a fresh run's, and the request's file is
+    written again; a smaller set read back as a prefix would have been one batch fewer to sample."""
+    model = tiny_model()
+    fresh, fp = generate(model, count=6, length=10, seed=2, batch_size=2)
+    _, fp_four = generate(model, count=4, length=10, seed=2, batch_size=2)
+    cache_path(fp["key"]).write_bytes(b"not a torch file")
+    cache_path(fp_four["key"]).write_bytes(b"half a fi")
+    (cache / "self_generated" / "foreign.pt").parent.mkdir(parents=True, exist_ok=True)
+    torch.save([1, 2, 3], cache / "self_generated" / "foreign.pt")
+    calls = count_forwards(model)
+    with caplog.at_level("WARNING", logger="data.self_generated"):
+        again, fp_again = generate(model, count=6, length=10, seed=2, batch_size=2)
+    assert torch.equal(again, fresh) and fp_again["sha256"] == fp["sha256"] and "extends" not in fp_again
+    assert calls[0] == 3 * 8  # all three batches sampled: the corrupt 4-window set was not read as a prefix
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert all(name in warned for name in (fp["key"], fp_four["key"], "foreign.pt"))
+    assert torch.equal(torch.load(cache_path(fp["key"]), weights_only=True)["tokens"], fresh)  # written over
+
+
 def test_the_cache_write_is_atomic(cache, monkeypatch):
     """A write that dies half way leaves no cached windows (nor a temporary file); the next call generates."""
     model = tiny_model()
