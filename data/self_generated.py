@@ -152,7 +152,7 @@ def self_generated_windows(model: nn.Module, tokenizer: Any, model_id: str, dtyp
             log.info("self-generated calibration text: %d windows of %d tokens from %s (key %s)", count, length, path, key)
             return cached["tokens"], dict(cached["fingerprint"])
         log.warning("self-generated calibration text at %s came from other weights of %r; generating it again", path, model_id)
-    sets = cached_sets(model_id, dtype, seed, temperature, top_p, length, weights)
+    sets = cached_sets(model_id, dtype, seed, temperature, top_p, length, weights, skip=key)
     longer = next((s for s in sets if s.count > count), None) if count % batch_size == 0 else None
     if longer is not None:
         log.info("self-generated calibration text: the first %d of the %d windows at %s", count, longer.count,
@@ -197,18 +197,23 @@ class CachedSet(NamedTuple):
 
 
 def cached_sets(model_id: str, dtype: str, seed: int, temperature: float, top_p: float, length: int,
-                weights: str) -> list[CachedSet]:
+                weights: str, skip: str | None = None) -> list[CachedSet]:
     """Every readable cached set of this model, dtype, weights, seed, sampling and window length, whatever
-    its count, by count: a request's windows begin a bigger set's and a smaller set's begin the request's."""
+    its count, by count: a request's windows begin a bigger set's and a smaller set's begin the request's.
+    A set's count is its tokens' row count, and its file must sit under the key of that count; the file
+    under ``skip`` (the request's own key, already read) is not read again."""
     sets = []
     for path in sorted(cache_dir(SELF_GENERATED).glob("*.pt")):
+        if path.stem == skip:
+            continue
         cached = _read(path)
         if cached is None:
             continue
         fp, tokens = cached["fingerprint"], cached["tokens"]
-        c = int(fp.get("count", -1))
-        if (fp.get("weights") == weights and path.stem == cache_key(model_id, dtype, seed, temperature, top_p, c, length)
-                and tuple(tokens.shape) == (c, length)):
+        if tokens.dim() != 2 or tokens.shape[1] != length:
+            continue
+        c = int(tokens.shape[0])
+        if fp.get("weights") == weights and path.stem == cache_key(model_id, dtype, seed, temperature, top_p, c, length):
             sets.append(CachedSet(c, tokens, path.stem, dict(fp)))
     return sorted(sets, key=lambda s: s.count)
 

@@ -172,7 +172,26 @@ def test_an_unreadable_cached_file_is_ignored_with_a_warning(cache, caplog):
     assert calls[0] == 3 * 8  # all three batches sampled: the corrupt 4-window set was not read as a prefix
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert all(name in warned for name in (fp["key"], fp_four["key"], "foreign.pt"))
+    assert sum(fp["key"] in r.getMessage() for r in caplog.records) == 1  # the own-key file is read once
     assert torch.equal(torch.load(cache_path(fp["key"]), weights_only=True)["tokens"], fresh)  # written over
+
+
+def test_a_cached_set_counts_its_rows_not_its_fingerprint(cache):
+    """A set's count is its tokens' row count: a fingerprint whose ``count`` is not a number (a hand-edited
+    file) neither raises nor hides the set, and rows that disagree with the file's key keep it out."""
+    model = tiny_model()
+    fresh, _ = generate(model, count=4, length=10, seed=5, batch_size=2)
+    cache_path(_["key"]).unlink()
+    _, fp_eight = generate(model, count=8, length=10, seed=5, batch_size=2)
+    record = torch.load(cache_path(fp_eight["key"]), weights_only=True)
+    torch.save({**record, "fingerprint": {**record["fingerprint"], "count": "eight"}}, cache_path(fp_eight["key"]))
+    calls = count_forwards(model)
+    sliced, fp = generate(model, count=4, length=10, seed=5, batch_size=2)
+    assert calls[0] == 0 and torch.equal(sliced, fresh) and fp["slice_of"] == {"key": fp_eight["key"], "count": 8}
+    cache_path(fp["key"]).unlink()
+    torch.save({**record, "tokens": record["tokens"][:6]}, cache_path(fp_eight["key"]))  # 6 rows under the 8-key
+    again, fp_again = generate(model, count=4, length=10, seed=5, batch_size=2)
+    assert calls[0] > 0 and torch.equal(again, fresh) and "slice_of" not in fp_again
 
 
 def test_the_cache_write_is_atomic(cache, monkeypatch):
