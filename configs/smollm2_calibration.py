@@ -1,5 +1,6 @@
-"""How much of the SparseGPT-to-dense gap is data: SparseGPT 50% on SmolLM2 calibrated on more tokens and
-on text the dense model wrote itself, three calibration seeds each.
+"""How much of the SparseGPT-to-dense gap is data: SparseGPT 50% and the best reconstruction (OATS 50% at
+κ = 0.3 with low-rank recovery) on SmolLM2, calibrated on more tokens and on text the dense model wrote
+itself, three calibration seeds each.
 
     python main.py --config configs/smollm2_calibration.py --out results/calibration
     OATS_BENCH_ROWS='sparsegpt-50-sg-16k-*' python main.py --config configs/smollm2_calibration.py --out results/calibration
@@ -13,7 +14,12 @@ windows), windows of 512 tokens. Rows ``sparsegpt-50-<source>-<tokens>-s<seed>``
   top-p 1, seeded), ``mix``: half of each (``cal_mix: [0.5, 0.5]``);
 * tokens ``16k`` (32 windows, the README's), ``64k`` (128), ``256k`` (512).
 
-The 16k ``c4`` rows are the quality table's ``sparsegpt-50`` rows (same config hash).
+Rows ``oats-50-k0.3-recovery-<source>-16k-s<seed>`` and ``oats-50-k0.3-recovery-<source>-<64k|256k>-e4-s<seed>``:
+OATS 50%, κ = 0.3, then ``model_update: lowrank_recovery`` (the low-rank factors distilled against the
+dense model's logits on the same calibration windows), 3 epochs at 16k (the key's default), 4 above.
+
+The ``c4`` rows at 16k are the quality table's ``sparsegpt-50`` and ``oats-50-k0.3-recovery`` rows, and at
+64k its ``oats-50-k0.3-recovery-64k-e4`` rows (same names and config hashes).
 $OATS_BENCH_ROWS: comma-separated shell patterns on the names.
 """
 import fnmatch
@@ -25,13 +31,34 @@ SEEDS = (1, 2, 3)
 TOKENS = {"16k": 32, "64k": 128, "256k": 512}
 SOURCES = {"c4": dict(cal_dataset="c4"), "sg": dict(cal_dataset="self_generated"),
            "mix": dict(cal_dataset=["c4", "self_generated"], cal_mix=[0.5, 0.5])}
-BASE = {**base.WIKITEXT, "device": os.environ.get("OATS_BENCH_DEVICE", "auto"), "method": "sparsegpt", "sparsity": 0.5}
+BASE = {**base.WIKITEXT, "device": os.environ.get("OATS_BENCH_DEVICE", "auto"), "sparsity": 0.5,
+        "sparsity_type": "unstructured"}
+RECOVERY = dict(method="oats", rank_ratio=0.3, model_update="lowrank_recovery")
+# the quality table's names for its C4 rows
+QUALITY_NAMES = {("sparsegpt", "16k"): "sparsegpt-50", ("recovery", "16k"): "oats-50-k0.3-recovery",
+                 ("recovery", "64k"): "oats-50-k0.3-recovery-64k-e4"}
+
+
+def _row(method: str, src: str, tok: str, seed: int) -> tuple[str, dict]:
+    if method == "sparsegpt":
+        name, over = f"sparsegpt-50-{src}-{tok}", dict(method="sparsegpt")
+    elif tok == "16k":
+        name, over = f"oats-50-k0.3-recovery-{src}-{tok}", RECOVERY
+    else:
+        name, over = f"oats-50-k0.3-recovery-{src}-{tok}-e4", {**RECOVERY, "recovery_epochs": 4}
+    if src == "c4":
+        name = QUALITY_NAMES.get((method, tok), name)
+    return f"{name}-s{seed}", over
 
 
 def build() -> list:
-    cfgs = [base.experiment(BASE, name=f"sparsegpt-50-s{seed}" if (src, tok) == ("c4", "16k") else f"sparsegpt-50-{src}-{tok}-s{seed}",
-                            cal_nsamples=n, seed=seed, **over)
-            for src, over in SOURCES.items() for tok, n in TOKENS.items() for seed in SEEDS]
+    cfgs = []
+    for method in ("sparsegpt", "recovery"):
+        for src, source in SOURCES.items():
+            for tok, n in TOKENS.items():
+                for seed in SEEDS:
+                    name, over = _row(method, src, tok, seed)
+                    cfgs.append(base.experiment(BASE, name=name, cal_nsamples=n, seed=seed, **source, **over))
     patterns = [p for p in os.environ.get("OATS_BENCH_ROWS", "").split(",") if p]
     if patterns:
         cfgs = [c for c in cfgs if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]

@@ -33,3 +33,21 @@ def test_an_experiment_shares_no_list_with_the_protocols():
     exp.eval_datasets.append("pydoc")
     assert base.WIKITEXT["eval_datasets"] == ["wikitext2"]
     assert base.experiment(base.PYDOC, name="b", seed=3).to_dict() == {**base.PYDOC, "name": "b", "seed": 3}
+
+
+def test_calibration_rows_named_as_quality_rows_are_those_experiments(monkeypatch):
+    """The calibration sweep reuses the quality table's names for its C4 rows; each must be the same
+    experiment (config hash), and every row must resolve."""
+    import runpy
+
+    from oats.config import config_hash, resolve_all
+
+    for var in ("OATS_BENCH_ROWS", "OATS_BENCH_ZS"):
+        monkeypatch.delenv(var, raising=False)
+    cal = {c.name: c for c in resolve_all(runpy.run_path(str(ROOT / "configs" / "smollm2_calibration.py"))["CONFIGS"])}
+    quality = {c.name: c for c in resolve_all(runpy.run_path(str(ROOT / "configs" / "smollm2_quality.py"))["CONFIGS"])}
+    shared = set(cal) & set(quality)
+    assert shared == {f"{row}-s{s}" for row in ("sparsegpt-50", "oats-50-k0.3-recovery", "oats-50-k0.3-recovery-64k-e4")
+                      for s in (1, 2, 3)}
+    assert all(config_hash(cal[n]) == config_hash(quality[n]) for n in shared)
+    assert len(cal) == 2 * 3 * 3 * 3
