@@ -180,8 +180,8 @@ def test_a_cached_set_counts_its_rows_not_its_fingerprint(cache):
     """A set's count is its tokens' row count: a fingerprint whose ``count`` is not a number (a hand-edited
     file) neither raises nor hides the set, and rows that disagree with the file's key keep it out."""
     model = tiny_model()
-    fresh, _ = generate(model, count=4, length=10, seed=5, batch_size=2)
-    cache_path(_["key"]).unlink()
+    fresh, fp_four = generate(model, count=4, length=10, seed=5, batch_size=2)
+    cache_path(fp_four["key"]).unlink()
     _, fp_eight = generate(model, count=8, length=10, seed=5, batch_size=2)
     record = torch.load(cache_path(fp_eight["key"]), weights_only=True)
     torch.save({**record, "fingerprint": {**record["fingerprint"], "count": "eight"}}, cache_path(fp_eight["key"]))
