@@ -291,38 +291,58 @@ def per_example_string(samples: Sequence[dict[str, Any]], metric: str) -> str:
     return "".join("1" if float(s[metric]) > 0.5 else "0" for s in sorted(samples, key=lambda s: s["doc_id"]))
 
 
-def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def paired_difference(a: dict[str, Any] | Sequence[dict[str, Any]], b: dict[str, Any]) -> dict[str, Any]:
     """Accuracy of model a minus model b on the same documents, with the paired standard error.
 
-    ``a`` and ``b`` are two records' ``zero_shot_info`` (with ``per_example``). Per task, on the first
-    ``n`` documents both were scored on (the limit takes a file's first rows, so a common prefix is the
-    same documents): diff = mean of d_i = a_i - b_i, se = sample std of d (ddof 1) / sqrt(n), and
-    ``se_unpaired`` = sqrt(p_a(1 - p_a)/n + p_b(1 - p_b)/n), what two independent samples would give.
-    The mean over the tasks both have: the mean of the task differences, se = sqrt(sum se_t^2) / T
-    (tasks independent). The two models answer the same questions, so most of the per-question
-    difficulty cancels and the paired se is the one to judge a difference by."""
-    pa, pb = a.get("per_example") or {}, b.get("per_example") or {}
-    if not pa or not pb:
-        raise ValueError("paired_difference: both zero_shot_info need per_example (records written before it "
+    ``a`` is one record's ``zero_shot_info`` (with ``per_example``) or several (the calibration seeds of
+    one row: a question's score is then the share of them that answer it right); ``b`` is one. Per task,
+    on the first ``n`` documents every record was scored on (the limit takes a file's first rows, so a
+    common prefix is the same documents): diff = mean of d_i = a_i - b_i, se = sample std of d (ddof 1) /
+    sqrt(n), and ``se_unpaired`` = sqrt(var(a)/n + var(b)/n) with population variances (p(1 - p) for one
+    record), what independent samples would give. The mean over the tasks all have: the mean of the task
+    differences, se = sqrt(sum se_t^2) / T (tasks independent). The models answer the same questions, so
+    most of the per-question difficulty cancels and the paired se is the one to judge a difference by.
+
+    With several records ``mean`` also holds ``per_record`` (each one's mean difference on the same
+    questions) and ``se_records`` (their sample std / sqrt(k)): the spread between seeds, which the paired
+    se, a sampling error over questions, does not see."""
+    records = [a] if isinstance(a, dict) else list(a)
+    if not records:
+        raise ValueError("paired_difference: no record to compare")
+    per = [r.get("per_example") or {} for r in records]
+    pb = b.get("per_example") or {}
+    if not all(per) or not pb:
+        raise ValueError("paired_difference: every zero_shot_info needs per_example (records written before it "
                          "was recorded have none: evaluate again)")
+    k = len(per)
     tasks: dict[str, dict[str, float]] = {}
-    for t in [t for t in pa if t in pb]:
-        n = min(len(pa[t]), len(pb[t]))
+    record_diffs: dict[str, list[float]] = {}
+    for t in [t for t in per[0] if t in pb and all(t in pa for pa in per)]:
+        n = min([len(pb[t])] + [len(pa[t]) for pa in per])
         if n < 2:
             continue
-        xa, xb = [int(c) for c in pa[t][:n]], [int(c) for c in pb[t][:n]]
+        bits = [[int(c) for c in pa[t][:n]] for pa in per]
+        xa = [sum(col) / k for col in zip(*bits)]
+        xb = [int(c) for c in pb[t][:n]]
         d = [x - y for x, y in zip(xa, xb)]
         mean_d = sum(d) / n
         var_d = sum((v - mean_d) ** 2 for v in d) / (n - 1)
         acc_a, acc_b = sum(xa) / n, sum(xb) / n
+        var_a = sum((x - acc_a) ** 2 for x in xa) / n
         tasks[t] = {"diff": mean_d, "se": (var_d / n) ** 0.5, "n": n, "acc_a": acc_a, "acc_b": acc_b,
-                    "se_unpaired": ((acc_a * (1 - acc_a) + acc_b * (1 - acc_b)) / n) ** 0.5}
+                    "se_unpaired": ((var_a + acc_b * (1 - acc_b)) / n) ** 0.5}
+        record_diffs[t] = [sum(row) / n - acc_b for row in bits]
     if not tasks:
-        raise ValueError("paired_difference: the two records share no task with per-example results")
-    k = len(tasks)
-    mean = {"diff": sum(v["diff"] for v in tasks.values()) / k,
-            "se": sum(v["se"] ** 2 for v in tasks.values()) ** 0.5 / k,
-            "se_unpaired": sum(v["se_unpaired"] ** 2 for v in tasks.values()) ** 0.5 / k}
+        raise ValueError("paired_difference: the records share no task with per-example results")
+    T = len(tasks)
+    mean = {"diff": sum(v["diff"] for v in tasks.values()) / T,
+            "se": sum(v["se"] ** 2 for v in tasks.values()) ** 0.5 / T,
+            "se_unpaired": sum(v["se_unpaired"] ** 2 for v in tasks.values()) ** 0.5 / T}
+    if k > 1:
+        per_record = [sum(record_diffs[t][j] for t in tasks) / T for j in range(k)]
+        m = sum(per_record) / k
+        mean["per_record"] = per_record
+        mean["se_records"] = (sum((x - m) ** 2 for x in per_record) / (k - 1) / k) ** 0.5
     return {"tasks": tasks, "mean": mean}
 
 

@@ -149,11 +149,53 @@ def test_paired_difference_of_a_model_with_itself_is_exactly_zero():
     assert out["mean"]["se_unpaired"] > 0
 
 
+def test_paired_difference_of_several_seeds_against_numpy():
+    """A row's seeds averaged question by question, checked against numpy; the seed spread beside it."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    dense = {t: rng.random(n) < 0.55 for t, n in (("boolq", 60), ("piqa", 40))}
+    seeds = []
+    for _ in range(3):
+        rec = {t: np.where(rng.random(len(x)) < 0.7, x, rng.random(len(x)) < 0.5) for t, x in dense.items()}
+        seeds.append({t: "".join("1" if v else "0" for v in x) for t, x in rec.items()})
+    seeds[1]["piqa"] += "0000"  # longer: only the prefix every record has is compared
+    seeds[2]["rte"] = "0101"  # a task the other records lack: left out
+    b = {t: "".join("1" if v else "0" for v in x) for t, x in dense.items()}
+    out = zs.paired_difference([{"per_example": r} for r in seeds], {"per_example": b})
+    assert list(out["tasks"]) == ["boolq", "piqa"]
+    ses, per_seed = [], np.zeros(3)
+    for task, v in out["tasks"].items():
+        n = v["n"]
+        assert n == len(b[task])
+        bits = np.array([[int(c) for c in r[task][:n]] for r in seeds], dtype=float)
+        xb = np.array([int(c) for c in b[task]], dtype=float)
+        d = bits.mean(axis=0) - xb
+        assert v["diff"] == pytest.approx(d.mean())
+        assert v["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(n))
+        assert v["acc_a"] == pytest.approx(bits.mean())
+        assert v["se_unpaired"] == pytest.approx(np.sqrt(bits.mean(axis=0).var() / n + xb.var() / n))
+        ses.append(v["se"])
+        per_seed += bits.mean(axis=1) - xb.mean()
+    per_seed /= 2
+    assert out["mean"]["per_record"] == pytest.approx(list(per_seed))
+    assert out["mean"]["diff"] == pytest.approx(per_seed.mean())  # the mean of the seeds' differences
+    assert out["mean"]["se_records"] == pytest.approx(per_seed.std(ddof=1) / np.sqrt(3))
+    assert out["mean"]["se"] == pytest.approx(np.sqrt(np.sum(np.square(ses))) / 2)
+    one = zs.paired_difference([{"per_example": seeds[0]}], {"per_example": b})  # a list of one is one record
+    assert one == zs.paired_difference({"per_example": seeds[0]}, {"per_example": b})
+    assert "per_record" not in one["mean"]
+
+
 def test_paired_difference_needs_per_example_results():
     with pytest.raises(ValueError, match="per_example"):
         zs.paired_difference({"metric": {}}, {"per_example": {"rte": "01"}})
     with pytest.raises(ValueError, match="share no task"):
         zs.paired_difference({"per_example": {"rte": "0110"}}, {"per_example": {"piqa": "0110"}})
+    with pytest.raises(ValueError, match="per_example"):
+        zs.paired_difference([{"per_example": {"rte": "01"}}, {}], {"per_example": {"rte": "01"}})
+    with pytest.raises(ValueError, match="no record"):
+        zs.paired_difference([], {"per_example": {"rte": "01"}})
 
 
 def test_hellaswag_runs_as_flagged_approximation(tiny_lm, shared_data):
@@ -269,3 +311,11 @@ def test_compare_tool_reads_two_records_and_prints_points(tmp_path, capsys, monk
     monkeypatch.setattr("sys.argv", ["compare_zero_shot", str(tmp_path / "a"), str(tmp_path / "c")])
     with pytest.raises(SystemExit, match="per_example"):
         compare_zero_shot.main()
+    (tmp_path / "a2").mkdir()
+    (tmp_path / "a2" / "result.json").write_text(json.dumps({"metrics": {"zero_shot_info": {"per_example": {"rte": "0101"}}}}))
+    monkeypatch.setattr("sys.argv", ["compare_zero_shot", str(tmp_path / "a"), str(tmp_path / "a2"), str(tmp_path / "b")])
+    compare_zero_shot.main()
+    out = capsys.readouterr().out
+    # seeds 1101 and 0101 average to 0.5, 1, 0, 1 against 1001: d = -0.5, 1, 0, 0, mean 0.125
+    assert "| rte | 4 | 62.5 | 50.0 | +12.50 |" in out
+    assert "Mean difference of each of the 2 records: +25.00, +0.00; standard error over them 12.50." in out

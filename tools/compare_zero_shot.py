@@ -1,11 +1,15 @@
 """Zero-shot accuracy of one result minus another, per task and for the mean, with the paired standard error.
 
     python -m tools.compare_zero_shot results/quality/<row>/result.json results/quality/dense/result.json
+    python -m tools.compare_zero_shot results/quality/<row>-s1 results/quality/<row>-s2 results/quality/<row>-s3 \
+        results/quality/dense
 
-Both records need ``metrics.zero_shot_info.per_example`` (written by every zero-shot evaluation). The
-two models answered the same questions, so the difference is judged by the standard error of the
-per-question differences (paired), printed beside the one two independent samples would give.
-Prints a Markdown table in points (accuracy x 100).
+The last record is subtracted from the others; several before it (a row's calibration seeds) are
+averaged question by question. Every record needs ``metrics.zero_shot_info.per_example`` (written by
+every zero-shot evaluation). The models answered the same questions, so the difference is judged by the
+standard error of the per-question differences (paired), printed beside the one independent samples
+would give; with several records, each one's mean difference and the standard error over them (the
+seed-to-seed spread) follow the table. Prints Markdown in points (accuracy x 100).
 """
 from __future__ import annotations
 
@@ -37,15 +41,22 @@ def table(diff: dict[str, Any], label_a: str, label_b: str) -> str:
                      f"| {100 * v['se']:.2f} | {100 * v['se_unpaired']:.2f} |")
     m = diff["mean"]
     lines.append(f"| mean of {len(diff['tasks'])} | | | | {100 * m['diff']:+.2f} | {100 * m['se']:.2f} | {100 * m['se_unpaired']:.2f} |")
+    if "per_record" in m:
+        each = ", ".join(f"{100 * x:+.2f}" for x in m["per_record"])
+        lines += ["", f"Mean difference of each of the {len(m['per_record'])} records: {each}; "
+                      f"standard error over them {100 * m['se_records']:.2f}."]
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("a", help="result.json (or its folder) of the model whose accuracy comes first")
+    p.add_argument("a", nargs="+", help="result.json (or its folder) of the model whose accuracy comes first; "
+                                        "several (a row's seeds) are averaged question by question")
     p.add_argument("b", help="result.json (or its folder) subtracted from it")
     args = p.parse_args()
-    print(table(paired_difference(_info(args.a), _info(args.b)), "a", "b"))
+    infos = [_info(x) for x in args.a]
+    print(table(paired_difference(infos if len(infos) > 1 else infos[0], _info(args.b)),
+                "a" if len(infos) == 1 else f"a (mean of {len(infos)})", "b"))
 
 
 if __name__ == "__main__":
