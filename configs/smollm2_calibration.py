@@ -18,6 +18,11 @@ Rows ``oats-50-k0.3-recovery-<source>-16k-s<seed>`` and ``oats-50-k0.3-recovery-
 OATS 50%, κ = 0.3, then ``model_update: lowrank_recovery`` (the low-rank factors distilled against the
 dense model's logits on the same calibration windows), 3 epochs at 16k (the key's default), 4 above.
 
+Rows ``oats-50-k0.3-recovery-<stats>-<text>distill-16k-s<seed>`` split the two uses of the text: the
+compression's statistics on 16k tokens of one source, the recovery's distillation (``update_dataset``) on
+16k tokens of the other (``sg-c4distill``: the model's own text for the statistics, C4 for the
+distillation; ``c4-sgdistill`` the other way round).
+
 The ``c4`` rows at 16k are the quality table's ``sparsegpt-50`` and ``oats-50-k0.3-recovery`` rows, and at
 64k its ``oats-50-k0.3-recovery-64k-e4`` rows (same names and config hashes).
 $OATS_BENCH_ROWS: comma-separated shell patterns on the names.
@@ -59,6 +64,10 @@ def build() -> list:
                 for seed in SEEDS:
                     name, over = _row(method, src, tok, seed)
                     cfgs.append(base.experiment(BASE, name=name, cal_nsamples=n, seed=seed, **source, **over))
+    for stats, text in (("sg", "c4"), ("c4", "sg")):
+        for seed in SEEDS:
+            cfgs.append(base.experiment(BASE, name=f"oats-50-k0.3-recovery-{stats}-{text}distill-16k-s{seed}", cal_nsamples=32,
+                                        seed=seed, **SOURCES[stats], update_dataset=SOURCES[text]["cal_dataset"], **RECOVERY))
     patterns = [p for p in os.environ.get("OATS_BENCH_ROWS", "").split(",") if p]
     if patterns:
         cfgs = [c for c in cfgs if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]

@@ -63,6 +63,13 @@ def _cal_dataset(v: str | list[str]) -> str | None:
     return f"names {twice} more than once; name each source once and give its share in cal_mix" if twice else None
 
 
+def _update_dataset(v: str) -> str | None:
+    from data import DATASET_NAMES
+    from data.self_generated import SELF_GENERATED
+
+    return choice(*DATASET_NAMES, SELF_GENERATED)(v)
+
+
 def _cal_mix(v: list[float] | None) -> str | None:
     if any(s <= 0 for s in v):
         return f"got {v!r}; every share must be > 0 (leave a source out of cal_dataset instead)"
@@ -149,6 +156,7 @@ COMMON_KEYS: dict[str, Key] = {
     "cal_seqlen": Key(2048, (int,), "tokens per calibration window", positive),
     "cal_sampler": Key("random_windows", (str,), "`random_windows` (Wanda/SparseGPT, seeded) or `concat_docs` (OATS/SliceGPT: consecutive documents joined and cut)", choice(*SAMPLERS)),
     "cal_batch_size": Key(8, (int,), "calibration windows per forward pass through a block", positive),
+    "update_dataset": Key(None, (str,), "with a `model_update`: the text its dense targets and training windows come from: None = the calibration windows themselves; a text corpus or `self_generated` = `cal_nsamples` windows of `cal_seqlen` tokens of it, seeded by `seed`, while `cal_dataset` still gives the compression's statistics", _update_dataset, nullable=True, hash_default=False),
     "stats_dtype": Key("float32", (str,), "precision of the accumulated input statistics (Gram matrices)", choice("float32", "float64")),
     "seed": Key(0, (int,), "seed for calibration sampling and any randomness in methods", _seed),
     # --- evaluation ----------------------------------------------------------------------------
@@ -198,8 +206,8 @@ VISION_KEYS: dict[str, Key] = {
 }
 
 
-# Keys of self-generated calibration text, accepted, validated and hashed only when `cal_dataset` names
-# `self_generated`; the mix's shares only when `cal_dataset` is a list. So neither changed an existing hash.
+# Keys of self-generated text, accepted, validated and hashed only when `cal_dataset` names `self_generated`
+# (or `update_dataset` is it); the mix's shares only when `cal_dataset` is a list. So neither changed an existing hash.
 SELF_GENERATED_KEYS: dict[str, Key] = {
     "cal_temperature": Key(1.0, (float, int), "self_generated: sampling temperature of the dense model's text", positive),
     "cal_top_p": Key(1.0, (float, int), "self_generated: nucleus sampling, the most probable tokens whose mass reaches top_p (1 = all)", interval(0.0, 1.0, lo_closed=False, hi_closed=True)),
@@ -223,9 +231,17 @@ def cal_names(raw: Mapping[str, Any]) -> list[str]:
 
 
 def uses_self_generated(raw: Mapping[str, Any]) -> bool:
+    """Calibration or model-update text is sampled from the dense model."""
+    return self_generated_key(raw) is not None
+
+
+def self_generated_key(raw: Mapping[str, Any]) -> str | None:
+    """The key that asks for text sampled from the dense model (``cal_dataset`` first), else None."""
     from data.self_generated import SELF_GENERATED
 
-    return SELF_GENERATED in cal_names(raw)
+    if SELF_GENERATED in cal_names(raw):
+        return "cal_dataset"
+    return "update_dataset" if raw.get("update_dataset") == SELF_GENERATED else None
 
 
 def cal_sources(cfg: Mapping[str, Any]) -> list[tuple[str, int]]:
@@ -365,7 +381,7 @@ def _resolve(raw: dict[str, Any]) -> ml_collections.ConfigDict:
         if k in VISION_KEYS:
             raise ConfigError(k, f"is a vision key; it applies only when cal_dataset is an image data set (photos, fashion_mnist, imagefolder), not {out['cal_dataset']!r}")
         if k in SELF_GENERATED_KEYS:
-            raise ConfigError(k, f"applies only when cal_dataset names 'self_generated' (alone or in a list), not {out['cal_dataset']!r}; remove it")
+            raise ConfigError(k, f"applies only when cal_dataset names 'self_generated' (alone or in a list) or update_dataset is it, not {out['cal_dataset']!r}; remove it")
         if k in MIX_KEYS:
             raise ConfigError(k, f"gives the shares of a mix: it applies only when cal_dataset is a list of sources, not {out['cal_dataset']!r}")
         if k in COMPRESS_KEYS:
@@ -418,6 +434,9 @@ def _check_combinations(out: dict[str, Any], plugins: Mapping[str, Any]) -> None
             raise ConfigError(kind, f"{out[kind]!r} needs a method whose answer has a mask; {method.name!r} has none")
     if "model_update" in plugins:
         _check_model_update(out, plugins["model_update"], method)
+    elif out["update_dataset"] is not None:
+        raise ConfigError("update_dataset", f"{out['update_dataset']!r} gives a model update's text, and model_update is "
+                                            f"{out['model_update']!r}; select a model_update or remove it")
 
 
 def _check_model_update(out: dict[str, Any], update: Any, method: Any) -> None:
@@ -446,7 +465,7 @@ def _check_calibration(out: dict[str, Any]) -> None:
         if empty:
             raise ConfigError("cal_mix", f"gives {empty} none of the cal_nsamples={out['cal_nsamples']} windows; raise cal_nsamples or their shares")
     if uses_self_generated(out) and out["lazy_load"]:
-        raise ConfigError("cal_dataset", "'self_generated' samples text from the whole dense model in memory, which lazy_load never holds; "
+        raise ConfigError(self_generated_key(out), "'self_generated' samples text from the whole dense model in memory, which lazy_load never holds; "
                                          "set lazy_load False or calibrate on a corpus")
 
 
@@ -566,7 +585,7 @@ def keys_markdown() -> str:
              "regenerate with `python -c \"import oats.config as c; print(c.keys_markdown(), end='')\" > docs/config-keys.md`.",
              "An experiment accepts the common keys plus the keys of what it selects: its method, `layerwise`, `weight_update`,",
              "`block_update` and `model_update` plugins, compress mode (methods with a compress mode), the vision keys (image data sets),",
-             "the self_generated keys (`cal_dataset` names `self_generated`) and the calibration mix (`cal_dataset` is a list).",
+             "the self_generated keys (`cal_dataset` names `self_generated`, or `update_dataset` is it) and the calibration mix (`cal_dataset` is a list).",
              "Keys marked *not hashed* change how a run goes, never what it computes. Back to the [README](../README.md).", "",
              "| key | default | owners | meaning |", "|---|---|---|---|"]
     for k, (spec, owners) in key_owners().items():

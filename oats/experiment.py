@@ -175,7 +175,9 @@ def calibrate(cfg: Any, task: Task, weights: Any, device: torch.device, ckpt: An
     if update is not None:
         from oats.model_update import dense_targets, save_targets
 
-        targets = dense_targets(weights.model, ids, int(update.topk(cfg)), device)  # one window at a time: its logits are vocab-wide
+        update_ids = task.update_inputs()  # None: the update trains on the calibration windows
+        targets = dense_targets(weights.model, ids if update_ids is None else update_ids, int(update.topk(cfg)),
+                                device)  # one window at a time: its logits are vocab-wide
         if ckpt is not None:
             save_targets(targets, ckpt.dir)
     weights.load_head()

@@ -277,7 +277,8 @@ def plan_experiment(cfg: Any, shapes: Shapes | None = None) -> MemoryPlan:
     from oats.config import cal_sources, uses_self_generated
 
     if method.compresses and uses_self_generated(cfg):  # sampled from the whole dense model on `device`, KV cache and logits
-        n_gen = dict(cal_sources(cfg)).get("self_generated", 0)
+        n_gen = max(dict(cal_sources(cfg)).get("self_generated", 0),
+                    int(cfg.cal_nsamples) if cfg.get("update_dataset") == "self_generated" else 0)
         b_gen, L_gen = min(int(cfg.cal_batch_size), max(n_gen, 1)), int(cfg.cal_seqlen)
         p.parts["generation"] = (b_gen * L_gen * s.n_blocks * 2 * s.kv_heads * s.head_dim * A + 2 * b_gen * s.vocab * 4
                                  + b_gen * L_gen * s.intermediate * A)

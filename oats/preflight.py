@@ -111,7 +111,7 @@ def check_experiment(cfg: Any) -> None:
     from oats.config import selected_plugins
     from oats.models import ModelLoadError
 
-    from oats.config import cal_names, is_vision_config, uses_self_generated
+    from oats.config import cal_names, is_vision_config, self_generated_key, uses_self_generated
 
     if is_vision_config(cfg):
         return  # images: their folders and the model are checked by oats.vision_task when it loads them
@@ -120,7 +120,7 @@ def check_experiment(cfg: Any) -> None:
         from oats.vision_models import is_vision_model
 
         if is_vision_model(cfg.model):
-            raise ConfigError("cal_dataset", cannot_generate(cfg.model, "an image transformer"))
+            raise ConfigError(self_generated_key(cfg), cannot_generate(cfg.model, "an image transformer"))
     method = selected_plugins(cfg)["method"]
     try:
         conf = _model_config(cfg.model)
@@ -129,6 +129,8 @@ def check_experiment(cfg: Any) -> None:
     from data.self_generated import SELF_GENERATED
 
     datasets = [("cal_dataset", d, "train") for d in cal_names(cfg) if d != SELF_GENERATED] if method.compresses else []
+    if cfg.get("update_dataset") not in (None, SELF_GENERATED):
+        datasets.append(("update_dataset", cfg.update_dataset, "train"))
     datasets += [("eval_datasets", d, "test") for d in cfg.eval_datasets]
     for key, name, split in datasets:
         if name != "pydoc" and not (cfg.data_dir or os.environ.get("OATS_DATA_DIR")) and _offline():
@@ -260,7 +262,7 @@ def check_architecture(cfg: Any) -> None:
     ``targets`` / ``ignore`` each match a linear layer and together leave at least one to compress.
     Skipped when the model's config cannot be read here (the load reports it)."""
     from oats.architectures import ArchitectureError, architecture_of, get_blocks, linear_layers, matrices
-    from oats.config import selected_plugins, uses_self_generated
+    from oats.config import selected_plugins, self_generated_key, uses_self_generated
     from oats.tasks import cannot_generate, check_modality
 
     model = _meta_model(cfg.model)
@@ -272,7 +274,7 @@ def check_architecture(cfg: Any) -> None:
         return
     check_modality(arch.modality, cfg)
     if uses_self_generated(cfg) and not model.can_generate():
-        raise ConfigError("cal_dataset", cannot_generate(cfg.model, f"a {type(model).__name__}"))
+        raise ConfigError(self_generated_key(cfg), cannot_generate(cfg.model, f"a {type(model).__name__}"))
     plugins = selected_plugins(cfg)
     if not plugins["method"].compresses:
         return

@@ -34,6 +34,9 @@ class Task(Protocol):
     def calibration_inputs(self) -> Tensor:
         """The model's calibration inputs, [n, ...] (token ids [n, L] or pixel values [n, 3, H, W])."""
 
+    def update_inputs(self) -> Tensor | None:
+        """A model update's own inputs (``update_dataset``), or None: it trains on the calibration inputs."""
+
     def prepare_reference(self) -> None:
         """Runs on the dense model before anything is compressed (what evaluation compares against)."""
 
@@ -50,11 +53,11 @@ def cannot_generate(model: str, what: str) -> str:
 
 def check_modality(modality: str, cfg: Any) -> None:
     """The config's data are of the model's modality ('text' or 'vision'), else a ConfigError on ``cal_dataset``."""
-    from oats.config import is_vision_config, uses_self_generated
+    from oats.config import is_vision_config, self_generated_key, uses_self_generated
 
     vision_model = modality == "vision"
     if vision_model and uses_self_generated(cfg):
-        raise ConfigError("cal_dataset", cannot_generate(cfg.model, "an image transformer"))
+        raise ConfigError(self_generated_key(cfg), cannot_generate(cfg.model, "an image transformer"))
     if vision_model != is_vision_config(cfg):
         what = "an image transformer" if vision_model else "a language model"
         want = "an image data set (photos, fashion_mnist, imagefolder)" if vision_model else "a text corpus"
@@ -78,42 +81,70 @@ class TextTask:
     def __init__(self, cfg: Any, weights: Any, tokenizer: Any, device: torch.device):
         self.cfg, self.weights, self.tokenizer, self.device = cfg, weights, tokenizer, device
         self.generated: dict[str, Any] | None = None  # the self-generated windows' fingerprint, once made
+        self.update_generated: dict[str, Any] | None = None  # the same of the model update's text
 
     def calibration_inputs(self) -> Tensor:
         """[cal_nsamples, cal_seqlen] token ids: each source's share of the windows (``oats.config.cal_sources``),
         in ``cal_dataset``'s order; ``self_generated`` windows come from the model, so call this while it is dense."""
-        from data import calibration_windows
-        from data.self_generated import SELF_GENERATED, self_generated_windows
         from oats.config import cal_sources
 
+        sources = cal_sources(self.cfg)
+        if len(sources) > 1:
+            log.info("calibration mix: %s windows of %d tokens", ", ".join(f"{n} {name}" for name, n in sources), self.cfg.cal_seqlen)
+        tokens, self.generated = self._windows(sources)
+        return tokens
+
+    def update_inputs(self) -> Tensor | None:
+        """[cal_nsamples, cal_seqlen] token ids of ``update_dataset`` (the model update's text), or None when
+        the update trains on the calibration windows; call while the model is dense, like ``calibration_inputs``."""
         c = self.cfg
-        sources = cal_sources(c)
-        parts = []
+        if c.get("update_dataset") is None:
+            return None
+        log.info("model update text: %d windows of %d tokens of %s", c.cal_nsamples, c.cal_seqlen, c.update_dataset)
+        tokens, self.update_generated = self._windows([(c.update_dataset, int(c.cal_nsamples))])
+        return tokens
+
+    def _windows(self, sources: list[tuple[str, int]]) -> tuple[Tensor, dict[str, Any] | None]:
+        """The sources' windows joined in order, and the fingerprint of the self-generated ones (None when
+        there are none)."""
+        from data import calibration_windows
+        from data.self_generated import SELF_GENERATED, self_generated_windows
+
+        c, parts, generated = self.cfg, [], None
         for name, n in sources:
             if name == SELF_GENERATED:
-                tokens, self.generated = self_generated_windows(self.weights.model, self.tokenizer, c.model, c.dtype, n, c.cal_seqlen,
-                                                                c.seed, c.cal_temperature, c.cal_top_p, c.cal_batch_size, self.device)
+                tokens, generated = self_generated_windows(self.weights.model, self.tokenizer, c.model, c.dtype, n, c.cal_seqlen,
+                                                           c.seed, c.cal_temperature, c.cal_top_p, c.cal_batch_size, self.device)
             else:
                 tokens = calibration_windows(self.tokenizer, name, n, c.cal_seqlen, c.cal_sampler, c.seed, c.data_dir)
             parts.append(tokens)
-        if len(sources) > 1:
-            log.info("calibration mix: %s windows of %d tokens", ", ".join(f"{n} {name}" for name, n in sources), c.cal_seqlen)
-        return torch.cat(parts)
+        return torch.cat(parts), generated
 
     def calibration_record(self) -> dict[str, Any]:
         """The record's ``calibration`` of a mix or of self-generated text: windows per source, and the
-        generated windows' fingerprint (a resumed run reads it from the cache); empty for one corpus."""
-        from data.self_generated import SELF_GENERATED, cache_key, cached_fingerprint
+        generated windows' fingerprint (a resumed run reads it from the cache); with ``update_dataset``,
+        ``update`` says the same of the model update's text. Empty for one corpus and no update text."""
+        from data.self_generated import SELF_GENERATED
         from oats.config import cal_sources
 
         c = self.cfg
         sources = cal_sources(c)
-        if isinstance(c.cal_dataset, str) and c.cal_dataset != SELF_GENERATED:
-            return {}
+        out: dict[str, Any] = {}
+        if not isinstance(c.cal_dataset, str) or c.cal_dataset == SELF_GENERATED:
+            out = self._sources_record(sources, self.generated)
+        if c.get("update_dataset") is not None:
+            out["update"] = {"dataset": c.update_dataset,
+                             **self._sources_record([(c.update_dataset, int(c.cal_nsamples))], self.update_generated)}
+        return out
+
+    def _sources_record(self, sources: list[tuple[str, int]], generated: dict[str, Any] | None) -> dict[str, Any]:
+        from data.self_generated import SELF_GENERATED, cache_key, cached_fingerprint
+
+        c = self.cfg
         out: dict[str, Any] = {"windows": dict(sources)}
         n_generated = dict(sources).get(SELF_GENERATED)
         if n_generated:
-            out[SELF_GENERATED] = self.generated or cached_fingerprint(
+            out[SELF_GENERATED] = generated or cached_fingerprint(
                 cache_key(c.model, c.dtype, c.seed, c.cal_temperature, c.cal_top_p, n_generated, c.cal_seqlen))
         return out
 
@@ -238,6 +269,9 @@ def data_fingerprints(cfg: Any) -> dict[str, Any]:
         for name in cal_names(cfg):
             if name != SELF_GENERATED:
                 out[f"cal:{name}"] = corpus_fingerprint(name, "train", cfg.data_dir)
+        update = cfg.get("update_dataset")
+        if update is not None and update != SELF_GENERATED:
+            out[f"update:{update}"] = corpus_fingerprint(update, "train", cfg.data_dir)
     for d in cfg.eval_datasets:
         out[f"eval:{d}"] = corpus_fingerprint(d, "test", cfg.data_dir)
     return out
@@ -269,6 +303,9 @@ class VisionTask:
 
         c = self.cfg
         return calibration_images(c.cal_dataset, c.cal_nsamples, c.image_size, c.seed, c.data_dir, self.mean, self.std)
+
+    def update_inputs(self) -> None:
+        return None  # a model update distils next-token distributions: the config allows none on images
 
     def forward(self, x: Tensor) -> Any:
         return self.model(pixel_values=x.to(self.device))

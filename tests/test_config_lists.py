@@ -50,4 +50,6 @@ def test_calibration_rows_named_as_quality_rows_are_those_experiments(monkeypatc
     assert shared == {f"{row}-s{s}" for row in ("sparsegpt-50", "oats-50-k0.3-recovery", "oats-50-k0.3-recovery-64k-e4")
                       for s in (1, 2, 3)}
     assert all(config_hash(cal[n]) == config_hash(quality[n]) for n in shared)
-    assert len(cal) == 2 * 3 * 3 * 3
+    assert len(cal) == 2 * 3 * 3 * 3 + 2 * 3  # methods x sources x sizes x seeds, and the two split rows x seeds
+    split = cal["oats-50-k0.3-recovery-sg-c4distill-16k-s2"]
+    assert (split.cal_dataset, split.update_dataset, split.cal_nsamples, split.seed) == ("self_generated", "c4", 32, 2)
