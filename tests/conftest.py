@@ -94,6 +94,20 @@ def no_model_loads(monkeypatch):
     monkeypatch.setattr(oats.weights.LazyModel, "from_dir", classmethod(lambda cls, *a, **k: boom()))
 
 
+def preflight_models_cannot_generate(monkeypatch) -> None:
+    """The preflight's weightless models say they cannot generate text (an encoder-like head)."""
+    from oats import preflight
+
+    real = preflight._meta_model
+
+    def no_head(name):
+        model = real(name)
+        monkeypatch.setattr(model, "can_generate", lambda: False)
+        return model
+
+    monkeypatch.setattr(preflight, "_meta_model", no_head)
+
+
 def config_error(tmp_path: Path, capsys, text: str) -> str:
     """``main`` on a config file holding ``text``: it must exit 2 with a one-line error, which is returned."""
     import main

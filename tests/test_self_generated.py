@@ -14,7 +14,7 @@ from data.self_generated import (SELF_GENERATED, cache_path, pick, self_generate
                                  window_generator)
 from data.tokens import mix_counts
 from oats.config import ConfigError, cal_sources, config_hash, legacy_config_hash, resolve
-from tests.conftest import config_error, tiny_model
+from tests.conftest import config_error, preflight_models_cannot_generate, tiny_model
 
 
 class TinyTokenizer:
@@ -346,14 +346,7 @@ def test_a_model_that_cannot_generate_is_refused_by_the_preflight(monkeypatch):
 
     cfg = resolve(ConfigDict(dict(model="smollm2-135m", method="wanda", cal_dataset=SELF_GENERATED, cal_seqlen=32)))
     preflight.check_architecture(cfg)  # a causal LM can
-    real = preflight._meta_model
-
-    def no_head(name):
-        model = real(name)
-        monkeypatch.setattr(model, "can_generate", lambda: False)
-        return model
-
-    monkeypatch.setattr(preflight, "_meta_model", no_head)
+    preflight_models_cannot_generate(monkeypatch)
     with pytest.raises(ConfigError, match="cannot generate"):
         preflight.check_architecture(cfg)
 

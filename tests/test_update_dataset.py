@@ -8,7 +8,7 @@ from ml_collections import ConfigDict
 
 from data.self_generated import SELF_GENERATED, tokens_hash
 from oats.config import ConfigError, config_hash, resolve
-from tests.conftest import config_error
+from tests.conftest import config_error, preflight_models_cannot_generate
 
 
 @pytest.fixture
@@ -61,15 +61,8 @@ def test_a_model_that_cannot_generate_is_refused_naming_the_update_key(monkeypat
     from oats import preflight
 
     cfg = c(method="oats", cal_dataset="pydoc", model_update="lowrank_recovery", update_dataset=SELF_GENERATED, cal_seqlen=32)
-    preflight.check_architecture(cfg)
-    real = preflight._meta_model
-
-    def no_head(name):
-        model = real(name)
-        monkeypatch.setattr(model, "can_generate", lambda: False)
-        return model
-
-    monkeypatch.setattr(preflight, "_meta_model", no_head)
+    preflight.check_architecture(cfg)  # a causal LM can
+    preflight_models_cannot_generate(monkeypatch)
     with pytest.raises(ConfigError, match="config key 'update_dataset': 'self_generated' samples calibration text"):
         preflight.check_architecture(cfg)
 
