@@ -255,6 +255,13 @@ def cal_sources(cfg: Mapping[str, Any]) -> list[tuple[str, int]]:
     return list(zip(names, mix_counts(int(cfg["cal_nsamples"]), list(shares))))
 
 
+def update_sources(cfg: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """[(source, windows)] of a model update's own text (``update_dataset``: ``cal_nsamples`` windows), or []
+    when it trains on the calibration windows."""
+    v = cfg.get("update_dataset")
+    return [] if v is None else [(v, int(cfg["cal_nsamples"]))]
+
+
 def task_keys(out: Mapping[str, Any]) -> dict[str, Key]:
     """The keys the calibration data bring: vision keys for images; self-generation and mix keys for text."""
     if is_vision_config(out):

@@ -274,11 +274,10 @@ def plan_experiment(cfg: Any, shapes: Shapes | None = None) -> MemoryPlan:
         p.parts["model_update"] = (linear_params * E + L * s.n_blocks * (10 * s.hidden + 4 * s.intermediate) * 4
                                    + 3 * L * s.vocab * 4 + int(ws))
 
-    from oats.config import cal_sources, uses_self_generated
+    from oats.config import cal_sources, update_sources, uses_self_generated
 
     if method.compresses and uses_self_generated(cfg):  # sampled from the whole dense model on `device`, KV cache and logits
-        n_gen = max(dict(cal_sources(cfg)).get("self_generated", 0),
-                    int(cfg.cal_nsamples) if cfg.get("update_dataset") == "self_generated" else 0)
+        n_gen = max(dict(cal_sources(cfg)).get("self_generated", 0), dict(update_sources(cfg)).get("self_generated", 0))
         b_gen, L_gen = min(int(cfg.cal_batch_size), max(n_gen, 1)), int(cfg.cal_seqlen)
         p.parts["generation"] = (b_gen * L_gen * s.n_blocks * 2 * s.kv_heads * s.head_dim * A + 2 * b_gen * s.vocab * 4
                                  + b_gen * L_gen * s.intermediate * A)

@@ -97,11 +97,13 @@ class TextTask:
     def update_inputs(self) -> Tensor | None:
         """[cal_nsamples, cal_seqlen] token ids of ``update_dataset`` (the model update's text), or None when
         the update trains on the calibration windows; call while the model is dense, like ``calibration_inputs``."""
-        c = self.cfg
-        if c.get("update_dataset") is None:
+        from oats.config import update_sources
+
+        sources = update_sources(self.cfg)
+        if not sources:
             return None
-        log.info("model update text: %d windows of %d tokens of %s", c.cal_nsamples, c.cal_seqlen, c.update_dataset)
-        tokens, self.update_generated = self._windows([(c.update_dataset, int(c.cal_nsamples))])
+        log.info("model update text: %d windows of %d tokens of %s", sources[0][1], self.cfg.cal_seqlen, sources[0][0])
+        tokens, self.update_generated = self._windows(sources)
         return tokens
 
     def _windows(self, sources: list[tuple[str, int]]) -> tuple[Tensor, dict[str, Any] | None]:
@@ -125,16 +127,14 @@ class TextTask:
         generated windows' fingerprint (a resumed run reads it from the cache); with ``update_dataset``,
         ``update`` says the same of the model update's text. Empty for one corpus and no update text."""
         from data.self_generated import SELF_GENERATED
-        from oats.config import cal_sources
+        from oats.config import cal_sources, update_sources
 
         c = self.cfg
-        sources = cal_sources(c)
         out: dict[str, Any] = {}
         if not isinstance(c.cal_dataset, str) or c.cal_dataset == SELF_GENERATED:
-            out = self._sources_record(sources, self.generated)
-        if c.get("update_dataset") is not None:
-            out["update"] = {"dataset": c.update_dataset,
-                             **self._sources_record([(c.update_dataset, int(c.cal_nsamples))], self.update_generated)}
+            out = self._sources_record(cal_sources(c), self.generated)
+        if update := update_sources(c):
+            out["update"] = {"dataset": update[0][0], **self._sources_record(update, self.update_generated)}
         return out
 
     def _sources_record(self, sources: list[tuple[str, int]], generated: dict[str, Any] | None) -> dict[str, Any]:
