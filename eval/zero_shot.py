@@ -291,7 +291,8 @@ def per_example_string(samples: Sequence[dict[str, Any]], metric: str) -> str:
     return "".join("1" if float(s[metric]) > 0.5 else "0" for s in sorted(samples, key=lambda s: s["doc_id"]))
 
 
-def paired_difference(a: dict[str, Any] | Sequence[dict[str, Any]], b: dict[str, Any]) -> dict[str, Any]:
+def paired_difference(a: dict[str, Any] | Sequence[dict[str, Any]], b: dict[str, Any],
+                      exclude: Sequence[str] = ()) -> dict[str, Any]:
     """Accuracy of model a minus model b on the same documents, with the paired standard error.
 
     ``a`` is one record's ``zero_shot_info`` (with ``per_example``) or several (the calibration seeds of
@@ -305,7 +306,10 @@ def paired_difference(a: dict[str, Any] | Sequence[dict[str, Any]], b: dict[str,
 
     With several records ``mean`` also holds ``per_record`` (each one's mean difference on the same
     questions) and ``se_records`` (their sample std / sqrt(k)): the spread between seeds, which the paired
-    se, a sampling error over questions, does not see."""
+    se, a sampling error over questions, does not see.
+
+    ``exclude`` names tasks left out of the table and the mean (e.g. ``("boolq",)``, whose score on a small
+    model mostly follows its yes/no bias); a name no record holds is a ``ValueError``."""
     records = [a] if isinstance(a, dict) else list(a)
     if not records:
         raise ValueError("paired_difference: no record to compare")
@@ -314,10 +318,15 @@ def paired_difference(a: dict[str, Any] | Sequence[dict[str, Any]], b: dict[str,
     if not all(per) or not pb:
         raise ValueError("paired_difference: every zero_shot_info needs per_example (records written before it "
                          "was recorded have none: evaluate again)")
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    unknown = sorted(set(exclude) - set().union(pb, *per))
+    if unknown:
+        raise ValueError(f"paired_difference: exclude names {unknown}, which no record holds; "
+                         f"tasks: {sorted(set().union(pb, *per))}")
     k = len(per)
     tasks: dict[str, dict[str, float]] = {}
     record_diffs: dict[str, list[float]] = {}
-    for t in [t for t in per[0] if t in pb and all(t in pa for pa in per)]:
+    for t in [t for t in per[0] if t in pb and all(t in pa for pa in per) and t not in exclude]:
         n = min([len(pb[t])] + [len(pa[t]) for pa in per])
         if n < 2:
             continue

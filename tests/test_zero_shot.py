@@ -187,6 +187,21 @@ def test_paired_difference_of_several_seeds_against_numpy():
     assert "per_record" not in one["mean"]
 
 
+def test_paired_difference_excluding_a_task_is_the_comparison_without_it():
+    a = {"boolq": "1111011110", "piqa": "0110101101", "rte": "1011"}
+    b = {"boolq": "0000100000", "piqa": "0100111100", "rte": "1001"}
+    out = zs.paired_difference({"per_example": a}, {"per_example": b}, exclude=("boolq",))
+    without = {t: v for t, v in a.items() if t != "boolq"}
+    assert out == zs.paired_difference({"per_example": without}, {"per_example": {t: b[t] for t in without}})
+    assert list(out["tasks"]) == ["piqa", "rte"]
+    full = zs.paired_difference({"per_example": a}, {"per_example": b})
+    assert full["mean"]["diff"] != pytest.approx(out["mean"]["diff"])  # boolq moved the mean: leaving it out shows
+    with pytest.raises(ValueError, match=r"exclude names \['hellaswag'\].*tasks: \['boolq', 'piqa', 'rte'\]"):
+        zs.paired_difference({"per_example": a}, {"per_example": b}, exclude=("hellaswag",))
+    with pytest.raises(ValueError, match="share no task"):
+        zs.paired_difference({"per_example": a}, {"per_example": b}, exclude=("boolq", "piqa", "rte"))
+
+
 def test_paired_difference_needs_per_example_results():
     with pytest.raises(ValueError, match="per_example"):
         zs.paired_difference({"metric": {}}, {"per_example": {"rte": "01"}})
@@ -319,3 +334,14 @@ def test_compare_tool_reads_two_records_and_prints_points(tmp_path, capsys, monk
     # seeds 1101 and 0101 average to 0.5, 1, 0, 1 against 1001: d = -0.5, 1, 0, 0, mean 0.125
     assert "| rte | 4 | 62.5 | 50.0 | +12.50 |" in out
     assert "Mean difference of each of the 2 records: +25.00, +0.00; standard error over them 12.50." in out
+    rec = {"metrics": {"zero_shot_info": {"per_example": {"rte": "1101", "boolq": "1111"}}}}
+    (tmp_path / "a" / "result.json").write_text(json.dumps(rec))
+    rec["metrics"]["zero_shot_info"]["per_example"] = {"rte": "1001", "boolq": "0000"}
+    (tmp_path / "b" / "result.json").write_text(json.dumps(rec))
+    monkeypatch.setattr("sys.argv", ["compare_zero_shot", str(tmp_path / "a"), str(tmp_path / "b"), "--exclude", "boolq"])
+    compare_zero_shot.main()
+    out = capsys.readouterr().out
+    assert "| boolq |" not in out and "| mean of 1 (without boolq) | | | | +25.00 |" in out
+    monkeypatch.setattr("sys.argv", ["compare_zero_shot", str(tmp_path / "a"), str(tmp_path / "b"), "--exclude", "bolq"])
+    with pytest.raises(SystemExit, match=r"--exclude: .*\['bolq'\]"):
+        compare_zero_shot.main()
