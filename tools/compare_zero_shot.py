@@ -63,7 +63,7 @@ def main() -> None:
     try:
         diff = paired_difference(infos if len(infos) > 1 else infos[0], _info(args.b), exclude=excluded)
     except ValueError as e:
-        raise SystemExit(f"--exclude: {e}") from None
+        raise SystemExit(str(e)) from None
     print(table(diff, "a" if len(infos) == 1 else f"a (mean of {len(infos)})", "b", excluded))
 
 
