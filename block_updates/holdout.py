@@ -64,6 +64,19 @@ class EarlyStop(Generic[State]):
     def best_is_current(self) -> bool:
         return self.best_epoch == self.last_epoch
 
+    def state(self) -> dict:
+        """Everything needed to go on later (:meth:`from_state`): plain values and the best state."""
+        return {"patience": self.patience, "best_loss": self.best_loss, "best_state": self.best_state, "best_epoch": self.best_epoch,
+                "loss_before": self.loss_before, "stopped_at": self.stopped_at, "last_epoch": self.last_epoch,
+                "since_best": self._since_best}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "EarlyStop":
+        stop = cls(state["loss_before"], state["best_state"], state["patience"])
+        stop.best_loss, stop.best_state, stop.best_epoch = state["best_loss"], state["best_state"], state["best_epoch"]
+        stop.stopped_at, stop.last_epoch, stop._since_best = state["stopped_at"], state["last_epoch"], state["since_best"]
+        return stop
+
 
 def check_patience(patience_key: str, patience: int, holdout_key: str, share: float) -> None:
     """A patience needs held-out windows to be patient with: a one-line config error naming the key otherwise."""

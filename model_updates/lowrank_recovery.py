@@ -32,6 +32,9 @@ How:
   smaller steps take back a rise of the held-out loss in the middle of a run (small batches, one
   window a step, show such rises). Without a holdout, the loss over all windows is measured before
   and after and the given factors are kept when training raised it.
+* Resumable: with a store (the run's ``checkpoint_blocks`` folder) the masters, Adam's moments, the
+  schedule, the shuffling generator, the early-stopping state and the curves are saved after every
+  epoch, and a killed run goes on after the last saved epoch to the same factors bit for bit.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from block_updates.holdout import EarlyStop, check_patience, holdout_windows
-from oats.interface import DenseTargets, LogitsFn, ModelUpdate
+from oats.interface import DenseTargets, LogitsFn, ModelUpdate, UpdateStore
 from oats.keys import Key, KeyTable, interval, non_negative, positive
 
 log = logging.getLogger(__name__)
@@ -122,19 +125,20 @@ def _norms(model: nn.Module) -> list[nn.Module]:
 
 
 def recover(model: nn.Module, layers: dict[str, nn.Module], targets: DenseTargets, logits_of: LogitsFn, cfg: Any,
-            device: torch.device) -> dict[str, Any]:
+            device: torch.device, store: UpdateStore | None = None) -> dict[str, Any]:
     """Train ``layers``' U and V (and the norms with ``recovery_norms``) of ``model`` (on ``device``; its
     logits ``logits_of(ids)``) against ``targets``; in place. Returns the record's facts (:func:`distill`)."""
     owners = [(m, a) for m in layers.values() for a in ("U", "V") if getattr(m, a).numel() > 0]
-    return distill(model, owners, targets, logits_of, cfg, device)
+    return distill(model, owners, targets, logits_of, cfg, device, store)
 
 
 def distill(model: nn.Module, owners: list[tuple[nn.Module, str]], targets: DenseTargets, logits_of: LogitsFn, cfg: Any,
-            device: torch.device) -> dict[str, Any]:
+            device: torch.device, store: UpdateStore | None = None) -> dict[str, Any]:
     """Train the parameters ``owners`` [(module, attribute name)] of ``model`` (and every norm's weight with
     ``recovery_norms``), every other parameter frozen, by the KL distillation of the module docstring; in
-    place. Returns the record's facts: the loss before and after, the per-step training loss and per-epoch
-    held-out loss (the loss curve), steps, the trained parameter count."""
+    place; after every epoch the state goes to ``store`` (when given), and a state found there is gone on
+    from. Returns the record's facts: the loss before and after, the per-step training loss and per-epoch
+    held-out loss (the loss curve), steps, the trained parameter count, and the epoch resumed after."""
     t0 = time.perf_counter()
     epochs, lr, bs = int(KEYS.value(cfg, "recovery_epochs")), float(KEYS.value(cfg, "recovery_lr")), int(KEYS.value(cfg, "recovery_batch_size"))
     share, train_norms = float(KEYS.value(cfg, "recovery_holdout")), bool(KEYS.value(cfg, "recovery_norms"))
@@ -163,16 +167,27 @@ def distill(model: nn.Module, owners: list[tuple[nn.Module, str]], targets: Dens
 
     try:
         check_rows = held or list(range(n))
-        start_loss = mean_loss(check_rows)
-        stop = EarlyStop(start_loss, masters.snapshot(), patience)
         steps_per_epoch = math.ceil(len(train) / bs)
         total = max(1, epochs * steps_per_epoch)
         opt = torch.optim.Adam(masters.tensors(), lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         gen = torch.Generator().manual_seed(SEED)
-        train_curve, held_curve, step = [], [], 0
-        bar = tqdm(total=total, desc="distillation", leave=False)
-        for epoch in range(epochs):
+        saved = store.load() if store is not None else None
+        if saved is None:
+            start_loss = mean_loss(check_rows)
+            stop = EarlyStop(start_loss, masters.snapshot(), patience)
+            train_curve, held_curve, step, first_epoch, seconds_before = [], [], 0, 0, 0.0
+        else:
+            _check_saved(saved, masters.tensors(), epochs)
+            masters.load(saved["masters"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["schedule"])
+            gen.set_state(saved["generator"])
+            stop = EarlyStop.from_state(saved["early_stop"])
+            start_loss, train_curve, held_curve = saved["loss_before"], list(saved["train_curve"]), list(saved["held_curve"])
+            step, first_epoch, seconds_before = saved["step"], saved["epoch"], saved["seconds"]
+        bar = tqdm(total=total, initial=step, desc="distillation", leave=False)
+        for epoch in range(first_epoch, first_epoch if stop.stopped_at else epochs):
             order = [train[j] for j in torch.randperm(len(train), generator=gen).tolist()]
             for b in range(0, len(order), bs):
                 rows = order[b : b + bs]
@@ -188,12 +203,19 @@ def distill(model: nn.Module, owners: list[tuple[nn.Module, str]], targets: Dens
                 train_curve.append(round(total_loss, 6))
                 bar.update(1)
                 bar.set_postfix(loss=f"{total_loss:.4f}")
+            stopping = False
             if held:
                 h = mean_loss(held)
                 held_curve.append(round(h, 6))
                 log.info("distillation: epoch %d, held-out KL %.5f (best %.5f)", epoch + 1, h, stop.best_loss)
-                if stop.should_stop(epoch + 1, h, masters.snapshot):
-                    break
+                stopping = stop.should_stop(epoch + 1, h, masters.snapshot)
+            if store is not None:
+                store.save({"epoch": epoch + 1, "masters": [t.detach() for t in masters.tensors()], "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                            "generator": gen.get_state(), "early_stop": stop.state(), "loss_before": start_loss,
+                            "train_curve": train_curve, "held_curve": held_curve, "step": step,
+                            "seconds": seconds_before + time.perf_counter() - t0})
+            if stopping:
+                break
         bar.close()
         if held:
             masters.load(stop.best_state)
@@ -218,8 +240,17 @@ def distill(model: nn.Module, owners: list[tuple[nn.Module, str]], targets: Dens
         "patience": patience if held else None, "steps": step,
         "lr": lr, "batch_size": bs, "schedule": "cosine", "norms_trained": train_norms, "trained_params": trained,
         "reverted": reverted, "train_loss_per_step": train_curve, "holdout_loss_per_epoch": held_curve,
-        "train_seconds": time.perf_counter() - t0,
+        "train_seconds": seconds_before + time.perf_counter() - t0,
+        **({"resumed_after_epoch": first_epoch} if saved is not None else {}),
     }
+
+
+def _check_saved(saved: dict[str, Any], masters: list[Tensor], epochs: int) -> None:
+    """A saved state must be of this training: the same trained tensors (shapes) and no more epochs than asked."""
+    shapes = [tuple(t.shape) for t in saved["masters"]]
+    if shapes != [tuple(t.shape) for t in masters] or saved["epoch"] > epochs:
+        raise RuntimeError(f"the saved distillation state ({len(shapes)} tensors, after epoch {saved['epoch']}) is not of this run "
+                           f"({len(masters)} tensors, {epochs} epochs); remove the experiment's checkpoint folder to start over")
 
 
 def validate(cfg: Any) -> None:
@@ -234,7 +265,7 @@ def _workspace(model_params: int, trained_params: int, cfg: Any) -> int:
 
 MODEL_UPDATE = ModelUpdate(
     "lowrank_recovery", recover, topk=lambda cfg: int(KEYS.value(cfg, "recovery_topk")), keys=KEYS,
-    needs_lowrank=True, workspace=_workspace, validate=validate,
+    needs_lowrank=True, workspace=_workspace, validate=validate, resumable=True,
     doc="train only the low-rank factors (and optionally norms) end to end by KL distillation against the dense model's "
         "next-token distributions on the calibration text; masks and budget kept",
     paper="low-rank adapter distillation after sparse + low-rank compression (e.g. 3BASiL, Makni et al., NeurIPS 2025)",

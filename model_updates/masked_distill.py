@@ -24,20 +24,20 @@ from torch import nn
 
 from model_updates.lowrank_recovery import KEYS, distill
 from model_updates.lowrank_recovery import MODEL_UPDATE as LOWRANK_RECOVERY
-from oats.interface import DenseTargets, LogitsFn, ModelUpdate
+from oats.interface import DenseTargets, LogitsFn, ModelUpdate, UpdateStore
 
 
 def train_kept(model: nn.Module, layers: dict[str, nn.Module], targets: DenseTargets, logits_of: LogitsFn, cfg: Any,
-               device: torch.device) -> dict[str, Any]:
+               device: torch.device, store: UpdateStore | None = None) -> dict[str, Any]:
     """Train ``layers``' packed values, U and V (and the norms with ``recovery_norms``) of ``model`` against
     ``targets``; in place. Returns the record's facts (:func:`model_updates.lowrank_recovery.distill`)."""
     owners = [(m, a) for m in layers.values() for a in ("values", "U", "V") if getattr(m, a).numel() > 0]
-    return distill(model, owners, targets, logits_of, cfg, device)
+    return distill(model, owners, targets, logits_of, cfg, device, store)
 
 
 MODEL_UPDATE = ModelUpdate(
     "masked_distill", train_kept, topk=LOWRANK_RECOVERY.topk, keys=KEYS,
-    needs_lowrank=False, trains_sparse=True, workspace=LOWRANK_RECOVERY.workspace, validate=LOWRANK_RECOVERY.validate,  # the same targets and Adam state per trained weight
+    needs_lowrank=False, trains_sparse=True, resumable=True, workspace=LOWRANK_RECOVERY.workspace, validate=LOWRANK_RECOVERY.validate,  # the same targets and Adam state per trained weight
     doc="train every kept weight (sparse values on their fixed masks, low-rank factors, optionally norms) end to end by KL "
         "distillation against the dense model's next-token distributions on the calibration text; masks and budget kept",
     paper="masked knowledge distillation after pruning (fine-tuning with fixed masks, e.g. Kurtic et al., 2023)",

@@ -10,6 +10,9 @@ written or deleted)::
     state_00007.pt           after block 7: the inputs of block 8 (hidden states per calibration batch
                              and the keyword arguments), per-layer records so far, block sparsities,
                              layerwise info, RNG states: tensors and plain values only
+    dense_targets.pt         with a ``model_update``: the dense model's targets, recorded before compression
+    model_update.pt          with a resumable ``model_update``: its state after its last finished epoch
+                             (trained tensors, optimiser, schedule, loss curves; tensors and plain values)
 
 Every file is written to a temporary name and renamed (atomic on POSIX); ``meta.json`` is replaced
 last, so a run killed at any instant leaves either the previous complete checkpoint or the new one.
@@ -45,6 +48,7 @@ MARKER = "OATS_CHECKPOINT"
 FORMAT = 2
 STATE_NAME = re.compile(r"^state_\d{5}\.pt$")
 DELETING = ".checkpoint-deleting-"
+UPDATE_FILE = "model_update.pt"
 
 
 @dataclass
@@ -105,6 +109,24 @@ def _save_block(block: nn.Module, directory: Path, i: int) -> None:
     atomic_write_text(directory / f"block_{i:05d}.json", json.dumps({"compressed_layers": layers}) + "\n")
 
 
+class UpdateFile:
+    """An ``oats.interface.UpdateStore`` in one file of the checkpoint folder (written atomically, read
+    with ``weights_only``)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def save(self, state: dict[str, Any]) -> None:
+        _atomic_torch_save(state, self.path)
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        log.info("resuming the model update from %s (after epoch %s)", self.path, state.get("epoch"))
+        return state
+
+
 class BlockCheckpointer:
     """Per-block checkpoints of one experiment.
 
@@ -163,6 +185,11 @@ class BlockCheckpointer:
             self.save(i, block, next_inputs, records, sparsities, layerwise_info)
 
         return after_block
+
+    def update_store(self) -> UpdateFile:
+        """Where the model update keeps its state between epochs (valid once a block is checkpointed:
+        the folder, its marker and the config hash are those of the block checkpoint)."""
+        return UpdateFile(self.dir / UPDATE_FILE)
 
     # --- reading ---------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any] | None:

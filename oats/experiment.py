@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from oats.config import config_hash, selected_plugins
-from oats.interface import Allocation, DenseTargets
+from oats.interface import Allocation, DenseTargets, UpdateStore
 from oats.pipeline import BlockInputs, capture_inputs, stream
 from oats.tasks import Task
 
@@ -211,7 +211,7 @@ def compress(cfg: Any, weights: Any, cal: Calibrated, ckpt: Any, exp_dir: Path, 
     compress_model(weights.model, cal.inputs, cfg, device, cal.allocation.sparsities, start_block=cal.start_block,
                    after_block=after_block, records=cal.layers, weights=weights)
     if writer is None:
-        update_model(cfg, weights.model, cal, device)
+        update_model(cfg, weights.model, cal, device, ckpt.update_store() if ckpt is not None else None)
         _choose_forwards(weights.model, cfg)
         return weights, model_dir
     writer.write_rest_and_index(src, tokenizer)
@@ -220,9 +220,10 @@ def compress(cfg: Any, weights: Any, cal: Calibrated, ckpt: Any, exp_dir: Path, 
     return LazyModel.from_dir(model_dir, cfg.dtype), model_dir  # evaluate what was written
 
 
-def update_model(cfg: Any, model: nn.Module, cal: Calibrated, device: torch.device) -> None:
-    """The selected model update on the whole compressed model (its record goes to ``cal.model_update``);
-    without compress mode the factored layers are merged back into dense weights afterwards."""
+def update_model(cfg: Any, model: nn.Module, cal: Calibrated, device: torch.device, store: UpdateStore | None = None) -> None:
+    """The selected model update on the whole compressed model (its record goes to ``cal.model_update``;
+    a resumable one keeps its state between epochs in ``store``, the checkpoint's); without compress mode
+    the factored layers are merged back into dense weights afterwards."""
     update = selected_plugins(cfg).get("model_update")
     if update is None:
         return
@@ -230,7 +231,7 @@ def update_model(cfg: Any, model: nn.Module, cal: Calibrated, device: torch.devi
 
     if cal.dense_targets is None:
         raise RuntimeError(f"model_update {update.name!r}: no dense targets were recorded before compression")
-    cal.model_update = run_model_update(model, update, cal.dense_targets, cfg, device)
+    cal.model_update = run_model_update(model, update, cal.dense_targets, cfg, device, store)
     cal.dense_targets = None
     if not cfg.get("compress"):
         merge_factored(model)

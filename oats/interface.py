@@ -314,6 +314,18 @@ class DenseTargets:
 LogitsFn = Callable[[Tensor], Tensor]  # token ids [B, L] -> next-token logits [B, L, vocab]
 
 
+class UpdateStore(Protocol):
+    """Where a resumable model update keeps its state between epochs (the framework decides where).
+
+    save(state): replace the saved state, atomically; ``state`` holds tensors and plain values only.
+    load() -> the state saved last (tensors on the CPU), or None when there is none.
+    """
+
+    def save(self, state: dict[str, Any]) -> None: ...
+
+    def load(self) -> dict[str, Any] | None: ...
+
+
 @dataclass(frozen=True)
 class ModelUpdate:
     """A model update (config key ``model_update``): an end-to-end update of the whole compressed model,
@@ -331,6 +343,9 @@ class ModelUpdate:
     trains_sparse: it trains the sparse values on their masks; the framework then also holds a method's
     pruned (dense-answer) linears as rank-0 factored layers, so every method can be selected.
     workspace(model_params, trained_params, cfg), optional: bytes it holds beyond the model and the targets.
+    resumable: ``apply`` also takes ``store=`` (an :class:`UpdateStore`, or None when the run keeps no
+    checkpoint); it saves its state there after every epoch and, when ``store.load()`` gives one, goes on
+    from it, ending where an uninterrupted run ends.
     """
 
     name: str
@@ -343,6 +358,7 @@ class ModelUpdate:
     needs_lowrank: bool = True
     workspace: Callable[[int, int, Any], int] | None = None
     trains_sparse: bool = False
+    resumable: bool = False
 
 
 class BlockChain(nn.ModuleList):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from oats.architectures import architecture_of
-from oats.interface import DenseTargets, ModelUpdate
+from oats.interface import DenseTargets, ModelUpdate, UpdateStore
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,11 @@ def _fingerprint(layers: dict[str, nn.Module], values: bool = True) -> dict[str,
     return {n: (_digest(m.values) if values else "", _digest(m.mask), int(m.rank)) for n, m in layers.items()}
 
 
-def run_model_update(model: nn.Module, update: ModelUpdate, targets: DenseTargets, cfg: Any, device: torch.device) -> dict[str, Any]:
+def run_model_update(model: nn.Module, update: ModelUpdate, targets: DenseTargets, cfg: Any, device: torch.device,
+                     store: UpdateStore | None = None) -> dict[str, Any]:
     """Apply ``update`` to the in-memory compressed ``model`` (on ``device`` for the call) and check it kept
-    every layer's sparse part and rank. Returns the record's ``model_update`` entry."""
+    every layer's sparse part and rank; a resumable update keeps its state between epochs in ``store``
+    (when given). Returns the record's ``model_update`` entry."""
     from factored.module import compressed_layers
 
     layers = compressed_layers(model)
@@ -94,7 +96,8 @@ def run_model_update(model: nn.Module, update: ModelUpdate, targets: DenseTarget
     t0 = time.perf_counter()
     model.to(device)
     try:
-        info = update.apply(model, layers, targets, logits_of, cfg, device)
+        extra = {"store": store} if update.resumable else {}
+        info = update.apply(model, layers, targets, logits_of, cfg, device, **extra)
     finally:
         model.to(home)
     seconds = time.perf_counter() - t0

@@ -1,7 +1,8 @@
 """Model updates (``model_update``) and low-rank recovery: the coarsened KL against a float64 brute force,
 only the low-rank factors (and norms when asked) change, planted factors are recovered, the
 framework's checks catch an update that touches a mask, the merged model is S + U V, the plan counts
-the update, and bad input fails in one line before any model loads."""
+the update, a killed distillation goes on from its last epoch to the same factors, and bad input fails
+in one line before any model loads."""
 from __future__ import annotations
 
 import copy
@@ -296,6 +297,30 @@ def test_bad_model_update_config_fails_in_one_line_before_any_model_loads(case, 
     assert message in err, err
 
 
+class _Killed(BaseException):
+    """Stands in for SIGKILL: not an Exception, so nothing on the way catches it."""
+
+
+def _die_after(monkeypatch, cls, name: str, when):
+    """``cls.name`` patched to run, then raise _Killed when ``when(*its arguments)``; returns the real one."""
+    real = getattr(cls, name)
+
+    def run_then_die(self, *a, **k):
+        real(self, *a, **k)
+        if when(*a):
+            raise _Killed
+
+    monkeypatch.setattr(cls, name, run_then_die)
+    return real
+
+
+def _experiment_cfg(model_dir, **kw):
+    """Experiment ``r``: OATS + lowrank_recovery on the tiny model directory, pydoc text, CPU."""
+    return resolve(ConfigDict(dict(model=str(model_dir), method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=5, cal_dataset="pydoc",
+                                   cal_nsamples=6, cal_seqlen=32, eval_datasets=["pydoc"], eval_seqlen=32, eval_max_windows=2,
+                                   device="cpu", model_update="lowrank_recovery", recovery_topk=8, name="r", **kw)))
+
+
 def test_a_killed_run_resumes_with_the_recorded_targets(tiny_model_dir, tmp_path, monkeypatch):
     import json
 
@@ -303,23 +328,12 @@ def test_a_killed_run_resumes_with_the_recorded_targets(tiny_model_dir, tmp_path
     from oats.model_update import TARGETS_FILE
     from oats.sweep import run_all
 
-    class Killed(BaseException):
-        pass
-
     def cfg(**kw):
-        return resolve(ConfigDict(dict(model=str(tiny_model_dir), method="oats", sparsity=0.5, rank_ratio=0.3, num_iters=5, cal_dataset="pydoc",
-                                       cal_nsamples=6, cal_seqlen=32, eval_datasets=["pydoc"], eval_seqlen=32, eval_max_windows=2,
-                                       device="cpu", model_update="lowrank_recovery", recovery_epochs=1, recovery_topk=8, name="r", **kw)))
+        return _experiment_cfg(tiny_model_dir, recovery_epochs=1, **kw)
     assert run_all([cfg()], tmp_path / "ref") == {"r": "ok"}
     reference = json.loads((tmp_path / "ref" / "r" / "result.json").read_text())
-    real_save = BlockCheckpointer.save
-
-    def save_then_die(self, i, *a, **k):
-        real_save(self, i, *a, **k)
-        raise Killed
-
-    monkeypatch.setattr(BlockCheckpointer, "save", save_then_die)
-    with pytest.raises(Killed):
+    real_save = _die_after(monkeypatch, BlockCheckpointer, "save", lambda i, *a: True)
+    with pytest.raises(_Killed):
         run_all([cfg(checkpoint_blocks=True)], tmp_path / "out")
     assert (tmp_path / "out" / "r" / CHECKPOINT_DIR / TARGETS_FILE).is_file()
     monkeypatch.setattr(BlockCheckpointer, "save", real_save)
@@ -331,6 +345,87 @@ def test_a_killed_run_resumes_with_the_recorded_targets(tiny_model_dir, tmp_path
     result = json.loads((tmp_path / "out" / "r" / "result.json").read_text())
     assert not computed and result["resumed_after_block"] == 1
     assert result["model_update"]["loss_before"] == reference["model_update"]["loss_before"]
+    assert result["metrics"] == reference["metrics"]
+    assert not (tmp_path / "out" / "r" / CHECKPOINT_DIR).exists()
+
+
+class _MemoryStore:
+    """An UpdateStore in memory that keeps what a file would (a ``weights_only`` round trip of each saved
+    state) and dies right after saving epoch ``die_after``."""
+
+    def __init__(self, die_after: int | None):
+        self.state, self.die_after, self.saved_epochs = None, die_after, []
+
+    def save(self, state):
+        import io
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        buf.seek(0)
+        self.state = torch.load(buf, weights_only=True)
+        self.saved_epochs.append(state["epoch"])
+        if state["epoch"] == self.die_after:
+            raise _Killed
+
+    def load(self):
+        return self.state
+
+
+def _without_resume_facts(info):
+    return {k: v for k, v in info.items() if k not in ("seconds", "train_seconds", "resumed_after_epoch")}
+
+
+KILLS = {  # update, keys, the epoch the run dies after
+    "held out, patience 1": ("lowrank_recovery", dict(recovery_holdout=0.25, recovery_patience=1, recovery_lr=1e-2), 2),
+    "no holdout": ("lowrank_recovery", dict(recovery_holdout=0.0, recovery_lr=1e-2), 1),
+    "stopped early, then killed": ("lowrank_recovery", dict(recovery_holdout=0.25, recovery_lr=10.0), 1),
+    "masked distillation": ("masked_distill", dict(recovery_holdout=0.25, recovery_patience=1, recovery_lr=1e-3), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(KILLS))
+def test_a_killed_distillation_goes_on_from_its_last_epoch_to_the_same_factors(case):
+    """The resumed run starts from the compressed model as the block checkpoint holds it (the factors
+    before any training), so everything it goes on from must come from the store."""
+    update, keys, die_after = KILLS[case]
+    cfg = _cfg(model_update=update, recovery_epochs=3, **keys)
+    _, model, targets = _compressed(cfg)
+    killed, resumed = copy.deepcopy(model), copy.deepcopy(model)
+    plugin = registry.plugin("model_update", update)
+    reference = run_model_update(model, plugin, targets, cfg, CPU)
+    store = _MemoryStore(die_after)
+    with pytest.raises(_Killed):
+        run_model_update(killed, plugin, targets, cfg, CPU, store)
+    store.die_after = None
+    got = run_model_update(resumed, plugin, targets, cfg, CPU, store)
+    assert got["resumed_after_epoch"] == die_after  # and the resumed run saved exactly the epochs it ran:
+    assert store.saved_epochs == list(range(1, die_after + 1)) + list(range(die_after + 1, got["epochs_run"] + 1))
+    assert _without_resume_facts(got) == _without_resume_facts(reference)
+    want = _state(model)
+    assert all(torch.equal(v, want[k]) for k, v in _state(resumed).items())
+    if case == "stopped early, then killed":
+        assert got["epochs_run"] == 1 and got["reverted"] and store.saved_epochs == [1]
+
+
+def test_a_run_killed_during_the_update_resumes_after_its_last_epoch(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+
+    from oats.checkpoint import CHECKPOINT_DIR, UPDATE_FILE, UpdateFile
+    from oats.sweep import run_all
+
+    def cfg(**kw):
+        return _experiment_cfg(tiny_model_dir, recovery_epochs=3, recovery_lr=1e-2, recovery_holdout=0.0, **kw)
+    assert run_all([cfg()], tmp_path / "ref") == {"r": "ok"}
+    reference = json.loads((tmp_path / "ref" / "r" / "result.json").read_text())
+    real_save = _die_after(monkeypatch, UpdateFile, "save", lambda state: state["epoch"] == 2)
+    with pytest.raises(_Killed):
+        run_all([cfg(checkpoint_blocks=True)], tmp_path / "out")
+    assert (tmp_path / "out" / "r" / CHECKPOINT_DIR / UPDATE_FILE).is_file()
+    monkeypatch.setattr(UpdateFile, "save", real_save)
+    assert run_all([cfg(checkpoint_blocks=True)], tmp_path / "out") == {"r": "ok"}
+    result = json.loads((tmp_path / "out" / "r" / "result.json").read_text())
+    assert result["resumed_after_block"] == 2 and result["model_update"]["resumed_after_epoch"] == 2  # both blocks were done
+    assert _without_resume_facts(result["model_update"]) == _without_resume_facts(reference["model_update"])
     assert result["metrics"] == reference["metrics"]
     assert not (tmp_path / "out" / "r" / CHECKPOINT_DIR).exists()
 
