@@ -20,10 +20,10 @@ dense model's logits on the same calibration windows), 3 epochs at 16k (the key'
 also at 1 epoch (``-256k-e1``), the same number of optimiser steps as 64k at 4 epochs, so that row measures
 more distinct text at equal training compute.
 
-Rows ``oats-50-k0.3-recovery-<stats>-<text>distill-16k-s<seed>`` split the two uses of the text: the
-compression's statistics on 16k tokens of one source, the recovery's distillation (``update_dataset``) on
-16k tokens of the other (``sg-c4distill``: the model's own text for the statistics, C4 for the
-distillation; ``c4-sgdistill`` the other way round).
+Rows ``oats-50-k0.3-recovery-<stats>-<text>distill-<16k|64k-e4>-s<seed>`` split the two uses of the text:
+the compression's statistics on the tokens of one source, the recovery's distillation (``update_dataset``)
+on as many tokens of the other (``sg-c4distill``: the model's own text for the statistics, C4 for the
+distillation; ``c4-sgdistill`` the other way round), epochs as above.
 
 The ``c4`` rows at 16k are the quality table's ``sparsegpt-50`` and ``oats-50-k0.3-recovery`` rows, and at
 64k its ``oats-50-k0.3-recovery-64k-e4`` rows (same names and config hashes).
@@ -68,9 +68,11 @@ def build() -> list:
                     for name, over in _rows(method, src, tok, seed):
                         cfgs.append(base.experiment(BASE, name=name, cal_nsamples=n, seed=seed, **source, **over))
     for stats, text in (("sg", "c4"), ("c4", "sg")):
-        for seed in SEEDS:
-            cfgs.append(base.experiment(BASE, name=f"oats-50-k0.3-recovery-{stats}-{text}distill-16k-s{seed}", cal_nsamples=32,
-                                        seed=seed, **SOURCES[stats], update_dataset=SOURCES[text]["cal_dataset"], **RECOVERY))
+        for tok in ("16k", "64k"):
+            for seed in SEEDS:
+                for name, over in _rows("recovery", f"{stats}-{text}distill", tok, seed):
+                    cfgs.append(base.experiment(BASE, name=name, cal_nsamples=TOKENS[tok], seed=seed, **SOURCES[stats],
+                                                update_dataset=SOURCES[text]["cal_dataset"], **over))
     patterns = [p for p in os.environ.get("OATS_BENCH_ROWS", "").split(",") if p]
     if patterns:
         cfgs = [c for c in cfgs if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]

@@ -50,10 +50,12 @@ def test_calibration_rows_named_as_quality_rows_are_those_experiments(monkeypatc
     assert shared == {f"{row}-s{s}" for row in ("sparsegpt-50", "oats-50-k0.3-recovery", "oats-50-k0.3-recovery-64k-e4")
                       for s in (1, 2, 3)}
     assert all(config_hash(cal[n]) == config_hash(quality[n]) for n in shared)
-    # methods x sources x sizes x seeds, the 256k recovery rows at 1 epoch too, and the two split rows x seeds
-    assert len(cal) == 2 * 3 * 3 * 3 + 3 * 3 + 2 * 3
+    # methods x sources x sizes x seeds, the 256k recovery rows at 1 epoch too, and the two split rows x 16k/64k x seeds
+    assert len(cal) == 2 * 3 * 3 * 3 + 3 * 3 + 2 * 2 * 3
     e1 = cal["oats-50-k0.3-recovery-c4-256k-e1-s3"]
     assert (e1.cal_nsamples, e1.recovery_epochs, e1.seed) == (512, 1, 3)
     assert cal["oats-50-k0.3-recovery-sg-256k-e4-s1"].recovery_epochs == 4
     split = cal["oats-50-k0.3-recovery-sg-c4distill-16k-s2"]
     assert (split.cal_dataset, split.update_dataset, split.cal_nsamples, split.seed) == ("self_generated", "c4", 32, 2)
+    split = cal["oats-50-k0.3-recovery-c4-sgdistill-64k-e4-s1"]
+    assert (split.cal_dataset, split.update_dataset, split.cal_nsamples, split.recovery_epochs) == ("c4", "self_generated", 128, 4)
