@@ -120,9 +120,14 @@ class UpdateFile:
         _atomic_torch_save(state, self.path)
 
     def load(self) -> dict[str, Any] | None:
+        """The saved state, or None when there is none or it cannot be read (the update then starts over)."""
         if not self.path.is_file():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # holding more than tensors and plain values, or not a torch file at all
+            log.warning("model update state %s cannot be read (%s: %s); the update starts over", self.path, type(e).__name__, e)
+            return None
         log.info("resuming the model update from %s (after epoch %s)", self.path, state.get("epoch"))
         return state
 

@@ -407,6 +407,19 @@ def test_a_killed_distillation_goes_on_from_its_last_epoch_to_the_same_factors(c
         assert got["epochs_run"] == 1 and got["reverted"] and store.saved_epochs == [1]
 
 
+def test_an_unreadable_update_state_starts_the_update_over(tmp_path):
+    from oats.checkpoint import UpdateFile
+
+    store = UpdateFile(tmp_path / "model_update.pt")
+    assert store.load() is None
+    store.save({"epoch": 2, "masters": [torch.ones(3)]})
+    assert store.load()["epoch"] == 2 and torch.equal(store.load()["masters"][0], torch.ones(3))
+    (tmp_path / "model_update.pt").write_bytes(b"not a torch file")
+    assert store.load() is None
+    torch.save({"epoch": 1, "code": _Killed}, tmp_path / "model_update.pt")  # a pickled class: never loaded
+    assert store.load() is None
+
+
 def test_a_run_killed_during_the_update_resumes_after_its_last_epoch(tiny_model_dir, tmp_path, monkeypatch):
     import json
 
