@@ -96,6 +96,16 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def _read_state(path: Path, what: str, device: torch.device | str = "cpu") -> dict[str, Any] | None:
+    """A state file read with ``weights_only``, or None with a warning that ``what`` starts over when it is
+    missing, truncated, or holds more than tensors and plain values."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        log.warning("%s cannot be read (%s: %s); %s starts over", path, type(e).__name__, e, what)
+        return None
+
+
 def _save_block(block: nn.Module, directory: Path, i: int) -> None:
     """Block i's tensors as safetensors, and the compress-mode layers it holds as JSON."""
     from safetensors.torch import save_file
@@ -123,10 +133,8 @@ class UpdateFile:
         """The saved state, or None when there is none or it cannot be read (the update then starts over)."""
         if not self.path.is_file():
             return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:  # holding more than tensors and plain values, or not a torch file at all
-            log.warning("model update state %s cannot be read (%s: %s); the update starts over", self.path, type(e).__name__, e)
+        state = _read_state(self.path, "the model update")
+        if state is None:
             return None
         log.info("resuming the model update from %s (after epoch %s)", self.path, state.get("epoch"))
         return state
@@ -225,10 +233,8 @@ class BlockCheckpointer:
                         self.dir, meta.get("config_hash"), self.cfg_hash)
             self.clear()
             return None
-        try:
-            state = torch.load(self.dir / meta["state"], map_location=device, weights_only=True)
-        except Exception as e:  # missing, truncated, or holding more than tensors and plain values
-            log.warning("checkpoint state %s cannot be read (%s: %s); starting over", self.dir / meta["state"], type(e).__name__, e)
+        state = _read_state(self.dir / meta["state"], "the run", device)
+        if state is None:
             self.clear()
             return None
         if state["last_block"] != meta["last_block"]:
